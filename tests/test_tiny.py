@@ -161,6 +161,12 @@ def test_sdxl_encoder_widths_feed_the_unet(pipeline_dirs):
     assert getattr(pipe, "watermark", None) is None
 
 
+def test_unknown_arch_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="sd15"):
+        tiny.make_tiny_pipeline(tmp_path, arch="sd3")
+    assert not list(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------- subject images
 
 
