@@ -274,6 +274,9 @@ def load_hf_dataset_records(
     except ImportError:
         raise DataError("--dataset_name needs the 'datasets' library: pip install datasets") from None
 
+    if caption_column is None and not default_prompt:
+        raise DataError(f"dataset '{dataset_name}': give --instance_prompt or --caption_column "
+                        f"so that every image has a caption")
     local = Path(dataset_name).expanduser()
     try:
         if local.is_dir():
@@ -294,9 +297,6 @@ def load_hf_dataset_records(
     if caption_column is not None and caption_column not in columns:
         raise DataError(f"dataset '{dataset_name}' has no caption column '{caption_column}'; "
                         f"pass --caption_column, one of: {', '.join(columns)}")
-    if caption_column is None and not default_prompt:
-        raise DataError(f"dataset '{dataset_name}': give --instance_prompt or --caption_column "
-                        f"so that every image has a caption")
 
     images = train[image_column]
     captions = train[caption_column] if caption_column else [None] * len(images)
@@ -685,8 +685,9 @@ def generate_class_images(
     """Top ``class_dir`` up to ``num_class_images`` readable images with ``pipeline`` (a loaded
     diffusers text-to-image pipeline, or any callable returning an object with ``.images``).
 
-    Image number ``k`` (counting all images the folder will hold) uses a CPU generator seeded from
-    ``(seed, class_prompt, k)``: the same images whatever the batch size or device. Files are named
+    Image number ``k`` (counting all images the folder will hold) uses its own CPU generator seeded
+    from ``(seed, class_prompt, k)``: the same starting noise whatever the batch size or device
+    (pixels may still differ by a rounding step across batch sizes: batched kernels). Files are named
     ``class-<k>-<prompt hash>.png`` and written to a hidden temporary file, then renamed, so an
     interrupted run leaves no half-written image. ``progress(done, missing)`` is called after each
     batch. Returns the number of images generated (0 when the folder already has enough).

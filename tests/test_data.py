@@ -496,6 +496,27 @@ def test_hf_dataset_records_in_memory(monkeypatch, tmp_path):
         load_hf_dataset_records("user/dogs", None, "image", "caption", None, None)
     with pytest.raises(DataError, match="row 1"):
         load_hf_dataset_records("user/dogs", None, "image", "text", None, None)
+    n_calls = len(calls)
+    with pytest.raises(DataError, match="--instance_prompt or --caption_column"):
+        load_hf_dataset_records("user/dogs", None, "image", None, None, None)
+    assert len(calls) == n_calls  # refused before loading anything
+
+
+def test_hf_dataset_load_failure_is_one_line(monkeypatch):
+    def load_dataset(*args, **kwargs):
+        raise FileNotFoundError("Couldn't find dataset user/nope on the Hub\nmore details")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    with pytest.raises(DataError, match="^could not load dataset 'user/nope': Couldn't find") as info:
+        load_hf_dataset_records("user/nope", None, "image", None, "sks", None)
+    assert "\n" not in str(info.value)
+
+
+def test_load_class_records_takes_the_first_n(tmp_path):
+    for k in range(4):
+        save_image(tmp_path / f"{k}.png")
+    recs = D.load_class_records(tmp_path, "a dog", 3)
+    assert [r.path.name for r in recs] == ["0.png", "1.png", "2.png"] and recs[0].caption == "a dog"
 
 
 def test_bad_interpolation_mode_is_a_data_error(tmp_path):
