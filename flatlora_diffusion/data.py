@@ -17,6 +17,7 @@ noise/timestep draws are not shifted by data loading.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -332,6 +333,13 @@ class BucketConfig:
     step: int = 64
     no_upscale: bool = False
 
+    def __post_init__(self) -> None:
+        # The VAE downsamples by 8: a side that is not a multiple of 8 has no whole latent.
+        if self.step < 8 or self.step % 8:
+            raise DataError(f"bucket step must be a positive multiple of 8 (got {self.step}); try 64")
+        if self.min_reso is not None and self.max_reso is not None and self.min_reso > self.max_reso:
+            raise DataError(f"bucket min resolution {self.min_reso} is above the max {self.max_reso}")
+
     def resolutions(self, resolution: int) -> list[tuple[int, int]]:
         return make_buckets(resolution, self.min_reso, self.max_reso, self.step)
 
@@ -494,26 +502,26 @@ class DreamBoothDataset(torch.utils.data.Dataset):
         self._instance_index = [i for i, r in enumerate(self.instance_records) for _ in range(r.repeats * repeats)]
         self._class_index = [i for i, r in enumerate(self.class_records) for _ in range(r.repeats)]
 
-        self.buckets = self._resolve_buckets(buckets)
+        self.buckets, self._bucket_list = self._resolve_buckets(buckets)
         self._record_target = [self._target_for(r) for r in self.instance_records]
 
     # -- construction helpers
-    def _resolve_buckets(self, buckets) -> BucketConfig | None:
+    def _resolve_buckets(self, buckets) -> tuple[BucketConfig | None, list[tuple[int, int]]]:
+        """(config, bucket sizes) from None/False, True, a BucketConfig, or an explicit (w, h) list."""
         if buckets is None or buckets is False:
-            self._bucket_list: list[tuple[int, int]] = []
-            return None
+            return None, []
         if buckets is True:
             buckets = BucketConfig()
         if isinstance(buckets, BucketConfig):
-            step = min(buckets.step, self.resolution)
-            if step != buckets.step:
-                buckets = BucketConfig(buckets.min_reso, buckets.max_reso, step, buckets.no_upscale)
-            self._bucket_list = buckets.resolutions(self.resolution)
-            return buckets
-        self._bucket_list = [(int(w), int(h)) for w, h in buckets]
-        if not self._bucket_list:
+            if buckets.step > self.resolution:  # e.g. step 64 at a 32 px test resolution
+                buckets = dataclasses.replace(buckets, step=self.resolution)
+            return buckets, buckets.resolutions(self.resolution)
+        sizes = [(int(w), int(h)) for w, h in buckets]
+        if not sizes:
             raise DataError("the bucket list is empty")
-        return BucketConfig(step=math.gcd(*(v for b in self._bucket_list for v in b)))
+        if any(v <= 0 or v % 8 for b in sizes for v in b):
+            raise DataError(f"bucket sizes must be positive multiples of 8 (got {sizes})")
+        return BucketConfig(step=math.gcd(*(v for b in sizes for v in b))), sizes
 
     def _target_for(self, record: ImageRecord) -> tuple[int, int]:
         if self.buckets is None:

@@ -269,6 +269,16 @@ def test_make_buckets_area_and_step(resolution, step):
         assert w % step == 0 and h % step == 0
 
 
+def test_bucket_config_rejects_steps_the_vae_cannot_use():
+    with pytest.raises(DataError, match="multiple of 8"):
+        BucketConfig(step=12)
+    with pytest.raises(DataError, match="above the max"):
+        BucketConfig(min_reso=512, max_reso=256)
+    with pytest.raises(DataError, match="multiples of 8"):
+        DreamBoothDataset([ImageRecord(None, "p", image=Image.new("RGB", (8, 8)))], resolution=8,
+                          buckets=[(100, 60)])
+
+
 def test_wide_image_lands_in_wide_bucket_and_batches_never_mix(tmp_path):
     recs = [
         ImageRecord(save_image(tmp_path / "wide.png", 64, 32), "p", repeats=5),
