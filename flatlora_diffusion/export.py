@@ -46,6 +46,7 @@ __all__ = [
     "ExportError",
     "LoraModule",
     "kohya_state_dict",
+    "save_kohya_lora",
     "diffusers_state_dict",
     "kohya_to_diffusers",
     "diffusers_to_kohya",
@@ -125,6 +126,7 @@ def lora_from_models(components: Mapping[str, torch.nn.Module | None], adapter_n
     for component, model in components.items():
         if model is None:
             continue
+        model = _unwrap(model)
         if component not in names.COMPONENTS:
             raise ValueError(f"unknown component {component!r}; expected one of {names.COMPONENTS}")
         modules: dict[str, LoraModule] = {}
@@ -155,6 +157,17 @@ def lora_from_models(components: Mapping[str, torch.nn.Module | None], adapter_n
         if modules:
             lora[component] = modules
     return lora
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel / torch.compile wrappers (their names add a prefix)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _arch_from_models(components: Mapping[str, torch.nn.Module | None]) -> str:
@@ -463,9 +476,10 @@ def _read_state_dict(
     adapter_metadata = _parse_adapter_metadata(metadata)
     modules: dict[tuple[str, str], LoraModule] = {}
     for (component, path), slot in parts.items():
+        raw_key = raw_paths[(component, path)]
         if "down" not in slot or "up" not in slot:
             missing = "down/lora_A" if "down" not in slot else "up/lora_B"
-            raise ExportError(f"{raw_paths[(component, path)]!r} has no matching {missing} weight")
+            raise ExportError(f"{raw_key!r} has no matching {missing} weight")
         down, up = slot["down"], slot["up"]
         if down.dim() < 2 or up.dim() < 2 or up.shape[1] != down.shape[0]:
             raise ExportError(
@@ -482,16 +496,16 @@ def _read_state_dict(
         if "magnitude" in slot:
             dora = slot["magnitude"].reshape(int(up.shape[0]), *([1] * (down.dim() - 1)))
         if component == UNET and names.is_ldm_unet_path(path):
-            ldm_arch = arch or (hint if hint else None)
+            ldm_arch = arch or hint
             if ldm_arch is None:
                 ldm_arch = SDXL if TE2 in {c for c, _ in parts} or "lora_te1_" in kohya_prefixes else SD15
             mapped = names.ldm_to_diffusers_unet_path(path, ldm_arch)
             if mapped is None:
-                raise ExportError(f"unknown architecture: no SD UNet module for {raw_paths[(component, path)]!r}")
+                raise ExportError(f"unknown architecture: no SD UNet module for {raw_key!r}")
             path = mapped
         if not names.is_valid_path(component, path):
             raise ExportError(
-                f"unknown architecture: {raw_paths[(component, path)]!r} is not a SD 1.x/2.x or SDXL "
+                f"unknown architecture: {raw_key!r} is not a SD 1.x/2.x or SDXL "
                 f"{'UNet' if component == UNET else 'text encoder'} module"
             )
         if (component, path) in modules:
@@ -1042,9 +1056,13 @@ def export_lora(
     else:
         state, diffusers_metadata = lora_to_diffusers(lora, dtype=torch_dtype)
         metadata.update(diffusers_metadata)
+    return _write_with_hash(state, out, metadata, overwrite)
+
+
+def _write_with_hash(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], overwrite: bool) -> Path:
     # The hash covers the tensor data only, so it can be computed first and stored in the file.
     digest = sshs_model_hash(state)
-    metadata["sshs_model_hash"] = digest
+    metadata = {**metadata, "sshs_model_hash": digest}
     try:
         save_safetensors_atomic(state, out, metadata, overwrite=overwrite, expected_data_sha256=digest)
     except FileExistsError:
@@ -1052,6 +1070,38 @@ def export_lora(
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     return out
+
+
+def save_kohya_lora(
+    components: Mapping[str, torch.nn.Module | None],
+    path,
+    settings: Mapping | None = None,
+    *,
+    adapter_name: str = "default",
+    arch: str | None = None,
+    dtype: str = "fp16",
+    overwrite: bool = False,
+    metadata_overrides: Mapping[str, object] | None = None,
+) -> Path:
+    """Write the kohya file of in-memory peft models with full metadata and its sshs_model_hash.
+
+    What the trainer calls at the end of a run: `settings` as for `build_metadata`.
+    """
+    _check_arch(arch)
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; expected fp16, bf16 or fp32")
+    arch = arch or _arch_from_models(components)
+    lora = lora_from_models(components, adapter_name)
+    if not lora:
+        raise ExportError(f"the models have no LoRA layers for adapter {adapter_name!r}")
+    path = Path(path)
+    settings = dict(settings or {})
+    settings.setdefault("output_name", path.stem)
+    metadata = build_metadata(settings, arch, lora)
+    for key, value in (metadata_overrides or {}).items():
+        metadata[str(key)] = _str(value)
+    state = lora_to_kohya(lora, arch, dtype=DTYPES[dtype])
+    return _write_with_hash(state, path, metadata, overwrite)
 
 
 # ==============================================================================================

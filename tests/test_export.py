@@ -30,6 +30,7 @@ from flatlora_diffusion.export import (
     kohya_to_diffusers,
     load_any_lora,
     run_export,
+    save_kohya_lora,
     save_safetensors_atomic,
     sshs_model_hash,
 )
@@ -469,6 +470,23 @@ def test_run_directory_export_metadata_and_hash(pipeline_dirs, tmp_path, arch):
     _assert_same_outputs(_outputs(pipe), _loaded_outputs(pipeline_dirs, arch, fp32))
 
 
+def test_trainer_writes_kohya_file_of_sdxl_unet_only(pipeline_dirs, tmp_path):
+    """UNet-only SDXL: the architecture comes from the UNet (text_time embedding), not from a te2."""
+    pipe = _trained(pipeline_dirs, "sdxl", _lora(4, 2, UNET_TARGETS))
+    path = save_kohya_lora({"unet": pipe.unet}, tmp_path / "xl.safetensors", {"instance_prompt": "sks"})
+    md = read_metadata(path)
+    assert md["ss_base_model_version"] == "sdxl_base_v1-0" and md["ss_output_name"] == "xl"
+    assert md["sshs_model_hash"] == _addnet_hash(path)
+    written = safetensors.torch.load_file(str(path))
+    expected = kohya_state_dict({"unet": pipe.unet})
+    assert written.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(written[key], value if key.endswith(".alpha") else value.half()), key
+    assert load_any_lora(path)[1] == "sdxl"
+    with pytest.raises(ExportError, match="already exists"):
+        save_kohya_lora({"unet": pipe.unet}, path)
+
+
 def test_build_metadata_tolerates_missing_settings():
     md = build_metadata({}, "sdxl")
     assert md["ss_base_model_version"] == "sdxl_base_v1-0"
@@ -599,5 +617,5 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: bad.safetensors is not a safetensors file (only 3 bytes)"]
+    assert proc.stderr.strip().splitlines() == ["error: bad.safetensors is not a safetensors file (only 3 bytes)"]
     assert "Traceback" not in proc.stderr
