@@ -582,13 +582,17 @@ def test_bad_input_is_one_line_error_and_writes_nothing(pipeline_dirs, tmp_path,
     assert _listing(tmp_path) == before
 
 
-def test_existing_output_needs_overwrite(pipeline_dirs, tmp_path):
+def test_existing_output_needs_overwrite(pipeline_dirs, tmp_path, capsys):
     source = _good_kohya(pipeline_dirs, tmp_path)
     target = tmp_path / "out.safetensors"
     target.write_bytes(b"keep me")
     before = _listing(tmp_path)
     with pytest.raises(ExportError, match="already exists"):
         export_lora(source, target)
+    capsys.readouterr()
+    args = add_export_arguments(__import__("argparse").ArgumentParser()).parse_args([str(source), "-o", str(target)])
+    assert run_export(args) == 2
+    assert capsys.readouterr().err.splitlines() == [f"error: {target} already exists (use --overwrite to replace it)"]
     assert target.read_bytes() == b"keep me" and _listing(tmp_path) == before
     assert export_lora(source, target, overwrite=True) == target
     assert load_any_lora(target)[1] == "sd15"
