@@ -1,0 +1,413 @@
+"""TrainConfig: the one definition of every training setting.
+
+The command-line flags (named as in diffusers' train_dreambooth_lora(_sdxl).py, so existing command lines
+work unchanged), the YAML config file keys and the web form's fields are all generated from the dataclass
+below; each field's metadata carries its help text, its form group and its allowed values.
+
+Order of precedence: dataclass default < YAML file (--config) < flags given on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A mistake in the settings; the message is one line, printed without a traceback."""
+
+
+def _f(default, help: str, group: str, choices=None, **extra):
+    meta = {"help": help, "group": group, "choices": choices, **extra}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---------------------------------------------------------------------------------------------
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Base model: a hub id, a local diffusers folder, or a single-file .safetensors/.ckpt checkpoint.", "model"
+    )
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "Optional separate VAE (hub id, folder or single file), e.g. the fp16-fix SDXL VAE.", "model"
+    )
+    revision: str | None = _f(None, "Model revision on the hub.", "model")
+    variant: str | None = _f(None, "Model file variant, e.g. fp16.", "model")
+    cache_dir: str | None = _f(None, "Where downloaded models are cached.", "model")
+    tokenizer_name: str | None = _f(None, "Tokenizer to use instead of the model's own (SD 1.x).", "model")
+
+    # --- data ----------------------------------------------------------------------------------------------
+    instance_data_dir: str | None = _f(
+        None, "Folder of training images (same-name .txt captions; kohya-style 'N_token' subfolders repeat N times).",
+        "data",
+    )
+    dataset_name: str | None = _f(None, "A datasets-library dataset (hub id or local folder) instead of a folder.", "data")
+    dataset_config_name: str | None = _f(None, "The dataset's configuration name.", "data")
+    image_column: str = _f("image", "Dataset column holding the images.", "data")
+    caption_column: str | None = _f(None, "Dataset column holding per-image captions.", "data")
+    caption_extension: str = _f(".txt", "Extension of per-image caption files.", "data")
+    instance_prompt: str | None = _f(
+        None, "Prompt for images without a caption file, e.g. 'a photo of sks dog'.", "data"
+    )
+    repeats: int = _f(1, "How many times to repeat the training data.", "data")
+    resolution: int | None = _f(None, "Training resolution in pixels (default 512 for SD 1.x, 1024 for SDXL).", "data")
+    center_crop: bool = _f(False, "Center-crop images instead of cropping at random.", "data")
+    random_flip: bool = _f(False, "Flip images horizontally at random.", "data")
+    image_interpolation_mode: str = _f(
+        "lanczos", "Resize filter.", "data", choices=["lanczos", "bilinear", "bicubic", "nearest", "box", "hamming"]
+    )
+    dataloader_num_workers: int = _f(0, "Data-loading worker processes (0 = main process).", "data")
+    aspect_ratio_buckets: bool = _f(False, "Group images into aspect-ratio buckets instead of square crops (kohya).", "data")
+    bucket_reso_steps: int = _f(64, "Bucket side step in pixels.", "data")
+    min_bucket_reso: int | None = _f(None, "Smallest bucket side (default: kohya's).", "data")
+    max_bucket_reso: int | None = _f(None, "Largest bucket side (default: kohya's).", "data")
+    bucket_no_upscale: bool = _f(False, "Never upscale an image to fill a bucket.", "data")
+
+    # --- prior preservation --------------------------------------------------------------------------------
+    with_prior_preservation: bool = _f(False, "Train with prior-preservation loss on class images.", "prior")
+    class_data_dir: str | None = _f(None, "Folder of class images (missing ones are generated).", "prior")
+    class_prompt: str | None = _f(None, "Prompt of the class images, e.g. 'a photo of a dog'.", "prior")
+    num_class_images: int = _f(100, "Number of class images; fewer existing ones are topped up by generation.", "prior")
+    sample_batch_size: int = _f(4, "Batch size for generating class images.", "prior")
+    prior_generation_precision: str | None = _f(
+        None, "Precision for generating class images (default fp16 on GPU, fp32 on CPU).", "prior",
+        choices=["no", "fp32", "fp16", "bf16"],
+    )
+    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", "prior")
+
+    # --- LoRA ----------------------------------------------------------------------------------------------
+    rank: int = _f(4, "LoRA rank.", "lora")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to rank).", "lora")
+    lora_dropout: float = _f(0.0, "LoRA dropout.", "lora")
+    use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).", "lora")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", "lora")
+    init_lora_weights: str = _f(
+        "gaussian", "LoRA initialisation; pissa starts from the principal components of the weight.", "lora",
+        choices=["gaussian", "default", "pissa"],
+    )
+    lora_target_modules: list[str] = _f(list(ATTENTION_TARGETS), "UNet modules that get LoRA.", "lora")
+    text_encoder_target_modules: list[str] = _f(list(TEXT_ENCODER_TARGETS), "Text-encoder modules that get LoRA.", "lora")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", "lora")
+
+    # --- Flat-LoRA -----------------------------------------------------------------------------------------
+    flat_sigma: float = _f(0.1, "Flat-LoRA noise level sigma (0 = plain LoRA; the paper uses 0.1 for SDXL).", "flat")
+    flat_schedule: str = _f("cosine", "How sigma grows over training.", "flat", choices=["cosine", "linear", "constant"])
+    flat_per_microbatch: bool = _f(
+        False, "Draw fresh noise for every micro-batch of gradient accumulation (default: one draw per step).", "flat"
+    )
+    flat_targets: list[str] = _f(
+        ["unet", "text_encoder"], "Which LoRA-trained models Flat-LoRA perturbs.", "flat", choices=["unet", "text_encoder"]
+    )
+    flat_share_noise_across_ranks: bool = _f(
+        False, "Under multi-GPU, all processes draw the same noise (default: independent draws).", "flat"
+    )
+    flat_backend: str = _f(
+        "auto", "Flat-LoRA implementation: auto uses the fused CUDA path on GPUs when available.", "flat",
+        choices=["auto", "reference", "cuda"],
+    )
+
+    # --- optimisation --------------------------------------------------------------------------------------
+    optimizer: str = _f("AdamW", "Optimizer.", "optim", choices=["AdamW", "prodigy"])
+    use_8bit_adam: bool = _f(False, "Use 8-bit AdamW from bitsandbytes.", "optim")
+    learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim")
+    text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim")
+    scale_lr: bool = _f(False, "Scale the lr by GPUs x accumulation x batch size.", "optim")
+    adam_beta1: float = _f(0.9, "Adam beta1.", "optim")
+    adam_beta2: float = _f(0.999, "Adam beta2.", "optim")
+    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet LoRA.", "optim")
+    adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.", "optim")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.", "optim")
+    prodigy_beta3: float | None = _f(None, "Prodigy beta3.", "optim")
+    prodigy_decouple: bool = _f(True, "Prodigy decoupled weight decay.", "optim")
+    prodigy_use_bias_correction: bool = _f(True, "Prodigy bias correction.", "optim")
+    prodigy_safeguard_warmup: bool = _f(True, "Prodigy safeguard warmup.", "optim")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", "optim")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.", "optim", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim")
+    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim")
+    lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim")
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim")
+    noise_offset: float = _f(0.0, "Noise offset.", "optim")
+
+    # --- steps ---------------------------------------------------------------------------------------------
+    train_batch_size: int = _f(4, "Batch size per device.", "steps")
+    num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps")
+    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps")
+    seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps")
+
+    # --- speed and memory ----------------------------------------------------------------------------------
+    mixed_precision: str | None = _f(None, "Mixed precision (default: accelerate's config).", "speed", choices=["no", "fp16", "bf16"])
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory.", "speed")
+    enable_xformers_memory_efficient_attention: bool = _f(False, "Use xformers attention (CUDA only).", "speed")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.", "speed")
+    cache_latents: bool = _f(False, "Encode every image with the VAE once, before training.", "speed")
+    cache_text_embeddings: bool = _f(
+        True, "When the text encoders are frozen, encode each distinct prompt once.", "speed"
+    )
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.", "state")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest'.", "state")
+
+    # --- validation ----------------------------------------------------------------------------------------
+    validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation")
+    num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation")
+    validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation")
+    validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation")
+    validation_epochs: int | None = _f(None, "Validate every N epochs (diffusers' flag).", "validation")
+    validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation")
+    validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation")
+
+    # --- output --------------------------------------------------------------------------------------------
+    output_dir: str = _f("lora-dreambooth-model", "The run directory.", "output")
+    output_name: str | None = _f(None, "Name of the kohya file and of the LoRA in the UIs (default: the folder name).", "output")
+    output_kohya_format: bool = _f(True, "Also write the kohya-format file for ComfyUI / AUTOMATIC1111.", "output")
+    save_precision: str = _f("fp16", "Precision of the kohya file.", "output", choices=["fp16", "bf16", "fp32"])
+    report_to: str | None = _f(None, "Extra tracker for accelerate (tensorboard, wandb); metrics.jsonl is always written.", "output")
+    logging_dir: str = _f("logs", "Tracker log folder inside the run directory.", "output")
+    push_to_hub: bool = _f(False, "Upload the run's LoRA files to the hub at the end.", "output")
+    hub_token: str | None = _f(None, "Hub token.", "output", secret=True)
+    hub_model_id: str | None = _f(None, "Hub repository to upload to.", "output")
+    local_rank: int = _f(-1, "Set by launchers; accepted for compatibility.", "output", hidden=True)
+
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("secret")}
+
+    def validate(self) -> "TrainConfig":
+        """Checks that need no files and no models. Raises ConfigError with one line."""
+        if not self.pretrained_model_name_or_path:
+            raise ConfigError("--pretrained_model_name_or_path is required (a hub id, a diffusers folder or a .safetensors file)")
+        if not self.instance_data_dir and not self.dataset_name:
+            raise ConfigError("give the training images with --instance_data_dir (a folder) or --dataset_name")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            lower = max(8, self.resolution - self.resolution % 8)
+            raise ConfigError(f"--resolution must be a positive multiple of 8, got {self.resolution} (try {lower})")
+        if self.rank <= 0:
+            raise ConfigError(f"--rank must be a positive integer, got {self.rank}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ConfigError(f"--lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not (self.flat_sigma >= 0) or self.flat_sigma != self.flat_sigma or self.flat_sigma == float("inf"):
+            raise ConfigError(f"--flat_sigma must be a number >= 0 (0 = plain LoRA), got {self.flat_sigma}")
+        if self.with_prior_preservation and not self.class_prompt:
+            raise ConfigError("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog')")
+        if self.with_prior_preservation and not self.class_data_dir:
+            raise ConfigError("--with_prior_preservation needs --class_data_dir (a folder; missing images are generated)")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "repeats",
+                     "checkpointing_steps", "num_validation_images", "sample_batch_size", "validation_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_train_steps", "validation_steps", "validation_epochs", "checkpoints_total_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {value}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate must be positive, got {self.learning_rate}")
+        if self.noise_offset < 0:
+            raise ConfigError(f"--noise_offset must be >= 0, got {self.noise_offset}")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise ConfigError(f"--snr_gamma must be positive, got {self.snr_gamma}")
+        if self.validation_seeds and len(self.validation_seeds) != self.num_validation_images:
+            self.num_validation_images = len(self.validation_seeds)
+        if self.output_name is not None and (not self.output_name.strip() or any(c in self.output_name for c in "/\\")):
+            raise ConfigError(f"--output_name must be a plain file name without slashes, got {self.output_name!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None:
+                for item in value if isinstance(value, list) else [value]:
+                    if item not in choices:
+                        raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {item!r}")
+        return self
+
+    def resolve_arch_defaults(self, arch: str) -> "TrainConfig":
+        """Fill the defaults that depend on the architecture (as diffusers' two scripts differ)."""
+        if self.resolution is None:
+            self.resolution = 1024 if arch == "sdxl" else 512
+        if self.learning_rate is None:
+            self.learning_rate = 1e-4 if arch == "sdxl" else 5e-4
+        if self.lora_alpha is None:
+            self.lora_alpha = float(self.rank)
+        if not self.validation_seeds:
+            self.validation_seeds = list(range(self.num_validation_images))
+        if self.seed is None:
+            self.seed = int.from_bytes(os.urandom(4), "little")  # recorded in config.yaml so the run can be repeated
+        if self.output_name is None:
+            self.output_name = Path(self.output_dir).resolve().name
+        return self
+
+
+# --- types and parsing ------------------------------------------------------------------------------------
+def _base_type(tp) -> tuple[type, bool]:
+    """(element type, is_list) of a field annotation such as `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin is list:
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> tuple[type, bool]:
+    return _base_type(_TYPES[name])
+
+
+def _coerce(name: str, value):
+    """Convert a YAML value to the field's type, with a one-line error."""
+    elem, is_list = field_type(name)
+    if value is None:
+        return [] if is_list else None
+    if is_list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce_scalar(name, elem, v) for v in items]
+    return _coerce_scalar(name, elem, value)
+
+
+def _coerce_scalar(name, elem, value):
+    try:
+        if elem is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "yes", "1", "on"):
+                return True
+            if str(value).lower() in ("false", "no", "0", "off"):
+                return False
+            raise ValueError
+        if elem is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if elem is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} must be {elem.__name__}, got {value!r}") from None
+
+
+def closest_key(name: str) -> str | None:
+    match = difflib.get_close_matches(name, TrainConfig.field_names(), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must be a mapping of setting: value")
+    known = set(TrainConfig.field_names())
+    out = {}
+    for key, value in data.items():
+        if key not in known:
+            hint = closest_key(str(key))
+            raise ConfigError(
+                f"unknown config key {key!r} in {p}" + (f"; did you mean {hint!r}?" if hint else "")
+            )
+        out[key] = _coerce(key, value)
+    return out
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The diffusers-compatible flags, one per TrainConfig field. Only flags actually given end up in the
+    namespace (default=SUPPRESS), so they can override a YAML file."""
+    parser = parser or argparse.ArgumentParser(
+        prog="flatlora-diffusion train", description="DreamBooth LoRA / Flat-LoRA training for SD 1.x and SDXL."
+    )
+    parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (every flag is a key).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        elem, is_list = field_type(f.name)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
+        help_text = meta["help"] if not meta.get("hidden") else argparse.SUPPRESS
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if elem is bool:
+            if default is True:
+                group.add_argument(f"--no_{f.name}", action="store_false", help=f"Disable: {meta['help']}", **kwargs)
+                group.add_argument(f"--{f.name}", action="store_true", help=argparse.SUPPRESS, **kwargs)
+            else:
+                group.add_argument(f"--{f.name}", action="store_true", help=help_text, **kwargs)
+            continue
+        kwargs["type"] = elem
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+        if is_list:
+            kwargs["nargs"] = "+"
+        group.add_argument(f"--{f.name}", help=help_text, **kwargs)
+    return parser
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (one line, with the closest valid flag) instead of exiting."""
+
+    def error(self, message):
+        unknown = [w for w in message.split() if w.startswith("--")]
+        if message.startswith("unrecognized arguments") and unknown:
+            hint = closest_key(unknown[0][2:])
+            raise ConfigError(f"unknown flag {unknown[0]}" + (f"; did you mean --{hint}?" if hint else ""))
+        raise ConfigError(message)
+
+
+def config_from_args(argv: list[str] | None) -> TrainConfig:
+    """CLI flags (+ optional --config YAML) -> validated TrainConfig. Raises ConfigError."""
+    parser = build_parser(_OneLineParser(prog="flatlora-diffusion train"))
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    if "config" in ns:
+        values.update(load_yaml(ns.pop("config")))
+    values.update(ns)
+    return make_config(values)
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    known = set(TrainConfig.field_names())
+    for key in values:
+        if key not in known:
+            hint = closest_key(key)
+            raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        cfg.local_rank = env_rank
+    return cfg.validate()
+
+
+def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config atomically; `train --config` on it repeats the run."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    os.replace(tmp, p)
