@@ -1,0 +1,314 @@
+"""Generation with a trained LoRA, and labelled side-by-side comparison grids.
+
+Public API:
+    load_pipeline(base_model, device="cpu", dtype=None, config=None, vae=None, revision=None, variant=None)
+    generate(pipeline, prompts, seeds, lora_path=None, lora_scale=1.0, steps=25, guidance_scale=7.0,
+             height=None, width=None, negative_prompt=None) -> list[PIL.Image]
+    comparison_grid(columns, row_labels=None) -> PIL.Image
+
+`generate` leaves the pipeline as it found it: the LoRA is loaded under a private adapter name for the call
+and unloaded afterwards, even when generation fails. So one loaded base pipeline serves many runs' LoRAs
+(the web app's "generate now" compares runs on the same base model this way).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["SampleError", "load_pipeline", "generate", "comparison_grid", "single_file_arch"]
+
+_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+_ADAPTER = "flatlora_sample"
+
+
+class SampleError(ValueError):
+    """Generation cannot start; the message is one line meant for the user."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------
+
+
+def single_file_arch(path) -> str:
+    """'sdxl' or 'sd15' for an original-layout single-file checkpoint, told apart by SDXL's second encoder."""
+    p = Path(path)
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        import torch
+
+        state = torch.load(str(p), map_location="cpu", weights_only=True)
+        keys = list(state.get("state_dict", state))
+    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
+
+
+def _dtype_kwargs(dtype) -> dict:
+    """diffusers renamed `torch_dtype` to `dtype` (and warns on the old name); older releases know only the old."""
+    try:
+        from diffusers.utils import deprecation_utils
+
+        new_name = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
+    except ImportError:
+        new_name = False
+    return {"dtype": dtype} if new_name else {"torch_dtype": dtype}
+
+
+def _default_dtype(device: str):
+    import torch
+
+    return torch.float16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_pipeline(
+    base_model: str,
+    device: str = "cpu",
+    dtype=None,
+    config: str | None = None,
+    vae: str | None = None,
+    revision: str | None = None,
+    variant: str | None = None,
+):
+    """A text-to-image pipeline (SD 1.x/2.x or SDXL) from a hub id, a local diffusers folder or a single file.
+
+    Single files (.safetensors/.ckpt) go through diffusers' ``from_single_file``; `config` (a diffusers
+    folder or hub id with the same architecture) tells it the component configs without a download.
+    `vae` optionally replaces the VAE (hub id, folder or single file). dtype defaults to fp16 on CUDA and
+    fp32 elsewhere. The safety checker is not loaded.
+    """
+    from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    if not base_model:
+        raise SampleError("no base model given")
+    dtype = dtype or _default_dtype(device)
+    path = Path(base_model).expanduser()
+    kwargs: dict = _dtype_kwargs(dtype)
+    if path.is_file():
+        if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
+            raise SampleError(f"{path.name}: a single-file model must be .safetensors or .ckpt")
+        cls = StableDiffusionXLPipeline if single_file_arch(path) == "sdxl" else StableDiffusionPipeline
+        if config:
+            kwargs["config"] = str(config)
+        if cls is StableDiffusionPipeline:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_single_file(str(path), **kwargs)
+    else:
+        if path.is_dir():
+            index = path / "model_index.json"
+            if not index.is_file():
+                raise SampleError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+            if "safety_checker" in json.loads(index.read_text()):
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+            source = str(path)
+        else:
+            source = base_model  # a hub id
+        if revision:
+            kwargs["revision"] = revision
+        if variant:
+            kwargs["variant"] = variant
+        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+    if vae:
+        vae_path = Path(vae).expanduser()
+        if vae_path.is_file():
+            pipe.vae = AutoencoderKL.from_single_file(str(vae_path), **_dtype_kwargs(dtype))
+        else:
+            pipe.vae = AutoencoderKL.from_pretrained(str(vae), **_dtype_kwargs(dtype))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------------
+
+
+def _load_lora(pipeline, lora_path, tmp: Path) -> None:
+    """Load any kohya or diffusers LoRA file into the pipeline under the private adapter name.
+
+    The file goes through the project's own reader (export.load_any_lora) and is rewritten as a diffusers
+    file with lora_adapter_metadata: that way kohya files and every diffusers spelling load the same, with
+    their alphas, whatever diffusers' own kohya converter would make of them.
+    """
+    from safetensors.torch import save_file
+
+    from .export import ExportError, load_any_lora, lora_to_diffusers
+
+    try:
+        lora, _arch = load_any_lora(lora_path)
+    except ExportError as e:
+        raise SampleError(str(e)) from None
+    state, metadata = lora_to_diffusers(lora)
+    name = "lora.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / name), metadata=metadata)
+    pipeline.load_lora_weights(str(tmp), weight_name=name, adapter_name=_ADAPTER)
+
+
+def generate(
+    pipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    lora_path=None,
+    lora_scale: float = 1.0,
+    steps: int = 25,
+    guidance_scale: float = 7.0,
+    height: int | None = None,
+    width: int | None = None,
+    negative_prompt: str | None = None,
+) -> list:
+    """One image per (prompt, seed), prompt-major: [p0s0, p0s1, ..., p1s0, ...].
+
+    Each image has its own torch.Generator seeded with its seed, so an image depends only on its prompt,
+    seed and settings, not on what else is generated in the call. With `lora_path` the LoRA is applied
+    at `lora_scale` and removed again before returning.
+    """
+    import torch
+
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    prompts, seeds = list(prompts), [int(s) for s in seeds]
+    if not prompts or not seeds:
+        raise SampleError("give at least one prompt and one seed")
+    gen_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
+    images = []
+    with tempfile.TemporaryDirectory(prefix="flatlora-sample-") as tmp:
+        loaded = False
+        try:
+            if lora_path is not None:
+                _load_lora(pipeline, lora_path, Path(tmp))
+                loaded = True
+                pipeline.set_adapters([_ADAPTER], adapter_weights=[float(lora_scale)])
+            for prompt in prompts:
+                for seed in seeds:
+                    generator = torch.Generator(device=gen_device).manual_seed(seed)
+                    out = pipeline(
+                        prompt=prompt,
+                        negative_prompt=negative_prompt or None,
+                        num_inference_steps=int(steps),
+                        guidance_scale=float(guidance_scale),
+                        height=height,
+                        width=width,
+                        generator=generator,
+                        output_type="pil",
+                    )
+                    images.append(out.images[0])
+        finally:
+            if loaded or _ADAPTER in _adapter_names(pipeline):
+                pipeline.unload_lora_weights()
+    return images
+
+
+def _adapter_names(pipeline) -> set[str]:
+    try:
+        return {name for names in pipeline.get_list_adapters().values() for name in names}
+    except Exception:
+        return set()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Grids
+# ---------------------------------------------------------------------------------------------------
+
+_BACKGROUND = (255, 255, 255)
+_EMPTY = (225, 225, 225)
+_TEXT = (20, 20, 20)
+_PAD = 4
+
+
+def _font(size: int = 14):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, max_width: int) -> str:
+    """`text` shortened with an ellipsis so that it fits in `max_width` pixels."""
+    if draw.textlength(text, font=font) <= max_width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > max_width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw, text: str, font, max_width: int, max_lines: int) -> list[str]:
+    words, lines, line = text.split(), [], ""
+    for word in words:
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= max_width or not line:
+            line = trial
+        else:
+            lines.append(line)
+            line = word
+    if line:
+        lines.append(line)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [" ".join(lines[max_lines - 1:])]
+    return [_fit(draw, ln, font, max_width) for ln in lines] or [""]
+
+
+def comparison_grid(columns, row_labels: Sequence[str] | None = None, font_size: int = 14):
+    """Labelled columns side by side: one column per (label, images), rows = prompt/seed.
+
+    Columns may differ in length and image size; a missing image (None or a short column) is a grey cell,
+    and every cell has the size of the largest image, images centred in it. `row_labels`, if given, are
+    written in a left margin (wrapped to three lines).
+    """
+    from PIL import Image, ImageDraw
+
+    columns = [(str(label), list(images)) for label, images in columns]
+    if not columns:
+        raise ValueError("comparison_grid needs at least one column")
+    n_rows = max([len(imgs) for _, imgs in columns] + [len(row_labels or [])])
+    if n_rows == 0:
+        raise ValueError("comparison_grid needs at least one image")
+    present = [im for _, imgs in columns for im in imgs if im is not None]
+    cell_w = max([im.width for im in present] + [64])
+    cell_h = max([im.height for im in present] + [64])
+
+    font = _font(font_size)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_h = int(font_size * 1.3)
+    label_w = 0
+    if row_labels:
+        label_w = min(max(int(max(probe.textlength(str(t), font=font) for t in row_labels)) + 2 * _PAD, 60), 240)
+    header_lines = max(len(_wrap(probe, label, font, cell_w - 2 * _PAD, 2)) for label, _ in columns)
+    header_h = header_lines * line_h + 2 * _PAD
+
+    width = label_w + len(columns) * (cell_w + _PAD) + _PAD
+    height = header_h + n_rows * (cell_h + _PAD) + _PAD
+    grid = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+
+    for c, (label, images) in enumerate(columns):
+        x0 = label_w + _PAD + c * (cell_w + _PAD)
+        for i, line in enumerate(_wrap(draw, label, font, cell_w - 2 * _PAD, 2)):
+            tw = draw.textlength(line, font=font)
+            draw.text((x0 + (cell_w - tw) / 2, _PAD + i * line_h), line, fill=_TEXT, font=font)
+        for r in range(n_rows):
+            y0 = header_h + r * (cell_h + _PAD)
+            image = images[r] if r < len(images) else None
+            if image is None:
+                draw.rectangle([x0, y0, x0 + cell_w - 1, y0 + cell_h - 1], fill=_EMPTY)
+                continue
+            image = image.convert("RGB")
+            grid.paste(image, (x0 + (cell_w - image.width) // 2, y0 + (cell_h - image.height) // 2))
+
+    if row_labels:
+        max_lines = max(1, min(3, cell_h // line_h))
+        for r, text in enumerate(row_labels):
+            y0 = header_h + r * (cell_h + _PAD)
+            lines = _wrap(draw, str(text), font, label_w - 2 * _PAD, max_lines)
+            top = y0 + (cell_h - len(lines) * line_h) / 2
+            for i, line in enumerate(lines):
+                draw.text((_PAD, top + i * line_h), line, fill=_TEXT, font=font)
+    return grid
