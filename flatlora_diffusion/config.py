@@ -51,6 +51,10 @@ class TrainConfig:
     variant: str | None = _f(None, "Model file variant, e.g. fp16.", "model")
     cache_dir: str | None = _f(None, "Where downloaded models are cached.", "model")
     tokenizer_name: str | None = _f(None, "Tokenizer to use instead of the model's own (SD 1.x).", "model")
+    single_file_config: str | None = _f(
+        None, "For a single-file checkpoint: a diffusers folder or hub id with the matching configs "
+        "(default: diffusers picks one, which needs the hub or its cache).", "model",
+    )
 
     # --- data ----------------------------------------------------------------------------------------------
     instance_data_dir: str | None = _f(

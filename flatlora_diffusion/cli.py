@@ -1,0 +1,122 @@
+"""`flatlora-diffusion` subcommands: train, demo, export, app, make-tiny-model.
+
+User mistakes end with one line `error: ...` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+SUBCOMMANDS = ("train", "demo", "export", "app", "make-tiny-model")
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:  # loading bars of every pipeline component drown the training progress bar
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def train_main(argv: list[str]) -> int:
+    from .config import ConfigError, config_from_args
+    from .train import USER_ERRORS, Cancelled
+
+    if any(a in ("-h", "--help") for a in argv):
+        from .config import build_parser
+
+        build_parser().print_help()
+        return 0
+    try:
+        cfg = config_from_args(argv)
+    except ConfigError as e:
+        return _fail(str(e))
+    _setup_logging()
+    from .train import train
+
+    try:
+        run = train(cfg)
+    except USER_ERRORS as e:
+        return _fail(str(e))
+    except Cancelled:
+        print("training cancelled", file=sys.stderr)
+        return 130
+    print(f"done: {run.path}")
+    return 0
+
+
+def make_tiny_model_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="flatlora-diffusion make-tiny-model",
+                                     description="Write a tiny random-weight SD 1.5 or SDXL pipeline folder (offline).")
+    parser.add_argument("dir")
+    parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    from .tiny import make_tiny_pipeline
+
+    print(make_tiny_pipeline(args.dir, arch=args.arch, seed=args.seed))
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    from .export import add_export_arguments, run_export
+
+    parser = argparse.ArgumentParser(prog="flatlora-diffusion export",
+                                     description="Write a kohya (ComfyUI / AUTOMATIC1111) or diffusers LoRA file.")
+    add_export_arguments(parser)
+    return run_export(parser.parse_args(argv))
+
+
+def demo_main(argv: list[str]) -> int:
+    from .demo import main
+
+    return main(argv)
+
+
+def app_main(argv: list[str]) -> int:
+    try:
+        import app
+    except ImportError as e:
+        return _fail(f"the web app needs gradio: pip install 'flatlora-diffusion[app]' ({e})")
+    return app.main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: flatlora-diffusion {" + ",".join(SUBCOMMANDS) + "} ...\n\n"
+              "  train            DreamBooth LoRA / Flat-LoRA training (diffusers' flags, or --config FILE)\n"
+              "  demo             train LoRA and Flat-LoRA on a tiny offline model and compare them\n"
+              "  export           write kohya (ComfyUI/AUTOMATIC1111) or diffusers LoRA files\n"
+              "  app              the web app (Gradio)\n"
+              "  make-tiny-model  write a tiny random-weight SD 1.5 / SDXL pipeline folder")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": train_main, "demo": demo_main, "export": export_main, "app": app_main,
+                "make-tiny-model": make_tiny_model_main}
+    if command not in handlers:
+        import difflib
+
+        hint = difflib.get_close_matches(command, SUBCOMMANDS, n=1)
+        return _fail(f"unknown command {command!r}" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                     + f" (commands: {', '.join(SUBCOMMANDS)})")
+    return handlers[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Loading Stable Diffusion 1.x/2.x and SDXL components, and attaching LoRA.
+
+A model is a hub id, a local diffusers folder, or a single-file checkpoint (.safetensors / .ckpt as
+ComfyUI and AUTOMATIC1111 users keep them). `inspect_model_source` works out which, and the architecture,
+WITHOUT loading weights, so a wrong path fails in a second with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+SD_PIPELINES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}
+
+
+class ModelError(ValueError):
+    """The model path/id is unusable; one line, printed without a traceback."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "folder" | "single_file" | "hub"
+    location: str
+    arch: str  # "sd15" (SD 1.x/2.x) | "sdxl"
+
+
+def _arch_from_model_index(index: dict, where: str) -> str:
+    name = index.get("_class_name", "")
+    if name in SD_PIPELINES:
+        return SD_PIPELINES[name]
+    if "unet" in index and "text_encoder" in index:  # another SD-family pipeline class (img2img, inpaint, ...)
+        return "sdxl" if "text_encoder_2" in index else "sd15"
+    raise ModelError(f"{where} is a {name or 'diffusers'} pipeline, not a Stable Diffusion 1.x/2.x or SDXL pipeline")
+
+
+def _arch_from_single_file(path: Path) -> str:
+    """SDXL checkpoints carry two text encoders under `conditioner.embedders`; SD 1.x/2.x ones do not."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = list(f.keys())
+        except Exception as e:
+            raise ModelError(f"{path} is not a readable .safetensors checkpoint ({str(e).splitlines()[0]})") from None
+    else:
+        keys = list(_torch_load_keys(path))
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise ModelError(f"{path} is not a Stable Diffusion checkpoint (no model.diffusion_model.* weights)")
+    return "sdxl" if any(k.startswith("conditioner.embedders.1") for k in keys) else "sd15"
+
+
+def _torch_load_keys(path: Path):
+    try:
+        sd = torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ModelError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    sd = sd.get("state_dict", sd) if isinstance(sd, dict) else {}
+    return sd.keys()
+
+
+def inspect_model_source(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
+    """Where the model is and which architecture it has; raises ModelError. Loads no weights."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelError(f"{path} is a file but not a checkpoint (.safetensors or .ckpt)")
+        return ModelSource("single_file", str(path), _arch_from_single_file(path))
+    if path.is_dir():
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise ModelError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            data = json.loads(index.read_text())
+        except json.JSONDecodeError:
+            raise ModelError(f"{index} is not valid JSON") from None
+        return ModelSource("folder", str(path), _arch_from_model_index(data, str(path)))
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
+        raise ModelError(f"model not found: {name_or_path} is neither an existing path nor a hub id (owner/name)")
+    return ModelSource("hub", name_or_path, _arch_from_hub(name_or_path, revision, cache_dir))
+
+
+def _arch_from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> str:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
+    try:
+        index_file = hf_hub_download(repo_id, "model_index.json", revision=revision, cache_dir=cache_dir)
+    except Exception as e:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "offline and not in the local cache" if offline else type(e).__name__
+        raise ModelError(f"unknown model {repo_id!r}: not a local path, and the hub id could not be read ({why})") from None
+    return _arch_from_model_index(json.loads(Path(index_file).read_text()), repo_id)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+@dataclass
+class Components:
+    arch: str
+    unet: nn.Module
+    vae: nn.Module
+    text_encoders: list[nn.Module]
+    tokenizers: list[Any]
+    noise_scheduler: Any
+    pipeline_class: type
+
+    def pipeline(self, scheduler=None):
+        """A pipeline over these very modules (LoRA included) for sampling and class-image generation."""
+        parts = dict(vae=self.vae, unet=self.unet, scheduler=scheduler or self.noise_scheduler)
+        parts["text_encoder"], parts["tokenizer"] = self.text_encoders[0], self.tokenizers[0]
+        if self.arch == "sdxl":
+            parts["text_encoder_2"], parts["tokenizer_2"] = self.text_encoders[1], self.tokenizers[1]
+            pipe = self.pipeline_class(**parts, add_watermarker=False)
+        else:
+            pipe = self.pipeline_class(**parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+
+def pipeline_class(arch: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+
+
+def load_components(
+    source: ModelSource,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+    vae_path: str | None = None,
+    tokenizer_name: str | None = None,
+    single_file_config: str | None = None,
+) -> Components:
+    """Load the pipeline's parts in fp32 on the CPU (the trainer casts and moves them)."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+
+    cls = pipeline_class(source.arch)
+    if source.kind == "single_file":
+        kwargs = {"config": single_file_config} if single_file_config else {}
+        pipe = cls.from_single_file(source.location, dtype=torch.float32, **kwargs)
+    else:
+        extra = {"safety_checker": None, "requires_safety_checker": False} if source.arch == "sd15" else {}
+        pipe = cls.from_pretrained(
+            source.location, revision=revision, variant=variant, cache_dir=cache_dir, dtype=torch.float32, **extra
+        )
+    vae = pipe.vae
+    if vae_path:
+        vp = Path(vae_path)
+        if vp.is_file():
+            vae = AutoencoderKL.from_single_file(str(vp), dtype=torch.float32)
+        else:
+            sub = "vae" if (vp / "vae").is_dir() else None
+            vae = AutoencoderKL.from_pretrained(vae_path, subfolder=sub, revision=revision, cache_dir=cache_dir)
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if source.arch == "sdxl" else [])
+    if tokenizer_name:
+        from transformers import CLIPTokenizer
+
+        tokenizers[0] = CLIPTokenizer.from_pretrained(tokenizer_name, revision=revision)
+    for tok in tokenizers:
+        # transformers silently returns a 2-token tokenizer for an empty folder when offline.
+        if tok is None or len(tok) <= 2:
+            raise ModelError(f"the tokenizer of {source.location} is missing or empty")
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if source.arch == "sdxl" else [])
+    return Components(
+        arch=source.arch,
+        unet=pipe.unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        pipeline_class=cls,
+    )
+
+
+# --- LoRA ----------------------------------------------------------------------------------------------------
+def lora_config(rank: int, alpha: float, targets: list[str], dropout: float, use_dora: bool, use_rslora: bool, init: str):
+    from peft import LoraConfig
+
+    init_value: Any = {"gaussian": "gaussian", "default": True, "pissa": "pissa"}[init]
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        init_lora_weights=init_value,
+        target_modules=list(targets),
+        lora_dropout=dropout,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
+    )
+
+
+def add_lora(model: nn.Module, config) -> None:
+    """Freeze the model and attach a LoRA adapter ("default") the way diffusers' scripts do."""
+    model.requires_grad_(False)
+    model.add_adapter(config)
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids

@@ -1,0 +1,627 @@
+"""The DreamBooth LoRA / Flat-LoRA training run, from a validated TrainConfig to a finished run directory.
+
+Read top to bottom: preflight (every cheap check, nothing written) -> models -> data -> optimizer ->
+resume -> loop (step, metrics, checkpoints, validation) -> LoRA files. The step itself lives in step.py,
+the perturbation in flat.py, the files in export.py; this module wires them with accelerate, so the same
+loop runs on the CPU, one GPU or many (`accelerate launch`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, TrainConfig, save_yaml
+from .data import DataError, ImageRecord, validate_data_args
+from .flat import FlatLoRA
+from .models import ModelError, ModelSource, inspect_model_source
+from .run_dir import DIFFUSERS_WEIGHTS, RunDir
+
+logger = logging.getLogger("flatlora_diffusion")
+
+USER_ERRORS = (ConfigError, DataError, ModelError)
+
+
+class Cancelled(Exception):
+    pass
+
+
+# ==========================================================================================================
+# preflight: everything that can be wrong with the user's input, checked before any model loads
+# ==========================================================================================================
+@dataclass
+class Plan:
+    cfg: TrainConfig
+    source: ModelSource
+    records: list[ImageRecord] | None  # None for --dataset_name (loaded later)
+    resume_dir: Path | None
+
+
+def _check_output_writable(output_dir: Path) -> None:
+    probe = output_dir
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--output_dir {output_dir}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {output_dir} is not writable (no write permission on {probe})")
+
+
+def _resolve_resume(cfg: TrainConfig, run: RunDir) -> Path | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = run.list_checkpoints()
+        if not found:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting a new run", run.checkpoints)
+            return None
+        return found[-1][1]
+    path = Path(cfg.resume_from_checkpoint)
+    if not path.is_dir():
+        path = run.checkpoints / Path(cfg.resume_from_checkpoint).name  # diffusers accepts the bare folder name
+    if not (path / "training_state.json").is_file():
+        raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no complete checkpoint there")
+    return path
+
+
+def preflight(cfg: TrainConfig) -> Plan:
+    """Validate everything cheap. Raises ConfigError / DataError / ModelError with one line; writes nothing."""
+    cfg.validate()
+    if cfg.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+        logger.warning("--enable_xformers_memory_efficient_attention needs CUDA; using PyTorch SDPA attention")
+        cfg.enable_xformers_memory_efficient_attention = False
+    if cfg.use_8bit_adam:
+        _require("bitsandbytes", "--use_8bit_adam needs bitsandbytes: pip install 'flatlora-diffusion[bnb]'")
+    if cfg.optimizer == "prodigy":
+        _require("prodigyopt", "--optimizer prodigy needs prodigyopt: pip install 'flatlora-diffusion[prodigy]'")
+    if cfg.init_lora_weights == "pissa":
+        raise ConfigError("--init_lora_weights pissa is not supported yet: its LoRA is relative to a modified base "
+                          "model and needs a conversion on export; use gaussian")
+    _check_output_writable(Path(cfg.output_dir))
+    source = inspect_model_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.cache_dir)
+    if cfg.pretrained_vae_model_name_or_path and not (
+        Path(cfg.pretrained_vae_model_name_or_path).exists() or cfg.pretrained_vae_model_name_or_path.count("/") == 1
+    ):
+        raise ModelError(f"--pretrained_vae_model_name_or_path {cfg.pretrained_vae_model_name_or_path} not found")
+    cfg.resolve_arch_defaults(source.arch)
+    records = validate_data_args(
+        cfg.instance_data_dir,
+        cfg.dataset_name,
+        cfg.instance_prompt,
+        cfg.with_prior_preservation,
+        cfg.class_data_dir,
+        cfg.class_prompt,
+        cfg.resolution,
+        caption_column=cfg.caption_column,
+        caption_extension=cfg.caption_extension,
+        interpolation=cfg.image_interpolation_mode,
+    )
+    resume = _resolve_resume(cfg, RunDir(cfg.output_dir))
+    return Plan(cfg, source, records, resume)
+
+
+def _require(module: str, message: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(message)
+
+
+# ==========================================================================================================
+# the run
+# ==========================================================================================================
+def train(cfg: TrainConfig) -> RunDir:
+    """Run training to completion; returns the run directory. User mistakes raise before anything is written."""
+    plan = preflight(cfg)
+    run = RunDir(cfg.output_dir)
+    run.create()
+    save_yaml(cfg, run.path / "config.yaml")
+    run.set_status("running", step=0, total=cfg.max_train_steps or 0, message="loading models", finished_at=None)
+    cancelled = {"flag": False}
+
+    def on_sigterm(signum, frame):  # the web app's Cancel; checked between micro-steps
+        cancelled["flag"] = True
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    try:
+        _Trainer(plan, run, cancelled).run()
+    except (Cancelled, KeyboardInterrupt):
+        run.set_status("cancelled", message="cancelled")
+        raise Cancelled() from None
+    except BaseException as e:
+        run.set_status("failed", message=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return run
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class _Trainer:
+    def __init__(self, plan: Plan, run: RunDir, cancelled: dict):
+        self.plan, self.cfg, self.run_dir, self.cancelled = plan, plan.cfg, run, cancelled
+
+    # --- set-up ----------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        cfg = self.cfg
+        project = ProjectConfiguration(project_dir=str(self.run_dir.path), logging_dir=str(self.run_dir.path / cfg.logging_dir))
+        self.acc = acc = Accelerator(
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            mixed_precision=cfg.mixed_precision,
+            log_with=cfg.report_to,
+            project_config=project,
+        )
+        if cfg.allow_tf32 and torch.cuda.is_available():
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        self._load_models()
+        self._prepare_data()
+        self._build_optimizer()
+        self._build_flat()
+        self._prepare_accelerate()
+        self._resume()
+        self._loop()
+        self._finish()
+
+    def _load_models(self) -> None:
+        from .models import add_lora, load_components, lora_config
+
+        cfg, acc = self.cfg, self.acc
+        c = self.components = load_components(
+            self.plan.source,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            cache_dir=cfg.cache_dir,
+            vae_path=cfg.pretrained_vae_model_name_or_path,
+            tokenizer_name=cfg.tokenizer_name,
+            single_file_config=cfg.single_file_config,
+        )
+        self.is_sdxl = c.arch == "sdxl"
+        for model in [c.unet, c.vae, *c.text_encoders]:
+            model.requires_grad_(False)
+        # The SDXL VAE overflows in fp16; it encodes in fp32 (cheap next to the UNet).
+        vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
+        c.vae.to(acc.device, dtype=vae_dtype)
+        c.unet.to(acc.device, dtype=self.weight_dtype)
+        for te in c.text_encoders:
+            te.to(acc.device, dtype=self.weight_dtype)
+        if cfg.enable_xformers_memory_efficient_attention:
+            c.unet.enable_xformers_memory_efficient_attention()
+        add_lora(c.unet, lora_config(cfg.rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout,
+                                     cfg.use_dora, cfg.use_rslora, cfg.init_lora_weights))
+        if cfg.train_text_encoder:
+            for te in c.text_encoders:
+                add_lora(te, lora_config(cfg.rank, cfg.lora_alpha, cfg.text_encoder_target_modules, cfg.lora_dropout,
+                                         cfg.use_dora, cfg.use_rslora, cfg.init_lora_weights))
+        trained = [c.unet] + (c.text_encoders if cfg.train_text_encoder else [])
+        for model in trained:  # LoRA parameters train in fp32 whatever the mixed precision
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.float()
+        if cfg.gradient_checkpointing:
+            c.unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                for te in c.text_encoders:
+                    te.gradient_checkpointing_enable()
+        self.trained_models = trained
+
+    def _prepare_data(self) -> None:
+        from .data import (BucketConfig, DreamBoothDataset, generate_class_images, load_class_records,
+                           load_hf_dataset_records, make_dataloader)
+
+        cfg = self.cfg
+        records = self.plan.records
+        if records is None:
+            records = load_hf_dataset_records(cfg.dataset_name, cfg.dataset_config_name, cfg.image_column,
+                                              cfg.caption_column, cfg.instance_prompt, cfg.cache_dir)
+        class_records = None
+        if cfg.with_prior_preservation:
+            self._status("generating class images")
+            if self.acc.is_main_process:
+                generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
+                                      cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
+                                      pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+            self.acc.wait_for_everyone()
+            class_records = load_class_records(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
+                                               cfg.caption_extension)
+        buckets = None
+        if cfg.aspect_ratio_buckets:
+            buckets = BucketConfig(min_reso=cfg.min_bucket_reso, max_reso=cfg.max_bucket_reso,
+                                   step=cfg.bucket_reso_steps, no_upscale=cfg.bucket_no_upscale)
+        self.dataset = DreamBoothDataset(records, class_records, resolution=cfg.resolution, center_crop=cfg.center_crop,
+                                         random_flip=cfg.random_flip, interpolation=cfg.image_interpolation_mode,
+                                         buckets=buckets, repeats=cfg.repeats, seed=cfg.seed)
+        self.num_images = len(records)
+        self.num_class_images = len(class_records or [])
+        if cfg.cache_latents:
+            self._status("caching latents")
+            self.dataset = _LatentCache(self.dataset, self._encode_pixels)
+        self.dataloader = make_dataloader(self.dataset, cfg.train_batch_size, cfg.seed, cfg.dataloader_num_workers)
+        self.embedding_cache: dict[str, tuple] = {}
+
+    def _build_optimizer(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.cfg, self.acc
+        c = self.components
+        lr = cfg.learning_rate
+        te_lr = cfg.text_encoder_lr
+        if cfg.scale_lr:
+            factor = cfg.gradient_accumulation_steps * cfg.train_batch_size * acc.num_processes
+            lr, te_lr = lr * factor, te_lr * factor
+        groups = [{"params": [p for p in c.unet.parameters() if p.requires_grad], "lr": lr,
+                   "weight_decay": cfg.adam_weight_decay}]
+        if cfg.train_text_encoder:
+            for te in c.text_encoders:
+                groups.append({"params": [p for p in te.parameters() if p.requires_grad], "lr": te_lr,
+                               "weight_decay": cfg.adam_weight_decay_text_encoder})
+        self.params = [p for g in groups for p in g["params"]]
+        if cfg.optimizer == "prodigy":
+            import prodigyopt
+
+            self.optimizer = prodigyopt.Prodigy(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), beta3=cfg.prodigy_beta3,
+                                                eps=cfg.adam_epsilon, decouple=cfg.prodigy_decouple,
+                                                use_bias_correction=cfg.prodigy_use_bias_correction,
+                                                safeguard_warmup=cfg.prodigy_safeguard_warmup)
+        else:
+            if cfg.use_8bit_adam:
+                import bitsandbytes as bnb
+
+                opt_cls = bnb.optim.AdamW8bit
+            else:
+                opt_cls = torch.optim.AdamW
+            self.optimizer = opt_cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
+
+        steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
+        if cfg.max_train_steps is None:
+            cfg.max_train_steps = cfg.num_train_epochs * steps_per_epoch
+        self.num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        # accelerate steps a prepared scheduler once per process per optimizer step (as diffusers counts).
+        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer=self.optimizer,
+                                          num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
+                                          num_training_steps=cfg.max_train_steps * acc.num_processes,
+                                          num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
+        save_yaml(cfg, self.run_dir.path / "config.yaml")  # now with max_train_steps resolved
+
+    def _build_flat(self) -> None:
+        cfg, c = self.cfg, self.components
+        targets = []
+        if "unet" in cfg.flat_targets:
+            targets.append(c.unet)
+        if "text_encoder" in cfg.flat_targets and cfg.train_text_encoder:
+            targets += c.text_encoders
+        self.flat = None
+        if cfg.flat_sigma > 0 and targets:
+            extra = {}
+            if "backend" in inspect.signature(FlatLoRA).parameters:
+                extra["backend"] = cfg.flat_backend
+            self.flat = FlatLoRA(targets, sigma=cfg.flat_sigma, schedule=cfg.flat_schedule,
+                                 total_steps=cfg.max_train_steps, seed=cfg.seed,
+                                 per_microbatch=cfg.flat_per_microbatch,
+                                 share_noise_across_ranks=cfg.flat_share_noise_across_ranks, **extra)
+            logger.info("Flat-LoRA: sigma %.3g (%s) on %d layers", cfg.flat_sigma, cfg.flat_schedule, len(self.flat.layers))
+
+    def _prepare_accelerate(self) -> None:
+        from .step import StepModels, StepOptions, TrainStep
+
+        acc, c, cfg = self.acc, self.components, self.cfg
+        prepared = acc.prepare(*self.trained_models, self.optimizer, self.dataloader, self.lr_scheduler)
+        n = len(self.trained_models)
+        wrapped = list(prepared[:n])
+        self.optimizer, self.dataloader, self.lr_scheduler = prepared[n:]
+        unet = wrapped[0]
+        tes = wrapped[1:] if cfg.train_text_encoder else c.text_encoders
+        self._register_checkpoint_hooks()
+        self.step = TrainStep(
+            StepModels(unet=unet, text_encoders=list(tes), noise_scheduler=c.noise_scheduler, arch=c.arch),
+            self.optimizer, self.params, acc,
+            StepOptions(seed=cfg.seed, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
+                        prior_loss_weight=cfg.prior_loss_weight, max_grad_norm=cfg.max_grad_norm,
+                        train_text_encoder=cfg.train_text_encoder),
+            flat=self.flat, lr_scheduler=self.lr_scheduler,
+        )
+        self.global_step = 0
+        self.first_epoch = 0
+
+    # --- checkpoints: LoRA weights only, never the frozen base ------------------------------------------------
+    def _register_checkpoint_hooks(self) -> None:
+        from peft import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict
+        from safetensors.torch import load_file, save_file
+
+        acc = self.acc
+
+        def save_hook(models, weights, output_dir):
+            if acc.is_main_process:
+                for i, model in enumerate(models):
+                    state = get_peft_model_state_dict(acc.unwrap_model(model))
+                    save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, f"lora_{i}.safetensors"))
+            while weights:
+                weights.pop()
+
+        def load_hook(models, input_dir):
+            for i in range(len(models)):
+                model = models.pop()
+                index = len(models)
+                state = load_file(os.path.join(input_dir, f"lora_{index}.safetensors"))
+                result = set_peft_model_state_dict(acc.unwrap_model(model), state)
+                if getattr(result, "unexpected_keys", None):
+                    raise RuntimeError(f"checkpoint has unexpected LoRA keys: {result.unexpected_keys[:3]}")
+
+        acc.register_save_state_pre_hook(save_hook)
+        acc.register_load_state_pre_hook(load_hook)
+
+    def _save_checkpoint(self) -> None:
+        cfg, acc, run = self.cfg, self.acc, self.run_dir
+        final = run.checkpoint_dir(self.global_step)
+        tmp = final.with_name(final.name + ".partial")
+        if acc.is_main_process:
+            if cfg.checkpoints_total_limit is not None:
+                existing = run.list_checkpoints()
+                for _, old in existing[: max(0, len(existing) - cfg.checkpoints_total_limit + 1)]:
+                    shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        if acc.is_main_process:
+            (tmp / "training_state.json").write_text(json.dumps({"global_step": self.global_step}))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            logger.info("saved checkpoint %s", final)
+        acc.wait_for_everyone()
+
+    def _resume(self) -> None:
+        path = self.plan.resume_dir
+        if path is None:
+            return
+        self.acc.load_state(str(path))
+        self.global_step = json.loads((path / "training_state.json").read_text())["global_step"]
+        self.first_epoch = self.global_step // self.steps_per_epoch
+        self.run_dir.truncate_metrics_after(self.global_step)
+        logger.info("resumed from %s at step %d", path, self.global_step)
+
+    # --- encoding -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        latents = vae.encode(pixel_values.to(self.acc.device, vae.dtype)).latent_dist.sample(
+            generator=torch.Generator(device=self.acc.device).manual_seed(0)
+        )
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.weight_dtype)
+
+    def _text_inputs(self, prompts: list[str]) -> dict:
+        """input_ids (text encoders trained) or cached embeddings (frozen)."""
+        from .models import tokenize
+        from .step import encode_prompts
+
+        c = self.components
+        ids = [tokenize(tok, prompts) for tok in c.tokenizers]
+        if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
+            return {"input_ids": ids}
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.embedding_cache]
+        if missing:
+            with torch.no_grad(), self.acc.autocast():
+                embeds, pooled = encode_prompts(c.text_encoders, [tokenize(t, missing) for t in c.tokenizers], c.arch)
+            for i, p in enumerate(missing):
+                self.embedding_cache[p] = (embeds[i], None if pooled is None else pooled[i])
+        embeds = torch.stack([self.embedding_cache[p][0] for p in prompts])
+        pooled = torch.stack([self.embedding_cache[p][1] for p in prompts]) if self.is_sdxl else None
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def _make_step_batch(self, batch: dict):
+        from .step import StepBatch
+
+        if self.cfg.cache_latents:
+            latents = batch["pixel_values"].to(self.acc.device)  # _LatentCache put latents there
+        else:
+            latents = self._encode_pixels(batch["pixel_values"])
+        time_ids = batch["time_ids"].to(self.acc.device, self.weight_dtype) if self.is_sdxl else None
+        return StepBatch(latents=latents, time_ids=time_ids, n_class=int(batch["is_class"].sum()),
+                         **self._text_inputs(batch["prompts"]))
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        from tqdm.auto import tqdm
+
+        cfg, acc, run = self.cfg, self.acc, self.run_dir
+        total = cfg.max_train_steps
+        self.started = time.time()
+        start_step = self.global_step
+        if acc.is_main_process:
+            run.write_prompts(cfg.validation_prompt)
+        if self.global_step == 0:
+            self._validate()  # the untrained baseline, step 0
+        bar = tqdm(total=total, initial=self.global_step, desc="Steps", disable=not acc.is_local_main_process,
+                   file=sys.stderr, dynamic_ncols=True)
+        self._status("training")
+        for model in self.trained_models:
+            model.train()
+        losses: list[torch.Tensor] = []
+        for epoch in range(self.first_epoch, self.num_epochs):
+            self.dataloader.set_epoch(epoch)
+            loader = self.dataloader
+            done_in_epoch = (self.global_step - epoch * self.steps_per_epoch) * cfg.gradient_accumulation_steps
+            if done_in_epoch > 0:
+                loader = acc.skip_first_batches(self.dataloader, done_in_epoch)
+            for batch in loader:
+                if self.cancelled["flag"]:
+                    raise Cancelled()
+                loss, sigma_t = self.step(self._make_step_batch(batch), self.global_step)
+                losses.append(loss)
+                if not acc.sync_gradients:
+                    continue
+                self.global_step += 1
+                mean_loss = acc.gather(torch.stack(losses).mean().reshape(1)).mean().item()
+                losses.clear()
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss became {mean_loss} at step {self.global_step}; "
+                                             f"lower --learning_rate or use bf16 instead of fp16")
+                self._log_step(mean_loss, sigma_t, epoch, start_step, bar)
+                if self.global_step % cfg.checkpointing_steps == 0 and self.global_step < total:
+                    self._save_checkpoint()
+                if cfg.validation_steps and self.global_step % cfg.validation_steps == 0:
+                    self._validate()
+                if self.global_step >= total:
+                    break
+            if self.global_step >= total:
+                break
+            if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0:
+                self._validate()
+        bar.close()
+
+    def _log_step(self, loss: float, sigma_t: float, epoch: int, start_step: int, bar) -> None:
+        cfg = self.cfg
+        elapsed = time.time() - self.started
+        rate = (self.global_step - start_step) / elapsed if elapsed > 0 else 0.0
+        lr = self.lr_scheduler.get_last_lr()[0]
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", sigma=f"{sigma_t:.3g}", lr=f"{lr:.2e}")
+        if not self.acc.is_main_process:
+            return
+        self.run_dir.append_metrics({"step": self.global_step, "loss": loss, "lr": lr, "flat_sigma": sigma_t,
+                                     "seconds": round(elapsed, 3), "it_per_s": round(rate, 4), "epoch": epoch})
+        eta = (cfg.max_train_steps - self.global_step) / rate if rate > 0 else None
+        self.run_dir.set_status("running", step=self.global_step, total=cfg.max_train_steps, message="training",
+                                eta_seconds=eta)
+        self.acc.log({"loss": loss, "lr": lr, "flat_sigma": sigma_t}, step=self.global_step)
+
+    def _status(self, message: str) -> None:
+        if self.acc.is_main_process:
+            self.run_dir.set_status("running", step=getattr(self, "global_step", 0),
+                                    total=self.cfg.max_train_steps or 0, message=message)
+
+    # --- validation images --------------------------------------------------------------------------------------
+    def _sampling_pipeline(self):
+        from diffusers import DPMSolverMultistepScheduler
+
+        c = self.components
+        scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
+        pipe = c.pipeline(scheduler=scheduler)
+        return pipe
+
+    @torch.no_grad()
+    def _validate(self) -> None:
+        cfg, acc = self.cfg, self.acc
+        if not cfg.validation_prompt or not acc.is_main_process:
+            acc.wait_for_everyone()
+            return
+        out = self.run_dir.sample_dir(self.global_step)
+        if (out / ".complete").exists():
+            return  # already made (e.g. the final step is also a validation step)
+        self._status(f"validation images at step {self.global_step}")
+        models = [self.components.unet, *self.components.text_encoders]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        pipe = self._sampling_pipeline()
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        size = cfg.resolution
+        for p, prompt in enumerate(cfg.validation_prompt):
+            for seed in cfg.validation_seeds:
+                gen = torch.Generator(device="cpu").manual_seed(int(seed))
+                with acc.autocast():
+                    image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
+                                 guidance_scale=cfg.validation_guidance_scale, generator=gen,
+                                 height=size, width=size).images[0]
+                image.save(tmp / f"{p}_{seed}.png")
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+        acc.wait_for_everyone()
+
+    # --- the end ------------------------------------------------------------------------------------------------
+    def _finish(self) -> None:
+        from .export import diffusers_state_dict, save_kohya_lora
+        from .safetensors_io import save_safetensors_atomic
+
+        cfg, acc, run = self.cfg, self.acc, self.run_dir
+        acc.wait_for_everyone()
+        self._validate()  # the final step (skipped when it was just made)
+        if acc.is_main_process:
+            self._status("writing LoRA files")
+            c = self.components
+            parts = {"unet": acc.unwrap_model(c.unet)}
+            if cfg.train_text_encoder:
+                parts["text_encoder"] = acc.unwrap_model(c.text_encoders[0])
+                if self.is_sdxl:
+                    parts["text_encoder_2"] = acc.unwrap_model(c.text_encoders[1])
+            state, metadata = diffusers_state_dict(parts)
+            save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
+            if cfg.output_kohya_format:
+                settings = cfg.to_dict()
+                settings.update(flat_seed=cfg.seed, num_train_images=self.num_images,
+                                num_reg_images=self.num_class_images,
+                                training_started_at=run.read_status().get("started_at"),
+                                mixed_precision=acc.mixed_precision, optimizer=cfg.optimizer)
+                save_kohya_lora(parts, run.path / f"{cfg.output_name}.safetensors", settings, arch=c.arch,
+                                dtype=cfg.save_precision, overwrite=True)
+            if cfg.push_to_hub:
+                self._push_to_hub()
+            run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message="done", eta_seconds=0)
+        acc.end_training()
+
+    def _push_to_hub(self) -> None:
+        from huggingface_hub import create_repo, upload_folder
+
+        cfg = self.cfg
+        repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
+        upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
+                      ignore_patterns=["checkpoints/*", "step_*", "*.partial"])
+
+
+class _LatentCache(torch.utils.data.Dataset):
+    """The dataset with every item's pixels replaced by its VAE latents, encoded once (--cache_latents).
+
+    As in diffusers' scripts, each image's crop and flip are then those of the first epoch."""
+
+    def __init__(self, dataset, encode):
+        self.dataset = dataset
+        self.items = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            examples = list(item) if isinstance(item, (tuple, list)) else [item]
+            for e in examples:
+                e.pixel_values = encode(e.pixel_values[None])[0].cpu()
+            self.items.append(tuple(examples))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def bucket_of(self, i):
+        return self.dataset.bucket_of(i)
+
+    def set_epoch(self, epoch):
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def epoch(self):
+        return self.dataset.epoch
