@@ -49,13 +49,20 @@ class Plan:
 
 
 def _check_output_writable(output_dir: Path) -> None:
-    probe = output_dir
+    """The nearest existing folder on the way must accept a new file (a real probe: root ignores modes)."""
+    import tempfile
+
+    probe = output_dir.resolve()
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise ConfigError(f"--output_dir {output_dir}: {probe} is a file, not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {output_dir} is not writable (no write permission on {probe})")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".flatlora-write-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise ConfigError(f"--output_dir {output_dir} is not writable ({e.strerror} in {probe})") from None
 
 
 def _resolve_resume(cfg: TrainConfig, run: RunDir) -> Path | None:
@@ -148,6 +155,24 @@ def train(cfg: TrainConfig) -> RunDir:
     return run
 
 
+def _available_trackers(report_to: str | None) -> list[str] | None:
+    """accelerate trackers that are installed; a missing one is a warning, not a crash (metrics.jsonl is always
+    written). diffusers' scripts default to tensorboard, so their command lines often name it."""
+    import importlib.util
+
+    if not report_to or report_to == "none":
+        return None
+    names = ["tensorboard", "wandb", "comet_ml"] if report_to == "all" else [report_to]
+    modules = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
+    found = []
+    for name in names:
+        if importlib.util.find_spec(modules.get(name, name)) is None:
+            logger.warning("--report_to %s: %s is not installed; metrics go to metrics.jsonl only", name, name)
+        else:
+            found.append(name)
+    return found or None
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -161,16 +186,22 @@ class _Trainer:
     # --- set-up ----------------------------------------------------------------------------------------------
     def run(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.utils import ProjectConfiguration, set_seed
 
         cfg = self.cfg
+        trackers = _available_trackers(cfg.report_to)
         project = ProjectConfiguration(project_dir=str(self.run_dir.path), logging_dir=str(self.run_dir.path / cfg.logging_dir))
         self.acc = acc = Accelerator(
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             mixed_precision=cfg.mixed_precision,
-            log_with=cfg.report_to,
+            log_with=trackers,
             project_config=project,
         )
+        # LoRA initialisation and LoRA dropout use the global RNGs: seed them (the step's own noise does not).
+        set_seed(cfg.seed)
+        if trackers:
+            acc.init_trackers("flatlora-diffusion", config={k: v for k, v in cfg.to_dict().items()
+                                                            if isinstance(v, (int, float, str, bool))})
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
@@ -312,7 +343,9 @@ class _Trainer:
         if "text_encoder" in cfg.flat_targets and cfg.train_text_encoder:
             targets += c.text_encoders
         self.flat = None
-        if cfg.flat_sigma > 0 and targets:
+        # Built for sigma = 0 too: its steps then patch nothing, so "--flat_sigma 0" is plain LoRA bit for bit
+        # through the very same code path (tested).
+        if targets:
             extra = {}
             if "backend" in inspect.signature(FlatLoRA).parameters:
                 extra["backend"] = cfg.flat_backend
@@ -505,7 +538,8 @@ class _Trainer:
         eta = (cfg.max_train_steps - self.global_step) / rate if rate > 0 else None
         self.run_dir.set_status("running", step=self.global_step, total=cfg.max_train_steps, message="training",
                                 eta_seconds=eta)
-        self.acc.log({"loss": loss, "lr": lr, "flat_sigma": sigma_t}, step=self.global_step)
+        if self.acc.trackers:
+            self.acc.log({"loss": loss, "lr": lr, "flat_sigma": sigma_t}, step=self.global_step)
 
     def _status(self, message: str) -> None:
         if self.acc.is_main_process:

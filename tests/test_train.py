@@ -1,0 +1,228 @@
+"""The trainer end to end on tiny offline models (64 px): both architectures, Flat-LoRA on UNet and text
+encoders, learning, sigma 0 == plain LoRA, resume, the run-directory contract, diffusers-style command lines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flatlora_diffusion.config import make_config
+from flatlora_diffusion.tiny import make_subject_images, make_tiny_pipeline
+from flatlora_diffusion.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return {
+        "sd15": make_tiny_pipeline(base / "sd15", "sd15", seed=0),
+        "sdxl": make_tiny_pipeline(base / "sdxl", "sdxl", seed=0),
+        "images": Path(make_subject_images(base / "images", n=3, size=96, seed=0)[0]).parent,
+    }
+
+
+def settings(tiny, out, arch="sd15", **over):
+    s = {
+        "pretrained_model_name_or_path": str(tiny[arch]),
+        "instance_data_dir": str(tiny["images"]),
+        "instance_prompt": "a photo of sks toy",
+        "output_dir": str(out),
+        "resolution": 64,
+        "train_batch_size": 1,
+        "max_train_steps": 4,
+        "learning_rate": 1e-3,
+        "lr_warmup_steps": 0,
+        "seed": 7,
+        "flat_sigma": 0.1,
+        "flat_schedule": "constant",
+        "checkpointing_steps": 1000,
+    }
+    s.update(over)
+    return s
+
+
+def run(tiny, out, **over):
+    from accelerate.state import AcceleratorState
+
+    try:
+        return train(make_config(settings(tiny, out, **over)))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def lora_weights(run_dir):
+    return load_file(Path(run_dir) / "pytorch_lora_weights.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_both_architectures_train_with_flat_lora_on_unet_and_text_encoders(tiny, tmp_path, arch):
+    out = tmp_path / "run"
+    run(tiny, out, arch=arch, train_text_encoder=True, gradient_accumulation_steps=2,
+        validation_prompt=["a photo of sks toy"], validation_seeds=[0, 1], validation_steps=2,
+        validation_inference_steps=2, output_name="my_lora")
+    weights = lora_weights(out)
+    prefixes = {k.split(".")[0] for k in weights}
+    expected = {"unet", "text_encoder"} | ({"text_encoder_2"} if arch == "sdxl" else set())
+    assert prefixes == expected
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    # B started at zero (gaussian init): a non-zero lora_B means training moved it
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k and k.startswith("unet"))
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k and k.startswith("text_encoder"))
+
+    # the run-directory contract
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed" and status["step"] == status["total"] == 4
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert all(m["flat_sigma"] == pytest.approx(0.1) for m in metrics)
+    assert {"loss", "lr", "seconds", "it_per_s", "epoch"} <= set(metrics[0])
+    assert json.loads((out / "samples" / "prompts.json").read_text()) == {"0": "a photo of sks toy"}
+    for step in (0, 2, 4):  # baseline, every validation_steps, and the end
+        assert sorted(p.name for p in (out / "samples" / f"step_{step:06d}").glob("*.png")) == ["0_0.png", "0_1.png"]
+    kohya = load_file(out / "my_lora.safetensors")
+    te_prefix = "lora_te1_" if arch == "sdxl" else "lora_te_"
+    assert any(k.startswith(te_prefix) for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
+    # config.yaml is the resolved config and re-runnable
+    import yaml
+
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["seed"] == 7 and cfg["max_train_steps"] == 4 and cfg["lora_alpha"] == 4.0
+    make_config(cfg)
+
+
+def test_loss_falls_when_overfitting_one_image(tiny, tmp_path):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    import numpy as np
+    from PIL import Image
+
+    from flatlora_diffusion.models import tokenize
+    from flatlora_diffusion.step import StepModels, StepOptions, diffusion_loss, encode_prompts
+
+    one = tmp_path / "one"
+    one.mkdir()
+    src = sorted(tiny["images"].glob("*.png"))[0]
+    Image.open(src).resize((64, 64)).save(one / "img.png")
+    out = tmp_path / "run"
+    run(tiny, out, instance_data_dir=str(one), max_train_steps=100, learning_rate=1e-2, center_crop=True,
+        flat_sigma=0.05)
+
+    def eval_loss(with_lora):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny["sd15"], safety_checker=None, requires_safety_checker=False)
+        if with_lora:
+            pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+        pixels = torch.from_numpy(np.asarray(Image.open(one / "img.png").convert("RGB"), dtype=np.float32))
+        pixels = (pixels / 127.5 - 1).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
+            embeds, _ = encode_prompts([pipe.text_encoder], [tokenize(pipe.tokenizer, ["a photo of sks toy"])], "sd15")
+            models = StepModels(pipe.unet, [pipe.text_encoder], DDPMScheduler.from_config(pipe.scheduler.config), "sd15")
+            losses = []
+            for k in range(16):  # the same 16 (noise, timestep) draws for both
+                gen = torch.Generator().manual_seed(k)
+                losses.append(diffusion_loss(models, latents, embeds, None, None, gen, StepOptions()).item())
+        return sum(losses) / len(losses)
+
+    before, after = eval_loss(False), eval_loss(True)
+    # a random-weight tiny UNet with attention-only LoRA has little capacity: ~7% lower after 100 steps
+    assert after < 0.95 * before, (before, after)
+
+
+def test_flat_sigma_zero_is_plain_lora_bitwise(tiny, tmp_path):
+    zero = run(tiny, tmp_path / "zero", flat_sigma=0.0, train_text_encoder=True)
+    plain = run(tiny, tmp_path / "plain", flat_targets=[], train_text_encoder=True)  # no Flat-LoRA engine at all
+    flat = run(tiny, tmp_path / "flat", flat_sigma=0.1, train_text_encoder=True)
+    a, b, c = lora_weights(zero.path), lora_weights(plain.path), lora_weights(flat.path)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # and sigma > 0 does change training
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
+    full = tmp_path / "full"
+    run(tiny, full, max_train_steps=6, checkpointing_steps=3, train_text_encoder=True, gradient_accumulation_steps=2)
+    assert (full / "checkpoints" / "checkpoint-3" / "training_state.json").exists()
+    # "Interrupt" after the checkpoint: a second run folder holding only what existed at step 3.
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    import shutil
+
+    shutil.copytree(full / "checkpoints" / "checkpoint-3", resumed / "checkpoints" / "checkpoint-3")
+    lines = (full / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:4]) + "\n")  # one step past the checkpoint
+    run(tiny, resumed, max_train_steps=6, checkpointing_steps=3, train_text_encoder=True,
+        gradient_accumulation_steps=2, resume_from_checkpoint="latest")
+    a, b = lora_weights(full), lora_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _cli(args, **env):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env})
+
+
+def test_diffusers_readme_command_line_runs_unchanged(tiny, tmp_path):
+    """The README example of diffusers' train_dreambooth_lora.py, with the tiny model, a 64 px resolution
+    and 2 steps, launched through accelerate exactly as users do."""
+    out = tmp_path / "out"
+    args = [
+        "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "train_dreambooth_flat.py",
+        f"--pretrained_model_name_or_path={tiny['sd15']}",
+        f"--instance_data_dir={tiny['images']}",
+        f"--output_dir={out}",
+        "--instance_prompt=a photo of sks dog",
+        "--resolution=64",
+        "--train_batch_size=1",
+        "--gradient_accumulation_steps=1",
+        "--checkpointing_steps=100",
+        "--learning_rate=1e-4",
+        "--report_to=tensorboard",
+        "--lr_scheduler=constant",
+        "--lr_warmup_steps=0",
+        "--max_train_steps=2",
+        "--validation_prompt=A photo of sks dog in a bucket",
+        "--validation_epochs=50",
+        "--seed=0",
+    ]
+    result = _cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "out.safetensors").is_file()  # kohya file named after the folder
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+
+
+def test_demo_produces_what_it_promises(tmp_path):
+    from PIL import Image
+
+    from flatlora_diffusion.demo import main
+
+    out = tmp_path / "demo"
+    assert main(["--output", str(out), "--steps", "4"]) == 0
+    runs = {name: out / name for name in ("lora", "flat-lora")}
+    import yaml
+
+    cfgs = {n: yaml.safe_load((p / "config.yaml").read_text()) for n, p in runs.items()}
+    assert cfgs["lora"]["flat_sigma"] == 0 and cfgs["flat-lora"]["flat_sigma"] == 0.1
+    assert cfgs["lora"]["seed"] == cfgs["flat-lora"]["seed"]
+    for p in runs.values():
+        assert (p / "pytorch_lora_weights.safetensors").is_file()
+        assert json.loads((p / "status.json").read_text())["state"] == "completed"
+    # identical seeds: the untrained baselines are the same images; training made them differ
+    base = [sorted((p / "samples" / "step_000000").glob("*.png")) for p in runs.values()]
+    assert [f.name for f in base[0]] == [f.name for f in base[1]] and len(base[0]) == 4
+    for f0, f1 in zip(*base):
+        assert Image.open(f0).tobytes() == Image.open(f1).tobytes()
+    final = [sorted((p / "samples" / "step_000004").glob("*.png")) for p in runs.values()]
+    assert any(Image.open(a).tobytes() != Image.open(b).tobytes() for a, b in zip(*final))
+    grid = Image.open(out / "comparison.png")
+    assert grid.width > 3 * 160 and grid.height > 4 * 160  # 3 columns (base, LoRA, Flat-LoRA) x 4 rows
