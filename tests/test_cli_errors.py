@@ -1,0 +1,126 @@
+"""Bad input: one clear line on stderr, exit code 2, before any model loads, nothing written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flatlora_diffusion import cli, models
+from flatlora_diffusion.tiny import make_subject_images, make_tiny_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    images = base / "images"
+    make_subject_images(images, n=2, size=64)
+    return {"model": make_tiny_pipeline(base / "sd15", "sd15"), "images": images, "base": base}
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a model was loaded before the input was validated")
+
+    monkeypatch.setattr(models, "load_components", refuse)
+
+
+def _snapshot(root: Path):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _good(tiny, out):
+    return ["--pretrained_model_name_or_path", str(tiny["model"]), "--instance_data_dir", str(tiny["images"]),
+            "--instance_prompt", "a photo of sks toy", "--output_dir", str(out), "--resolution", "64"]
+
+
+def _expect_error(capsys, tiny, argv, fragment, watch: Path):
+    before = _snapshot(watch)
+    code = cli.main(["train", *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert fragment in err[0], err[0]
+    assert "Traceback" not in err[0]
+    assert _snapshot(watch) == before  # nothing written
+
+
+def _replace(argv, flag, value):
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_dir", "empty_dir", "no_readable", "unknown_model", "unknown_hub_id", "not_a_pipeline",
+     "resolution", "rank", "sigma", "prior_no_prompt", "unknown_flag", "output_is_file", "output_unwritable"],
+)
+def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    argv = _good(tiny, out)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if case == "missing_dir":
+        argv, frag = _replace(argv, "--instance_data_dir", str(tmp_path / "nope")), "nope"
+    elif case == "empty_dir":
+        argv, frag = _replace(argv, "--instance_data_dir", str(empty)), "empty"
+    elif case == "no_readable":
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "a.png").write_bytes(b"not an image")
+        argv, frag = _replace(argv, "--instance_data_dir", str(bad)), "could be read"
+    elif case == "unknown_model":
+        argv, frag = _replace(argv, "--pretrained_model_name_or_path", str(tmp_path / "no_model")), "not found"
+    elif case == "unknown_hub_id":
+        argv, frag = _replace(argv, "--pretrained_model_name_or_path", "nobody/no-such-model-xyz"), "unknown model"
+    elif case == "not_a_pipeline":
+        argv, frag = _replace(argv, "--pretrained_model_name_or_path", str(empty)), "model_index.json"
+    elif case == "resolution":
+        argv, frag = _replace(argv, "--resolution", "100"), "multiple of 8"
+    elif case == "rank":
+        argv, frag = argv + ["--rank", "0"], "--rank"
+    elif case == "sigma":
+        argv, frag = argv + ["--flat_sigma", "-0.1"], "--flat_sigma"
+    elif case == "prior_no_prompt":
+        argv, frag = argv + ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "cls")], "--class_prompt"
+    elif case == "unknown_flag":
+        argv, frag = argv + ["--rnak", "4"], "did you mean --rank"
+    elif case == "output_is_file":
+        f = tmp_path / "file"
+        f.write_text("x")
+        argv, frag = _replace(argv, "--output_dir", str(f / "run")), "not a folder"
+    else:  # /proc refuses new files even for root, unlike a chmod-ed folder
+        argv, frag = _replace(argv, "--output_dir", "/proc/flatlora-out/run"), "not writable"
+    _expect_error(capsys, tiny, argv, frag, tmp_path)
+
+
+def test_unknown_config_key_names_the_closest(tiny, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"pretrained_model_name_or_path: {tiny['model']}\nlearning_rat: 1e-4\n")
+    _expect_error(capsys, tiny, ["--config", str(cfg)], "'learning_rat'", tmp_path)
+    cfg.write_text("rank: [1, 2]\n")
+    _expect_error(capsys, tiny, ["--config", str(cfg)], "rank", tmp_path)
+
+
+def test_flags_override_the_config_file(tiny, tmp_path):
+    from flatlora_diffusion.config import config_from_args
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"pretrained_model_name_or_path: {tiny['model']}\ninstance_data_dir: {tiny['images']}\nrank: 8\n"
+                   "validation_prompt: one prompt\n")
+    c = config_from_args(["--config", str(cfg), "--rank", "16"])
+    assert c.rank == 16 and c.validation_prompt == ["one prompt"] and c.instance_data_dir == str(tiny["images"])
+
+
+def test_no_traceback_in_a_real_process(tiny, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "train_dreambooth_flat.py", *_good(tiny, tmp_path / "out"), "--rank", "-1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --rank must be a positive integer, got -1"
+    assert not (tmp_path / "out").exists()
