@@ -176,7 +176,6 @@ def generate(
     prompts, seeds = list(prompts), [int(s) for s in seeds]
     if not prompts or not seeds:
         raise SampleError("give at least one prompt and one seed")
-    gen_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
     images = []
     with tempfile.TemporaryDirectory(prefix="flatlora-sample-") as tmp:
         loaded = False
@@ -187,7 +186,9 @@ def generate(
                 pipeline.set_adapters([_ADAPTER], adapter_weights=[float(lora_scale)])
             for prompt in prompts:
                 for seed in seeds:
-                    generator = torch.Generator(device=gen_device).manual_seed(seed)
+                    # a CPU generator: the same seed gives the same starting noise on every device,
+                    # as in the trainer's validation images
+                    generator = torch.Generator(device="cpu").manual_seed(seed)
                     out = pipeline(
                         prompt=prompt,
                         negative_prompt=negative_prompt or None,
@@ -256,12 +257,23 @@ def _wrap(draw, text: str, font, max_width: int, max_lines: int) -> list[str]:
     return [_fit(draw, ln, font, max_width) for ln in lines] or [""]
 
 
+def _header_lines(draw, label: str, font, max_width: int, max_lines: int = 3) -> list[str]:
+    """A column label: its own line breaks kept, each part wrapped, at most `max_lines` in all."""
+    lines: list[str] = []
+    for part in label.split("\n"):
+        lines += _wrap(draw, part, font, max_width, max_lines)
+    if len(lines) > max_lines:
+        lines = lines[: max_lines - 1] + [_fit(draw, " ".join(lines[max_lines - 1:]), font, max_width)]
+    return lines
+
+
 def comparison_grid(columns, row_labels: Sequence[str] | None = None, font_size: int = 14):
     """Labelled columns side by side: one column per (label, images), rows = prompt/seed.
 
     Columns may differ in length and image size; a missing image (None or a short column) is a grey cell,
-    and every cell has the size of the largest image, images centred in it. `row_labels`, if given, are
-    written in a left margin (wrapped to three lines).
+    and every cell has the size of the largest image, images centred in it. Column labels keep their own
+    line breaks and are wrapped to at most three lines. `row_labels`, if given, are written in a left margin
+    (wrapped to three lines).
     """
     from PIL import Image, ImageDraw
 
@@ -281,7 +293,8 @@ def comparison_grid(columns, row_labels: Sequence[str] | None = None, font_size:
     label_w = 0
     if row_labels:
         label_w = min(max(int(max(probe.textlength(str(t), font=font) for t in row_labels)) + 2 * _PAD, 60), 240)
-    header_lines = max(len(_wrap(probe, label, font, cell_w - 2 * _PAD, 2)) for label, _ in columns)
+    headers = [_header_lines(probe, label, font, cell_w - 2 * _PAD) for label, _ in columns]
+    header_lines = max(len(h) for h in headers)
     header_h = header_lines * line_h + 2 * _PAD
 
     width = label_w + len(columns) * (cell_w + _PAD) + _PAD
@@ -291,7 +304,7 @@ def comparison_grid(columns, row_labels: Sequence[str] | None = None, font_size:
 
     for c, (label, images) in enumerate(columns):
         x0 = label_w + _PAD + c * (cell_w + _PAD)
-        for i, line in enumerate(_wrap(draw, label, font, cell_w - 2 * _PAD, 2)):
+        for i, line in enumerate(headers[c]):
             tw = draw.textlength(line, font=font)
             draw.text((x0 + (cell_w - tw) / 2, _PAD + i * line_h), line, fill=_TEXT, font=font)
         for r in range(n_rows):
