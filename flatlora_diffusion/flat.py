@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SCHEDULES = ("cosine", "linear", "constant")
+BACKENDS = ("auto", "reference", "cuda")
 _MASK64 = (1 << 64) - 1
 
 
@@ -249,7 +250,10 @@ class FlatLoRA:
         per_microbatch: bool = False,
         share_noise_across_ranks: bool = False,
         process_rank: int | None = None,
+        backend: str = "auto",
     ):
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown Flat-LoRA backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         if sigma < 0 or not math.isfinite(sigma):
             raise ValueError(f"Flat-LoRA sigma must be a finite number >= 0, got {sigma}")
         if schedule not in SCHEDULES:
@@ -267,6 +271,17 @@ class FlatLoRA:
         self.layers = find_lora_layers(self.models)
         self._micro_counter: tuple[int, int] = (-1, 0)  # (step, next micro index) for per_microbatch
         self.active = False
+        self.backend = backend
+        self._fast = _MISSING  # the fast engine (flat_cuda.FastFlat) or None, chosen at the first step
+
+    def fast_engine(self):
+        """The fast engine of backend auto/cuda (flat_cuda.FastFlat), or None when this is the reference path.
+        Chosen on first use, so the models may move to the GPU after FlatLoRA is built."""
+        if self._fast is _MISSING:
+            from . import flat_cuda
+
+            self._fast = flat_cuda.engine_for(self, self.backend)
+        return self._fast
 
     # --- schedule and keys -------------------------------------------------------------------------------
     def sigma_at(self, step: int) -> float:
@@ -300,6 +315,8 @@ class FlatLoRA:
         """The eps (fp32) that `layer` gets at `step` given the current weights; for inspection and tests."""
         if isinstance(layer, str):
             layer = next(lay for lay in self.layers if lay.name == layer)
+        if self.fast_engine() is not None:
+            return self._fast.noise(layer, step, micro_step)
         std = self.row_std(layer, self.sigma_at(step))
         eps = standard_normal(self.key(layer, step, micro_step), layer.base.weight.shape, layer.base.weight.device)
         return eps.mul_(std.view(-1, *([1] * (eps.dim() - 1))))
@@ -308,6 +325,10 @@ class FlatLoRA:
     @contextlib.contextmanager
     def perturb(self, step: int, micro_step: int | None = None) -> Iterator[float]:
         """Within the block every LoRA layer computes with W + eps; yields sigma_t. Re-entrance is an error."""
+        if self.fast_engine() is not None:
+            with self._fast.perturb(step, micro_step) as sigma_t:
+                yield sigma_t
+            return
         if self.active:
             raise RuntimeError("FlatLoRA.perturb is already active; nested perturbation is not supported")
         sigma_t = self.sigma_at(step)

@@ -1,0 +1,827 @@
+"""Fast Flat-LoRA engine for CUDA: the same perturbation as `flat.py`, in a few fused launches per step.
+
+`flat.FlatLoRA(..., backend="auto")` uses this engine when its layers live on a CUDA device and Triton is
+importable; `backend="reference"` keeps the per-layer torch path of flat.py, the specification.
+
+What is the same as the reference path (checked by tests/test_flat_cuda.py on the CPU and by
+benchmarks/bench_flat.py on the GPU):
+- the law of eps: eps_ij = std_i * z_ij, std_i = sigma_t * ||W'_i|| / sqrt(fan-in), W' = W + s B A,
+  z i.i.d. N(0, 1), no gradient through std;
+- the key of a layer's noise: flat.noise_key(seed, step, micro, layer id, rank), here computed on the device
+  for all layers at once (`device_noise_keys`), so a captured CUDA graph replays with a new step;
+- exactness: the frozen weights are never written; W + eps is a temporary, regenerated from (key, std) in
+  backward and in gradient-checkpoint recomputation, so they see the same eps as the forward;
+- the gradients of A and B are those of the fp32 computation with W + eps materialised.
+
+What differs: z comes from a counter-based generator (Philox-4x32 keyed by the layer key, counter = position
+in the weight, Box-Muller), not from torch.Generator, so the draws are other numbers of the same law.
+
+How it is fast:
+- Layers are grouped in chunks (one transformer block each: the layers whose names share the prefix before
+  "attn1.to_q", "self_attn.q_proj", ...). One Triton launch computes the noise scales of all rows of a chunk
+  (||W + sBA||^2 row by row, B A formed tile by tile, never out x in in memory) and writes W + eps for all
+  its layers into one temporary buffer in the compute dtype; the layers of the block then run cuBLAS on
+  views of it. The buffer of the last chunk used is kept until another chunk is asked for, so a block's
+  forward is one launch, its backward one launch, and the gradient-checkpoint recomputation of a block shares
+  its launch with the block's backward. Extra memory: one chunk's temporary (<= max_chunk_numel elements).
+- Seed, step, micro-batch and sigma_t are device tensors; nothing in the step reads them on the host, so the
+  step can be captured in a CUDA graph (`GraphedTrainStep`) with Flat-LoRA inside.
+
+`kernels="torch"` runs the same algorithm with torch ops (a bit-exact emulation of the Philox generator):
+it is what the CPU tests exercise, and what the GPU benchmark compares the Triton kernel against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .flat import _MISSING, FlatLayer, FlatLoRA, _compute_dtype
+
+# ---------------------------------------------------------------------------------------------------------
+# keys: flat.noise_key, for many layers at once, on the device, from tensors
+# ---------------------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit number as the int64 with the same bits."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+
+
+def _lsr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    x = x + _GOLDEN  # int64 arithmetic wraps: the same bits as the unsigned computation of flat._splitmix64
+    x = (x ^ _lsr(x, 30)) * _MIX1
+    x = (x ^ _lsr(x, 27)) * _MIX2
+    return x ^ _lsr(x, 31)
+
+
+def device_noise_keys(seed, step, micro_step, layer_ids: torch.Tensor, rank) -> torch.Tensor:
+    """flat.noise_key(seed, step, micro_step, layer_id, rank) for every entry of `layer_ids` (int64, the
+    layer ids' bits), as an int64 tensor; seed / step / micro_step / rank may be ints or 0-d int64 tensors on
+    the device of layer_ids. No host synchronisation."""
+    key = torch.zeros((), dtype=torch.int64, device=layer_ids.device)
+    for part in (seed, step, micro_step):
+        key = _splitmix64(key ^ part)
+    key = _splitmix64(key ^ layer_ids)
+    key = _splitmix64(key ^ rank)
+    return key & ((1 << 63) - 1)
+
+
+def device_sigma_at(step: torch.Tensor, sigma: float, schedule: str, total_steps: int) -> torch.Tensor:
+    """flat.sigma_at as a device computation (float32 0-d tensor) from a step tensor."""
+    if sigma == 0.0:
+        return torch.zeros((), dtype=torch.float32, device=step.device)
+    if schedule == "constant":
+        return torch.full((), float(sigma), dtype=torch.float32, device=step.device)
+    progress = (step.to(torch.float64).clamp(min=0) / max(int(total_steps), 1)).clamp(max=1.0)
+    if schedule == "linear":
+        return (progress * float(sigma)).float()
+    return (float(sigma) * 0.5 * (1.0 - torch.cos(math.pi * progress))).float()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the generator: Philox-4x32 (Triton's tl.philox, reproduced bit for bit) + Box-Muller
+# ---------------------------------------------------------------------------------------------------------
+#
+# Layout: element (row, col) of a layer's weight (rows = output channels, cols = the flattened fan-in) takes
+# output j = (col % 256) // 64 of the Philox call with counter (c0 = (col // 256) * 64 + col % 64, c1 = row,
+# 0, 0) and key (lo, hi) = the layer key's two 32-bit halves. Outputs (0, 1) and (2, 3) are Box-Muller pairs.
+# Uniforms use the top 24 bits: u = (bits >> 8 + 0.5) / 2^24, never 0 or 1.
+
+PHILOX_ROUNDS = 10
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_TWO_PI = 6.283185307179586
+_PI = 3.141592653589793
+_INV_2_24 = 5.9604644775390625e-08  # 2^-24
+
+
+def philox4x32(key: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, rounds: int = PHILOX_ROUNDS):
+    """Philox-4x32-`rounds` of counters (c0, c1, 0, 0) under a 64-bit key, in int64 tensors holding uint32
+    values: the same numbers as Triton's tl.philox(key, c0, c1, 0, 0, rounds)."""
+    k0 = key & _M32
+    k1 = (key >> 32) & _M32
+    c0 = c0.to(torch.int64)
+    c1 = c1.to(torch.int64)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(rounds):
+        p0 = c0 * _PHILOX_ROUND_A  # < 2^64: wraps in int64, but its two 32-bit halves are right
+        p2 = c2 * _PHILOX_ROUND_B
+        c0, c1, c2, c3 = (
+            ((p2 >> 32) & _M32) ^ c1 ^ k0,
+            p2 & _M32,
+            ((p0 >> 32) & _M32) ^ c3 ^ k1,
+            p0 & _M32,
+        )
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(bits: torch.Tensor) -> torch.Tensor:
+    return ((bits >> 8).to(torch.float32) + 0.5) * _INV_2_24
+
+
+def _box_muller(b1: torch.Tensor, b2: torch.Tensor):
+    u1, u2 = _uniform(b1), _uniform(b2)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    th = u2 * _TWO_PI - _PI
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def standard_normal_grid(key, rows: int, cols: int, device=None, rounds: int = PHILOX_ROUNDS,
+                         row_start: int = 0) -> torch.Tensor:
+    """z (float32, rows x cols) of a layer with this key, in the layout above; rows row_start.. of the layer.
+    `key` is an int or an int64 0-d tensor."""
+    if not torch.is_tensor(key):
+        key = torch.tensor(_i64(int(key)), dtype=torch.int64, device=device)
+    device = key.device
+    nblk = -(-cols // 256)
+    t = torch.arange(nblk * 64, device=device, dtype=torch.int64)
+    r = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64)
+    c0 = t.view(1, -1).expand(rows, -1)
+    c1 = r.view(-1, 1).expand(-1, nblk * 64)
+    i1, i2, i3, i4 = philox4x32(key, c0, c1, rounds)
+    z1, z2 = _box_muller(i1, i2)
+    z3, z4 = _box_muller(i3, i4)
+    z = torch.stack([z.view(rows, nblk, 64) for z in (z1, z2, z3, z4)], dim=2)  # rows, blk, j, t
+    return z.reshape(rows, nblk * 256)[:, :cols].contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the Triton kernel (built on first use; Triton is imported only then)
+# ---------------------------------------------------------------------------------------------------------
+
+try:  # Triton is optional: the CPU path (kernels="torch") and the reference path do not need it
+    import triton
+    import triton.language as tl
+
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # pragma: no cover - older layouts
+        from triton.language.extra.cuda import libdevice
+except Exception:  # pragma: no cover - no Triton on this machine
+    triton = None
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if triton is not None:
+
+    @triton.jit
+    def _normal_pair(b1, b2, FAST: tl.constexpr):
+        u1 = ((b1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        u2 = ((b2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        th = u2 * 6.283185307179586 - 3.141592653589793
+        if FAST:
+            r = tl.sqrt(-1.3862943611198906 * libdevice.fast_log2f(u1))
+            c = libdevice.fast_cosf(th)
+            s = libdevice.fast_sinf(th)
+        else:
+            r = tl.sqrt(-2.0 * tl.log(u1))
+            c = tl.cos(th)
+            s = tl.sin(th)
+        return r * c, r * s
+
+    @triton.jit
+    def _emit(z, cols, rows64, rmask, K, std, w_base, out_base, ADD_W: tl.constexpr):
+        mask = rmask[:, None] & (cols < K)[None, :]
+        off = rows64[:, None] * K + cols[None, :]
+        v = std[:, None] * z
+        if ADD_W:
+            v = v + tl.load(w_base + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base):
+        cols = k0 + tl.arange(0, 64)
+        cm = cols < K
+        w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :],
+                    other=0.0)
+        v = w.to(tl.float32) + tl.dot(b, a.to(tl.float32), input_precision="tf32")
+        return tl.sum(v * v, axis=1)
+
+    @triton.jit
+    def _noise_tile(k0, K, key, t, c1, zero, rows64, rmask, std, w_base, out_base,
+                    ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+        c0 = (k0 // 4 + t).to(tl.uint32)[None, :] + zero
+        i1, i2, i3, i4 = tl.philox(key, c0, c1, zero, zero, ROUNDS)
+        z1, z2 = _normal_pair(i1, i2, FAST)
+        z3, z4 = _normal_pair(i3, i4, FAST)
+        _emit(z1, k0 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
+        _emit(z2, k0 + 64 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
+        _emit(z3, k0 + 128 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
+        _emit(z4, k0 + 192 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
+
+    @triton.jit
+    def flat_chunk_kernel(
+        prog_ptr,  # int32 [P, 2]: local layer, first row
+        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
+        scale_ptr,  # fp32 [L]: LoRA scaling s
+        keys_ptr,  # int64 [n layers of the engine]
+        sigma_ptr,  # fp32 [1]: sigma_t
+        std_ptr,  # fp32 [total rows]
+        out_ptr,  # the chunk's output buffer (compute dtype)
+        W_T: tl.constexpr,
+        AB_T: tl.constexpr,
+        COMPUTE_STD: tl.constexpr,
+        ADD_W: tl.constexpr,
+        BM: tl.constexpr,
+        RP: tl.constexpr,
+        ROUNDS: tl.constexpr,
+        FAST: tl.constexpr,
+        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+    ):
+        pid = tl.program_id(0)
+        lay = tl.load(prog_ptr + 2 * pid)
+        r0 = tl.load(prog_ptr + 2 * pid + 1)
+        m = meta_ptr + lay.to(tl.int64) * 9
+        K = tl.load(m + 3)
+        n_rows = tl.load(m + 8)
+        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        std_off = tl.load(m + 6)
+        if COMPUTE_STD:
+            R = tl.load(m + 4)
+            a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+            b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
+            s = tl.load(scale_ptr + lay)
+            rr = tl.arange(0, RP)
+            rmask_r = rr < R
+            b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+            b = b.to(tl.float32) * s
+            acc = tl.zeros((BM,), dtype=tl.float32)
+            if WHILE_LOOPS:
+                k0 = K * 0
+                while k0 < K:
+                    acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base)
+                    k0 += 64
+            else:
+                for k0 in range(0, K, 64):
+                    acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base)
+            std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
+            tl.store(std_ptr + std_off + rows64, std, mask=rmask)
+        else:
+            std = tl.load(std_ptr + std_off + rows64, mask=rmask, other=0.0)
+        key = tl.load(keys_ptr + tl.load(m + 7))
+        out_base = out_ptr + tl.load(m + 5)
+        t = tl.arange(0, 64)
+        zero = tl.zeros((BM, 64), dtype=tl.uint32)
+        c1 = rows.to(tl.uint32)[:, None] + zero
+        if WHILE_LOOPS:
+            k0 = K * 0
+            while k0 < K:
+                _noise_tile(k0, K, key, t, c1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+                k0 += 256
+        else:
+            for k0 in range(0, K, 256):
+                _noise_tile(k0, K, key, t, c1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+
+
+
+def _tl_dtype(dtype: torch.dtype):
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# layers and chunks
+# ---------------------------------------------------------------------------------------------------------
+
+_ROWS_PER_PROGRAM = 32
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def chunk_prefix(name: str) -> str:
+    """The block a layer belongs to: its name without the last two non-numeric components
+    ("...transformer_blocks.3.attn1.to_out.0" -> "...transformer_blocks.3")."""
+    parts = name.split(".")
+    removed = 0
+    while parts and removed < 2:
+        if not parts.pop().isdigit():
+            removed += 1
+    return ".".join(parts)
+
+
+def _simple_adapter(layer: nn.Module):
+    """(A weight, B weight, scaling) when the layer's delta is exactly scaling * B @ A of one active adapter
+    (the kernel computes the noise scale itself); None when the torch path must (several adapters, merged,
+    disabled, DoRA, grouped convolutions, unsupported dtypes)."""
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    a = active[0]
+    if getattr(layer, "use_dora", {}).get(a, False):
+        return None
+    base = layer.get_base_layer()
+    if isinstance(base, nn.Conv2d) and base.groups != 1:
+        return None
+    A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
+    scaling = layer.scaling[a]
+    if not isinstance(scaling, (int, float)):
+        return None
+    r = A.shape[0]
+    if (A.dtype != B.dtype or A.dtype not in _KERNEL_DTYPES or not A.is_contiguous() or not B.is_contiguous()
+            or B.numel() != base.weight.shape[0] * r or A.numel() != r * base.weight[0].numel()):
+        return None
+    return A, B, float(scaling)
+
+
+@dataclass
+class _FastLayer:
+    flat_layer: FlatLayer
+    index: int  # position in the engine's layer list (key index)
+    rows: int
+    cols: int
+    std_offset: int
+    chunk: int = -1
+    local: int = -1
+    offset: int = 0  # element offset in the chunk buffer
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.flat_layer.base.weight
+
+
+class _Chunk:
+    def __init__(self, layers: list[_FastLayer], index: int):
+        self.layers = layers
+        self.index = index
+        offset = 0
+        for local, fl in enumerate(layers):
+            fl.chunk, fl.local, fl.offset = index, local, offset
+            offset += fl.numel
+        self.numel = offset
+        self.w_dtype = layers[0].weight.dtype
+        self.simple = None  # set by the engine per step: list of (A, B, s) or None
+        self.std_ready = False
+        self.tables = None  # device tables for the Triton kernel
+        self.signature = None
+
+
+class FastFlat:
+    """The fast engine behind a FlatLoRA (its settings and layers are the FlatLoRA's).
+
+    kernels: "triton" (CUDA), "torch" (any device; the CPU tests and the GPU comparison use it) or "auto".
+    """
+
+    def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
+                 max_chunk_numel: int = 1 << 24):
+        if kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
+        self.flat = flat
+        self.kernels = kernels
+        self.rounds = int(rounds)
+        self.max_chunk_numel = int(max_chunk_numel)
+        self.device = None
+        self.generations = 0  # chunk generations since construction (the benchmark reports them per step)
+        self._live: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
+        self._built = False
+
+    # --- setup ---------------------------------------------------------------------------------------------
+    def _build(self) -> None:
+        layers = self.flat.layers
+        devices = {lay.base.weight.device for lay in layers}
+        if len(devices) != 1:
+            raise RuntimeError(f"Flat-LoRA fast path needs all perturbed layers on one device, got {devices}")
+        self.device = devices.pop()
+        kernels = self.kernels
+        if kernels == "auto":
+            kernels = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        if kernels == "triton" and self.device.type != "cuda" and not _interpreting():
+            raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+        self._use_triton = kernels == "triton"
+        dev = self.device
+        self.fast_layers: list[_FastLayer] = []
+        total_rows = 0
+        for i, lay in enumerate(layers):
+            w = lay.base.weight
+            fl = _FastLayer(lay, i, w.shape[0], w[0].numel(), total_rows)
+            total_rows += fl.rows
+            self.fast_layers.append(fl)
+        self._layer_ids = torch.tensor([_i64(lay.layer_id) for lay in layers], dtype=torch.int64, device=dev)
+        self._keys = torch.zeros(len(layers), dtype=torch.int64, device=dev)
+        self._std = torch.zeros(max(total_rows, 1), dtype=torch.float32, device=dev)
+        self._sigma_t = torch.zeros(1, dtype=torch.float32, device=dev)
+        self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
+        self._micro_t = torch.zeros((), dtype=torch.int64, device=dev)
+        self._seed_t = torch.tensor(_i64(self.flat.seed), dtype=torch.int64, device=dev)
+        # chunks: consecutive layers of one block, one weight dtype, at most max_chunk_numel elements
+        self.chunks: list[_Chunk] = []
+        run: list[_FastLayer] = []
+        for fl in self.fast_layers:
+            if run and (chunk_prefix(run[-1].flat_layer.name) != chunk_prefix(fl.flat_layer.name)
+                        or run[-1].weight.dtype != fl.weight.dtype
+                        or sum(x.numel for x in run) + fl.numel > self.max_chunk_numel):
+                self.chunks.append(_Chunk(run, len(self.chunks)))
+                run = []
+            run.append(fl)
+        if run:
+            self.chunks.append(_Chunk(run, len(self.chunks)))
+        self._built = True
+
+    def _refresh(self) -> None:
+        """Per step: which layers the kernel can scale itself (one plain adapter), device tables if changed."""
+        for chunk in self.chunks:
+            simple = [_simple_adapter(fl.flat_layer.lora_layer) for fl in chunk.layers]
+            ok = all(s is not None for s in simple) and len({s[0].dtype for s in simple}) == 1
+            sig = tuple(
+                (fl.weight.data_ptr(), fl.weight.dtype, fl.weight.is_contiguous())
+                + ((s[0].data_ptr(), s[1].data_ptr(), s[2], s[0].shape[0]) if s is not None else (None,))
+                for fl, s in zip(chunk.layers, simple)
+            )
+            chunk.simple = simple if ok else None
+            if sig != chunk.signature:
+                chunk.signature = sig
+                chunk.tables = None
+                if any(fl.weight.device != self.device for fl in chunk.layers):
+                    raise RuntimeError("a perturbed layer moved to another device after Flat-LoRA was set up")
+            chunk.std_ready = False
+
+    def _tables(self, chunk: _Chunk):
+        if chunk.tables is None:
+            progs, meta, scales = [], [], []
+            rps = 16
+            for fl in chunk.layers:
+                w = fl.weight
+                if not w.is_contiguous():
+                    raise RuntimeError(f"Flat-LoRA fast path needs contiguous weights: {fl.flat_layer.name}")
+                s = chunk.simple[fl.local] if chunk.simple is not None else None
+                a_ptr, b_ptr, r, scale = (s[0].data_ptr(), s[1].data_ptr(), s[0].shape[0], s[2]) if s else (0, 0, 0, 0.0)
+                rps = max(rps, 1 << max(r - 1, 0).bit_length())
+                meta.append([w.data_ptr(), a_ptr, b_ptr, fl.cols, r, fl.offset, fl.std_offset, fl.index, fl.rows])
+                scales.append(scale)
+                for r0 in range(0, fl.rows, _ROWS_PER_PROGRAM):
+                    progs.append([fl.local, r0])
+            ab_dtype = chunk.simple[0][0].dtype if chunk.simple is not None else torch.float32
+            chunk.tables = (
+                torch.tensor(progs, dtype=torch.int32, device=self.device),
+                torch.tensor(meta, dtype=torch.int64, device=self.device),
+                torch.tensor(scales, dtype=torch.float32, device=self.device),
+                len(progs),
+                rps,
+                ab_dtype,
+            )
+        return chunk.tables
+
+    # --- per step ------------------------------------------------------------------------------------------
+    def begin_step(self, step, micro_step) -> None:
+        """Device state of a step: keys of all layers, sigma_t, noise scales of layers the kernel cannot scale.
+        `step` / `micro_step`: ints or 0-d int64 device tensors (then nothing is read on the host)."""
+        flat = self.flat
+        if not self._built:
+            self._build()
+        self._refresh()
+        self._live.clear()
+        for t, v in ((self._step_t, step), (self._micro_t, micro_step)):
+            if torch.is_tensor(v):
+                t.copy_(v.reshape(()))
+            else:
+                t.fill_(int(v))
+        micro = self._micro_t if flat.per_microbatch else 0
+        self._keys.copy_(device_noise_keys(self._seed_t, self._step_t, micro, self._layer_ids, flat.rank))
+        self._sigma_t.copy_(device_sigma_at(self._step_t, flat.sigma, flat.schedule, flat.total_steps).reshape(1))
+        for chunk in self.chunks:
+            if chunk.simple is None:  # noise scales through the reference formula (several adapters, DoRA, ...)
+                for fl in chunk.layers:
+                    merged = fl.flat_layer.merged_weight()
+                    norms = merged.reshape(fl.rows, -1).norm(dim=1) * (self._sigma_t / math.sqrt(fl.cols))
+                    self._std[fl.std_offset: fl.std_offset + fl.rows].copy_(norms)
+                chunk.std_ready = True
+
+    def end_step(self) -> None:
+        self._live.clear()
+
+    def perturbed_weight(self, fl: _FastLayer, dtype: torch.dtype) -> torch.Tensor:
+        """W + eps of one layer in `dtype`: a view of its chunk's buffer, generated if not live."""
+        live = self._live.get(dtype)
+        if live is None or live[0] != fl.chunk:
+            chunk = self.chunks[fl.chunk]
+            buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
+            self._generate(chunk, buf, add_w=True)
+            live = (fl.chunk, buf)
+            self._live[dtype] = live
+        return live[1][fl.offset: fl.offset + fl.numel].view(fl.weight.shape)
+
+    def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool) -> None:
+        compute_std = not chunk.std_ready
+        self.generations += 1
+        if self._use_triton:
+            progs, meta, scales, n_prog, rp, ab_dtype = self._tables(chunk)
+            flat_chunk_kernel[(n_prog,)](
+                progs, meta, scales, self._keys, self._sigma_t, self._std, buf,
+                W_T=_tl_dtype(chunk.w_dtype), AB_T=_tl_dtype(ab_dtype), COMPUTE_STD=compute_std, ADD_W=add_w,
+                BM=_ROWS_PER_PROGRAM, RP=rp, ROUNDS=self.rounds, FAST=not _interpreting(),
+                WHILE_LOOPS=_interpreting(), num_warps=4,
+            )
+        else:
+            self._generate_torch(chunk, buf, compute_std, add_w)
+        chunk.std_ready = True
+
+    def _generate_torch(self, chunk: _Chunk, buf: torch.Tensor, compute_std: bool, add_w: bool) -> None:
+        for fl in chunk.layers:
+            w = fl.weight.detach().reshape(fl.rows, fl.cols).float()
+            std = self._std[fl.std_offset: fl.std_offset + fl.rows]
+            if compute_std:
+                A, B, s = chunk.simple[fl.local]
+                v = w + s * (B.detach().reshape(fl.rows, -1).float() @ A.detach().reshape(-1, fl.cols).float())
+                std.copy_(self._sigma_t * torch.sqrt((v * v).sum(1) / fl.cols))
+            z = standard_normal_grid(self._keys[fl.index], fl.rows, fl.cols, rounds=self.rounds)
+            out = std[:, None] * z
+            if add_w:
+                out = out + w
+            buf[fl.offset: fl.offset + fl.numel].copy_(out.reshape(-1))
+
+    # --- inspection ----------------------------------------------------------------------------------------
+    def row_std(self, fl: _FastLayer) -> torch.Tensor:
+        """The noise scale of a layer at the current step (after begin_step; computes it if needed)."""
+        chunk = self.chunks[fl.chunk]
+        if not chunk.std_ready:
+            self._generate(chunk, torch.empty(chunk.numel, dtype=torch.float32, device=self.device), add_w=False)
+        return self._std[fl.std_offset: fl.std_offset + fl.rows].clone()
+
+    @torch.no_grad()
+    def noise(self, layer: FlatLayer, step, micro_step: int = 0) -> torch.Tensor:
+        """The eps (fp32, the weight's shape) the layer gets at `step`, exactly as the step computes it."""
+        if self.flat.active:
+            raise RuntimeError("FlatLoRA.noise() is for inspection outside perturb(): it would reset the step's state")
+        self.begin_step(step, micro_step)
+        try:
+            fl = self.fast_layers[next(i for i, lay in enumerate(self.flat.layers) if lay.name == layer.name)]
+            chunk = self.chunks[fl.chunk]
+            buf = torch.empty(chunk.numel, dtype=torch.float32, device=self.device)
+            self._generate(chunk, buf, add_w=False)
+            return buf[fl.offset: fl.offset + fl.numel].view(fl.weight.shape).clone()
+        finally:
+            self.end_step()
+
+    # --- the step --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def perturb(self, step, micro_step=None) -> Iterator:
+        """As FlatLoRA.perturb. `step` may be a 0-d int64 device tensor (graph capture): then sigma_t = 0 is not
+        short-circuited (the layers add 0 * z, which leaves W exact) and the yielded sigma_t is a tensor."""
+        flat = self.flat
+        if flat.active:
+            raise RuntimeError("FlatLoRA.perturb is already active; nested perturbation is not supported")
+        tensor_step = torch.is_tensor(step)
+        if not tensor_step:
+            sigma_t = flat.sigma_at(step)
+            if sigma_t == 0.0 or not flat.layers:
+                yield sigma_t
+                return
+        elif not flat.layers:
+            yield torch.zeros((), device=step.device)
+            return
+        if micro_step is None:
+            micro_step = flat._next_micro_step(step) if (flat.per_microbatch and not tensor_step) else 0
+        patched: list[tuple[nn.Module, object]] = []
+        flat.active = True
+        try:
+            self.begin_step(step, micro_step)
+            for fl in self.fast_layers:
+                base = fl.flat_layer.base
+                previous = base.__dict__.get("forward", _MISSING)
+                base.forward = _fast_forward(self, fl)
+                patched.append((base, previous))
+            yield self._sigma_t[0] if tensor_step else sigma_t
+        finally:
+            for base, previous in reversed(patched):
+                if previous is _MISSING:
+                    del base.forward
+                else:
+                    base.forward = previous
+            self.end_step()
+            flat.active = False
+
+
+class _FastNoisyLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, engine, fl):
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w = engine.perturbed_weight(fl, dtype)
+            out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        ctx.engine, ctx.fl, ctx.dtype, ctx.x_dtype = engine, fl, dtype, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype)
+            grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None, None
+
+
+class _FastNoisyConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, engine, fl, conv_args):
+        stride, padding, dilation, groups = conv_args
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w = engine.perturbed_weight(fl, dtype)
+            out = F.conv2d(x.to(dtype), w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
+        ctx.engine, ctx.fl, ctx.dtype, ctx.x_dtype, ctx.x_shape = engine, fl, dtype, x.dtype, x.shape
+        ctx.conv_args = conv_args
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.needs_input_grad[1]:
+            raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
+        stride, padding, dilation, groups = ctx.conv_args
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype)
+            grad_x = torch.nn.grad.conv2d_input(
+                ctx.x_shape, w, grad_out.to(ctx.dtype), stride, padding, dilation, groups
+            ).to(ctx.x_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype)
+        return grad_x, None, grad_bias, None, None, None
+
+
+def _fast_forward(engine: FastFlat, fl: _FastLayer):
+    base = fl.flat_layer.base
+    if isinstance(base, nn.Conv2d):
+        conv_args = (base.stride, base.padding, base.dilation, base.groups)
+
+        def forward(x):
+            return _FastNoisyConv2d.apply(x, base.weight, base.bias, engine, fl, conv_args)
+
+    else:
+
+        def forward(x):
+            return _FastNoisyLinear.apply(x, base.weight, base.bias, engine, fl)
+
+    return forward
+
+
+def engine_for(flat: FlatLoRA, backend: str):
+    """The fast engine FlatLoRA(backend=...) uses, or None for the reference path.
+    auto: the fast engine when the layers are on CUDA and Triton imports; cuda: it, or an error."""
+    if backend == "reference" or not flat.layers:
+        return None
+    on_cuda = all(lay.base.weight.is_cuda for lay in flat.layers)
+    if backend == "cuda":
+        if not on_cuda:
+            raise RuntimeError("FlatLoRA(backend='cuda') needs the perturbed layers on a CUDA device")
+        if not triton_available():
+            raise RuntimeError("FlatLoRA(backend='cuda') needs Triton (pip install triton)")
+        return FastFlat(flat, kernels="triton")
+    if on_cuda and triton_available():
+        return FastFlat(flat, kernels="triton")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the step in a CUDA graph
+# ---------------------------------------------------------------------------------------------------------
+
+
+class GraphedTrainStep:
+    """`step.TrainStep` with its forward + backward (the project's own `TrainStep._loss` and the accelerator's
+    backward, Flat-LoRA inside) captured in a CUDA graph per batch shape and replayed; clipping, the optimizer
+    and the LR schedule run eagerly after the replay, as in TrainStep.__call__. Same call, same result:
+
+        step = GraphedTrainStep(TrainStep(...))
+        loss, sigma_t = step(batch, global_step)
+
+    What the graph needs and this class provides: the step number, micro-batch and the diffusion-noise seed
+    enter as device state set before each replay (Flat-LoRA's keys and sigma_t are computed on the device
+    from them); the gradients live in fixed tensors that the graph zeroes and fills (never set to None);
+    batches are copied into static tensors (one graph per shape signature, sharing one memory pool).
+    Limits: gradient accumulation 1, the Flat-LoRA fast engine (backend auto/cuda) or no Flat-LoRA.
+    """
+
+    def __init__(self, train_step, warmup: int = 2, pool=None):
+        acc = train_step.accelerator
+        if getattr(acc, "gradient_accumulation_steps", 1) != 1:
+            raise ValueError("GraphedTrainStep supports gradient_accumulation_steps = 1")
+        flat = train_step.flat
+        if flat is not None and flat.layers and flat.fast_engine() is None:
+            raise ValueError("GraphedTrainStep needs FlatLoRA's fast engine (backend='auto' or 'cuda' on CUDA)")
+        self.ts = train_step
+        self.flat = flat
+        self.device = torch.device(acc.device)
+        self.warmup = int(warmup)
+        self.pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+        self.gen = torch.Generator(device=self.device)
+        self.step_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.micro_t = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.graphs: dict = {}
+
+    @staticmethod
+    def _tensors(batch):
+        names = ["latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids"]
+        out = [(n, getattr(batch, n)) for n in names if getattr(batch, n) is not None]
+        out += [(f"input_ids{i}", t) for i, t in enumerate(batch.input_ids or [])]
+        return out
+
+    def _signature(self, batch):
+        return tuple((n, tuple(t.shape), t.dtype) for n, t in self._tensors(batch)) + (batch.n_class,)
+
+    def _body(self, static_batch):
+        ts, acc = self.ts, self.ts.accelerator
+        torch._foreach_zero_([p.grad for p in ts.params])
+        ctx = self.flat.perturb(self.step_t, self.micro_t) if self.flat is not None else contextlib.nullcontext()
+        with ctx:
+            loss = ts._loss(static_batch, self.gen)
+            acc.backward(loss)
+        return loss.detach()
+
+    def _capture(self, batch):
+        import copy
+
+        static = copy.copy(batch)
+        for name, t in self._tensors(batch):
+            clone = t.to(self.device, copy=True)
+            if name.startswith("input_ids"):
+                static.input_ids = list(static.input_ids)
+                static.input_ids[int(name[9:])] = clone
+            else:
+                setattr(static, name, clone)
+        for p in self.ts.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self._body(static)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(self.gen)
+        with torch.cuda.graph(graph, pool=self.pool):
+            loss = self._body(static)
+        return graph, static, loss
+
+    def __call__(self, batch, global_step: int):
+        from .step import step_generator
+
+        ts, acc = self.ts, self.ts.accelerator
+        micro = ts._micro_step(global_step)
+        seed = step_generator(self.device, ts.options.seed, global_step, micro, acc.process_index).initial_seed()
+        key = self._signature(batch)
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.gen.manual_seed(seed)
+            self.step_t.fill_(global_step)
+            self.micro_t.fill_(micro)
+            entry = self.graphs[key] = self._capture(batch)
+        graph, static, loss = entry
+        for (_, dst), (_, src) in zip(self._tensors(static), self._tensors(batch)):
+            dst.copy_(src, non_blocking=True)
+        self.gen.manual_seed(seed)
+        self.step_t.fill_(global_step)
+        self.micro_t.fill_(micro)
+        with acc.accumulate(*ts._trained_models()):
+            graph.replay()
+            if acc.sync_gradients and ts.options.max_grad_norm:
+                acc.clip_grad_norm_(ts.params, ts.options.max_grad_norm)
+            ts.optimizer.step()
+            if ts.lr_scheduler is not None:
+                ts.lr_scheduler.step()
+        sigma_t = self.flat.sigma_at(global_step) if self.flat is not None else 0.0
+        return loss.clone(), float(sigma_t)
