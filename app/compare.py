@@ -1,0 +1,207 @@
+"""Runs side by side: validation-image grids at a step, settings and metrics tables, "generate now"."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from functools import reduce
+from pathlib import Path
+
+from .runs import Run
+
+
+def _viewable(image, low: int = 160, high: int = 512):
+    """Tiny images enlarged (pixel-exact) so the labels fit; large ones shrunk so a grid stays light."""
+    from PIL import Image
+
+    if image is None:
+        return None
+    side = max(image.width, image.height)
+    if side < low:
+        f = -(-low // side)
+        return image.resize((image.width * f, image.height * f), Image.Resampling.NEAREST)
+    if side > high:
+        image = image.copy()
+        image.thumbnail((high, high), Image.Resampling.LANCZOS)
+    return image
+
+
+def run_label(run: Run) -> str:
+    sigma = run.config().get("flat_sigma")
+    kind = "LoRA" if sigma in (0, 0.0) else f"Flat-LoRA σ={sigma}" if sigma is not None else "?"
+    return f"{run.name} ({kind})"
+
+
+def all_steps(runs: list[Run]) -> list[int]:
+    return sorted({s for r in runs for s in r.sample_steps()})
+
+
+def step_granularity(steps: list[int]) -> int:
+    nonzero = [s for s in steps if s > 0]
+    return max(1, reduce(math.gcd, nonzero)) if nonzero else 1
+
+
+def step_at_or_before(run: Run, step: int | None) -> int | None:
+    """The run's newest validation step not after `step` (its newest of all when step is None)."""
+    steps = run.sample_steps()
+    if not steps:
+        return None
+    if step is None:
+        return steps[-1]
+    earlier = [s for s in steps if s <= step]
+    return earlier[-1] if earlier else steps[0]
+
+
+def validation_grid(runs: list[Run], step: int | None):
+    """(grid image or None, [used step per run]): one column per run, one row per (prompt, seed)."""
+    from PIL import Image
+
+    from flatlora_diffusion.sample import comparison_grid
+
+    used = [step_at_or_before(r, step) for r in runs]
+    per_run = [r.samples_at(s) if s is not None else {} for r, s in zip(runs, used)]
+    keys = sorted({k for samples in per_run for k in samples})
+    if not keys:
+        return None, used
+    prompts: dict[int, str] = {}
+    for r in runs:
+        for p, text in r.prompts().items():
+            prompts.setdefault(p, text)
+    columns = []
+    for run, s, samples in zip(runs, used, per_run):
+        images = []
+        for k in keys:
+            path = samples.get(k)
+            try:
+                images.append(Image.open(path).convert("RGB") if path else None)
+            except OSError:
+                images.append(None)
+        columns.append((f"{run_label(run)}\nstep {s}", [_viewable(im) for im in images]))
+    labels = [f"{prompts.get(p, f'prompt {p}')} · seed {seed}" for p, seed in keys]
+    return comparison_grid(columns, row_labels=labels), used
+
+
+SETTINGS_SHOWN = ("pretrained_model_name_or_path", "flat_sigma", "flat_schedule", "seed", "rank", "lora_alpha",
+                  "learning_rate", "max_train_steps", "train_batch_size", "resolution", "train_text_encoder",
+                  "with_prior_preservation", "lr_scheduler", "optimizer", "mixed_precision")
+METRICS_SHOWN = ("state", "step", "first_loss", "final_loss", "mean_loss_last_10pct", "it_per_s", "duration_s")
+
+
+def settings_table(runs: list[Run]) -> tuple[list[str], list[list]]:
+    """(headers, rows): the key settings, every other setting that differs, then the metrics."""
+    configs = [r.config() for r in runs]
+    summaries = [r.summary() for r in runs]
+    keys = list(SETTINGS_SHOWN)
+    for key in sorted({k for c in configs for k in c}):
+        if key in keys or key in ("output_dir", "output_name", "instance_data_dir", "class_data_dir"):
+            continue
+        if len({repr(c.get(key)) for c in configs}) > 1:
+            keys.append(key)
+    rows = [[k] + [_cell(c.get(k)) for c in configs] for k in keys]
+    rows += [[k] + [_cell(s.get(k)) for s in summaries] for k in METRICS_SHOWN]
+    return ["setting"] + [r.name for r in runs], rows
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+def loss_frame(runs: list[Run], max_points: int = 2000):
+    """A long-format DataFrame (step, loss, run) for one overlaid line per run."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        metrics = [m for m in run.metrics() if isinstance(m.get("loss"), (int, float))]
+        stride = max(1, len(metrics) // max_points)
+        label = run_label(run)
+        rows += [{"step": int(m["step"]), "loss": float(m["loss"]), "run": label} for m in metrics[::stride]]
+    if not rows:
+        return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                             "run": pd.Series(dtype="str")})
+    return pd.DataFrame(rows)
+
+
+def _quiet_diffusers() -> None:
+    """Loading bars and "no LoRA keys for the text encoder" notes belong in a console, not the app's log."""
+    try:
+        import diffusers.utils.logging as dlog
+        import transformers.utils.logging as tlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+class Generator:
+    """'Generate now': each selected run's LoRA on its base model, same prompt and seed, side by side.
+
+    Base pipelines are cached (the last two), and one generation runs at a time.
+    """
+
+    def __init__(self, device: str | None = None, cache_size: int = 2):
+        self.device = device
+        self.cache_size = cache_size
+        self._pipes: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _device(self) -> str:
+        if self.device:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _pipeline(self, cfg: dict):
+        from flatlora_diffusion.sample import load_pipeline
+
+        key = (cfg.get("pretrained_model_name_or_path"), cfg.get("pretrained_vae_model_name_or_path"),
+               cfg.get("revision"), cfg.get("variant"))
+        if key in self._pipes:
+            self._pipes.move_to_end(key)
+            return self._pipes[key]
+        _quiet_diffusers()
+        pipe = load_pipeline(key[0], device=self._device(), vae=key[1], revision=key[2], variant=key[3])
+        self._pipes[key] = pipe
+        while len(self._pipes) > self.cache_size:
+            self._pipes.popitem(last=False)
+        return pipe
+
+    def generate(self, runs: list[Run], prompt: str, seed: int, strength: float = 1.0, steps: int = 20,
+                 guidance_scale: float = 7.0, negative_prompt: str | None = None, include_base: bool = True):
+        """The grid image: [base model,] then one column per run with a LoRA file."""
+        from flatlora_diffusion.sample import SampleError, comparison_grid, generate
+
+        if not prompt or not prompt.strip():
+            raise SampleError("type a prompt")
+        columns = []
+        with self._lock:
+            base_done = set()
+            for run in runs:
+                cfg = run.config()
+                files = run.exports()
+                lora = files["diffusers"] or files["kohya"]
+                if lora is None:
+                    raise SampleError(f"{run.name} has no LoRA file yet (state: {run.state})")
+                if not cfg.get("pretrained_model_name_or_path"):
+                    raise SampleError(f"{run.name}: its config.yaml names no base model")
+                pipe = self._pipeline(cfg)
+                size = cfg.get("resolution") or None
+                kw = dict(steps=int(steps), guidance_scale=float(guidance_scale), height=size, width=size,
+                          negative_prompt=negative_prompt or None)
+                base_key = (cfg.get("pretrained_model_name_or_path"), size)
+                if include_base and base_key not in base_done:
+                    base_done.add(base_key)
+                    image = generate(pipe, [prompt], [int(seed)], **kw)[0]
+                    columns.append((f"base model\n{Path(str(base_key[0])).name}", [_viewable(image)]))
+                image = generate(pipe, [prompt], [int(seed)], lora_path=lora, lora_scale=float(strength), **kw)[0]
+                columns.append((f"{run_label(run)}\nstrength {strength:g}", [_viewable(image)]))
+        return comparison_grid(columns, row_labels=[f"{prompt} · seed {int(seed)}"])

@@ -1,0 +1,560 @@
+"""The Gradio page: Train (form, presets, launch, live progress, queue, cancel), Runs, Compare.
+
+Every event handler is a thin function over runs.py / submit.py / launcher.py / compare.py, and each one
+that a script may want has an api_name, so gradio_client drives the same code paths as the page.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+import gradio as gr
+
+from flatlora_diffusion.config import ConfigError
+
+from . import compare, form
+from .launcher import Launcher
+from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
+from .submit import SubmitError, prepare_runs
+
+log = logging.getLogger(__name__)
+
+PRESET_DIR = ".presets"
+
+CSS = """
+.fl-run {margin: 0 0 10px 0; font-size: 14px;}
+.fl-run progress {width: 100%; height: 16px;}
+.fl-state {padding: 1px 6px; border-radius: 4px; font-size: 12px; color: white; background: #777;}
+.fl-state-running {background: #2b7be4;} .fl-state-queued {background: #b08900;}
+.fl-state-completed {background: #2e9d4f;} .fl-state-failed {background: #d03737;}
+.fl-state-cancelled {background: #555;}
+.fl-msg {color: #666; font-size: 12px;}
+"""
+
+
+# --- small views ----------------------------------------------------------------------------------------
+def progress_html(runs: list[Run], launcher: Launcher) -> str:
+    if not runs:
+        return "<div class='fl-run'>No run yet: fill in the form and press <b>Launch</b>.</div>"
+    parts = []
+    for run in runs:
+        st = run.status()
+        state = str(st.get("state") or "unknown")
+        step, total = int(st.get("step") or 0), int(st.get("total") or 0)
+        pct = 100.0 * step / total if total else 0.0
+        bits = [f"step {step}/{total}" if total else f"step {step}", f"{pct:.0f}%"]
+        if state == "running":
+            bits.append(f"ETA {format_eta(st.get('eta_seconds'))}")
+            its = [m.get("it_per_s") for m in run.metrics()[-1:]]
+            if its and isinstance(its[0], (int, float)):
+                bits.append(f"{its[0]:.2f} it/s")
+        elif state == "queued":
+            pos = launcher.position(run.name)
+            bits.append(f"waiting, place {pos} in the queue" if pos else "waiting")
+        message = html.escape(str(st.get("message") or ""))
+        parts.append(
+            f"<div class='fl-run' data-run='{html.escape(run.name)}' data-state='{state}'>"
+            f"<b>{html.escape(compare.run_label(run))}</b> <span class='fl-state fl-state-{state}'>{state}</span>"
+            f"<br><progress value='{step}' max='{max(total, 1)}'></progress>"
+            f"<br>{' · '.join(bits)} <span class='fl-msg'>{message}</span></div>"
+        )
+    return "".join(parts)
+
+
+def queue_markdown(launcher: Launcher) -> str:
+    snap = launcher.snapshot()
+    lines = []
+    if snap["running"]:
+        lines.append(f"**Training now:** {snap['running']}")
+    if snap["queued"]:
+        lines.append("**Waiting:** " + ", ".join(f"{i}. {n}" for i, n in enumerate(snap["queued"], 1)))
+    return "  \n".join(lines) or "The queue is empty."
+
+
+def newest_images(runs: list[Run]) -> list[tuple[str, str]]:
+    out = []
+    for run in runs:
+        steps = run.sample_steps()
+        if not steps:
+            continue
+        prompts = run.prompts()
+        for (p, seed), path in run.samples_at(steps[-1]).items():
+            out.append((str(path), f"{run.name} · step {steps[-1]} · {prompts.get(p, p)} · seed {seed}"))
+    return out
+
+
+def runs_table(runs_dir) -> list[list]:
+    rows = []
+    for run in list_runs(runs_dir):
+        s = run.summary()
+        rows.append([s["run"], s["state"], f"{s['step']}/{s['total']}", s["flat_sigma"], s["ab_group"] or "",
+                     s["final_loss"], s["message"]])
+    return rows
+
+
+RUNS_HEADERS = ["run", "state", "step", "flat_sigma", "A/B group", "final loss", "message"]
+
+
+def _follow_choices(runs_dir) -> list[str]:
+    return [r.name for r in list_runs(runs_dir)]
+
+
+def _default_follow(runs_dir, launcher: Launcher) -> str | None:
+    running = launcher.snapshot()["running"]
+    if running:
+        return running
+    runs = list_runs(runs_dir)
+    return runs[0].name if runs else None
+
+
+def _as_paths(files) -> list[str]:
+    out = []
+    for f in files or []:
+        if isinstance(f, dict):
+            f = f.get("path") or f.get("name")
+        elif hasattr(f, "name") and not isinstance(f, (str, Path)):
+            f = f.name
+        if f:
+            out.append(str(f))
+    return out
+
+
+def _user_error(e: Exception) -> gr.Error:
+    return gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__, print_exception=False)
+
+
+# --- the page -------------------------------------------------------------------------------------------
+def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None = None,
+              refresh_s: float = 1.0) -> gr.Blocks:
+    runs_dir = Path(runs_dir).resolve()
+    generator = generator or compare.Generator()
+    specs = form.form_fields()
+    preset_dir = runs_dir / PRESET_DIR
+
+    def preset_names() -> list[str]:
+        return sorted(p.stem for p in preset_dir.glob("*.yaml")) if preset_dir.is_dir() else []
+
+    with gr.Blocks(title="flatlora-diffusion", analytics_enabled=False) as demo:
+        gr.Markdown("## flatlora-diffusion · DreamBooth LoRA with Flat-LoRA")
+        with gr.Tabs(selected="train") as tabs:
+            # ======================================================================== Train
+            with gr.Tab("Train", id="train", elem_id="tab-train"):
+                with gr.Row():
+                    with gr.Column(scale=3):
+                        with gr.Accordion("Presets (YAML)", open=False):
+                            with gr.Row():
+                                preset_pick = gr.Dropdown(choices=preset_names(), label="saved presets",
+                                                          allow_custom_value=False, scale=2)
+                                preset_load_btn = gr.Button("Load preset", scale=1)
+                            with gr.Row():
+                                preset_name = gr.Textbox(label="preset name", placeholder="e.g. sdxl-portrait", scale=2)
+                                preset_save_btn = gr.Button("Save current settings", scale=1)
+                            with gr.Row():
+                                preset_upload = gr.File(label="load a YAML preset or a run's config.yaml",
+                                                        file_types=[".yaml", ".yml"], type="filepath")
+                                preset_file = gr.File(label="saved preset", interactive=False)
+                            preset_msg = gr.Markdown()
+                        uploads = gr.File(label="Training images (upload: PNG, JPEG, WebP, BMP, TIFF)",
+                                          file_count="multiple", file_types=["image"], type="filepath",
+                                          elem_id="uploads")
+                        comps: dict[str, gr.components.Component] = {}
+                        for spec in [s for s in specs if s.prominent]:
+                            comps[spec.name] = _component(spec)
+                        for group, title in form.GROUP_TITLES.items():
+                            rest = [s for s in specs if not s.prominent and s.group == group]
+                            if rest:
+                                with gr.Accordion(f"More settings: {title}", open=False):
+                                    for spec in rest:
+                                        comps[spec.name] = _component(spec)
+                    with gr.Column(scale=2):
+                        run_name = gr.Textbox(label="run name", placeholder="(default: date and time)",
+                                              elem_id="run-name")
+                        ab = gr.Checkbox(label="A/B: train plain LoRA, then Flat-LoRA, with identical seeds",
+                                         value=False, elem_id="ab")
+                        with gr.Row():
+                            launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
+                            cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                        launch_msg = gr.Markdown(elem_id="launch-msg")
+                        follow = gr.Dropdown(choices=_follow_choices(runs_dir), value=None, label="following run", allow_custom_value=True,
+                                             elem_id="follow")
+                        progress = gr.HTML(elem_id="progress")
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="run", label="loss", height=260,
+                                                elem_id="loss-plot")
+                        gallery = gr.Gallery(label="newest validation images", columns=4, height=260,
+                                             elem_id="newest-images")
+                        log_box = gr.Textbox(label="log (tail)", lines=12, max_lines=12, autoscroll=True,
+                                             interactive=False, elem_id="log")
+                        queue_md = gr.Markdown(elem_id="queue")
+            # ======================================================================== Runs
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+                with gr.Row():
+                    runs_refresh = gr.Button("Refresh", scale=0)
+                runs_df = gr.Dataframe(headers=RUNS_HEADERS, value=runs_table(runs_dir), interactive=False,
+                                       elem_id="runs-table")
+                with gr.Row():
+                    run_pick = gr.Dropdown(choices=_follow_choices(runs_dir), label="run", scale=2, elem_id="run-pick",
+                                           allow_custom_value=True)
+                    run_cancel_btn = gr.Button("Cancel run", variant="stop", scale=0)
+                    run_resume_btn = gr.Button("Resume from last checkpoint", scale=0)
+                    run_reuse_btn = gr.Button("Use these settings in Train", scale=0)
+                run_msg = gr.Markdown()
+                with gr.Row():
+                    dl_kohya = gr.DownloadButton("kohya file (ComfyUI / A1111)", visible=False, elem_id="dl-kohya")
+                    dl_diffusers = gr.DownloadButton("diffusers file", visible=False, elem_id="dl-diffusers")
+                with gr.Row():
+                    run_summary = gr.JSON(label="metrics")
+                    run_settings = gr.Code(label="config.yaml", language="yaml", interactive=False)
+            # ======================================================================== Compare
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                with gr.Row():
+                    cmp_runs = gr.Dropdown(choices=_follow_choices(runs_dir), multiselect=True, scale=3, allow_custom_value=True,
+                                           label="runs to compare (two or more)", elem_id="cmp-runs")
+                    cmp_refresh = gr.Button("Refresh", scale=0)
+                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="step (0 = untrained baseline)",
+                                     elem_id="cmp-step")
+                cmp_info = gr.Markdown()
+                cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
+                                    elem_id="cmp-grid")
+                cmp_loss = gr.LinePlot(x="step", y="loss", color="run", label="loss", height=260)
+                cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
+                cmp_files = gr.File(label="LoRA files of the selected runs", file_count="multiple",
+                                    interactive=False, elem_id="cmp-files")
+                with gr.Accordion("Generate now", open=True):
+                    with gr.Row():
+                        gen_prompt = gr.Textbox(label="prompt", scale=3, elem_id="gen-prompt")
+                        gen_negative = gr.Textbox(label="negative prompt", scale=2)
+                    with gr.Row():
+                        gen_seed = gr.Number(label="seed", value=0, precision=0)
+                        gen_strength = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
+                        gen_steps = gr.Slider(1, 100, value=20, step=1, label="steps")
+                        gen_guidance = gr.Slider(1.0, 15.0, value=7.0, step=0.5, label="guidance scale")
+                        gen_base = gr.Checkbox(label="include the base model", value=True)
+                    gen_btn = gr.Button("Generate", variant="primary", elem_id="gen-btn")
+                    gen_image = gr.Image(label="generated", type="pil", format="png", interactive=False,
+                                         elem_id="gen-image")
+
+        field_comps = [comps[s.name] for s in specs]
+        seen = gr.State({})
+        timer = gr.Timer(refresh_s)
+
+        # ------------------------------------------------------------------ Train: launch / cancel / watch
+        def launch(ab_on: bool, name: str, images, **settings):
+            try:
+                values = form.values_from_widgets(settings)
+                paths = _as_paths(images)
+                names = prepare_runs(runs_dir, values, name=name, ab=bool(ab_on), uploads=paths,
+                                     upload_names=[Path(p).name for p in paths])
+                launcher.submit(names)
+            except (ConfigError, SubmitError) as e:
+                raise _user_error(e) from None
+            msg = f"Queued **{' then '.join(names)}**."
+            return msg, gr.Dropdown(choices=_follow_choices(runs_dir), value=names[0])
+
+        launch_btn.click(launch, inputs=[ab, run_name, uploads], inputs_kwargs=dict(comps),
+                         outputs=[launch_msg, follow], api_name="launch")
+
+        def cancel(name: str | None):
+            if not name:
+                return "Nothing to cancel."
+            try:
+                members = group_runs(list_runs(runs_dir), name)
+                said = [launcher.cancel(r.name) for r in members if r.state in ACTIVE]
+            except KeyError as e:
+                raise _user_error(e) from None
+            return "  \n".join(said) or f"{name} is not running."
+
+        cancel_btn.click(cancel, inputs=[follow], outputs=[launch_msg], api_name="cancel")
+
+        def watch(name: str | None, seen_state: dict):
+            seen_state = dict(seen_state or {})
+            names = tuple(_follow_choices(runs_dir))
+            follow_update = gr.skip()
+            if names != seen_state.get("names"):
+                seen_state["names"] = names
+                follow_update = gr.Dropdown(choices=list(names))
+            if not name:
+                name = _default_follow(runs_dir, launcher)
+                if name:
+                    follow_update = gr.Dropdown(choices=list(names), value=name)
+            members = group_runs(list_runs(runs_dir), name) if name else []
+            plot_key = (name, tuple((r.name, (r.path / "metrics.jsonl").stat().st_size
+                                     if (r.path / "metrics.jsonl").exists() else 0) for r in members))
+            plot = gr.skip()
+            if plot_key != seen_state.get("plot"):
+                seen_state["plot"] = plot_key
+                plot = compare.loss_frame(members)
+            images = newest_images(members)
+            gallery_key = tuple(p for p, _ in images)
+            gal = gr.skip()
+            if gallery_key != seen_state.get("gallery"):
+                seen_state["gallery"] = gallery_key
+                gal = images
+            shown = next((r for r in members if r.state == "running"), None) or \
+                next((r for r in reversed(members) if r.state in TERMINAL), None) or (members[0] if members else None)
+            tail = shown.log_tail(60) if shown else ""
+            return (progress_html(members, launcher), plot, gal, tail, queue_markdown(launcher), follow_update,
+                    seen_state)
+
+        watch_outputs = [progress, loss_plot, gallery, log_box, queue_md, follow, seen]
+        timer.tick(watch, inputs=[follow, seen], outputs=watch_outputs, show_progress="hidden",
+                   concurrency_limit=None, api_visibility="private")
+        follow.change(lambda n, s: watch(n, {}), inputs=[follow, seen], outputs=watch_outputs,
+                      show_progress="hidden", api_visibility="private")
+        demo.load(watch, inputs=[follow, seen], outputs=watch_outputs, api_visibility="private")
+
+        def job_status(run: str) -> dict:
+            """The status of a run and of its A/B partner, and the queue."""
+            try:
+                get_run(runs_dir, run)
+            except KeyError as e:
+                raise _user_error(e) from None
+            members = group_runs(list_runs(runs_dir), run)
+            return {"runs": {r.name: {**r.status(), "label": compare.run_label(r), "log_tail": r.log_tail(5),
+                                      "metrics": len(r.metrics()), "sample_steps": r.sample_steps()}
+                             for r in members},
+                    "queue": launcher.snapshot()}
+
+        gr.api(job_status, api_name="status", concurrency_limit=None)
+
+        def all_runs() -> list[dict]:
+            """Every run in the runs folder with its state and key metrics, newest first."""
+            return [r.summary() for r in list_runs(runs_dir)]
+
+        gr.api(all_runs, api_name="runs", concurrency_limit=None)
+
+        # ------------------------------------------------------------------ Train: presets
+        def save_preset(pname: str, **settings):
+            try:
+                values = form.values_from_widgets(settings)
+            except ConfigError as e:
+                raise _user_error(e) from None
+            clean = safe_name(pname, default="")
+            if not clean:
+                raise gr.Error("give the preset a name", print_exception=False)
+            preset_dir.mkdir(parents=True, exist_ok=True)
+            path = preset_dir / f"{clean}.yaml"
+            path.write_text(form.preset_yaml(values))
+            return (f"Saved preset **{clean}** ({len(form.non_default(values))} settings).",
+                    gr.Dropdown(choices=preset_names(), value=clean), str(path))
+
+        preset_save_btn.click(save_preset, inputs=[preset_name], inputs_kwargs=dict(comps),
+                              outputs=[preset_msg, preset_pick, preset_file], api_name="save_preset")
+
+        def _fill_form(path) -> list:
+            try:
+                values, ignored = form.load_preset(path)
+            except ConfigError as e:
+                raise _user_error(e) from None
+            widgets = form.widgets_from_values(values)
+            note = f"Loaded {len(values)} settings from {Path(path).name}."
+            if ignored:
+                note += f" Not taken over (the app sets them): {', '.join(ignored)}."
+            return [note] + [widgets[s.name] for s in specs]
+
+        def load_preset(pname: str):
+            if not pname or pname not in preset_names():
+                raise gr.Error("pick a saved preset", print_exception=False)
+            return _fill_form(preset_dir / f"{pname}.yaml")
+
+        preset_load_btn.click(load_preset, inputs=[preset_pick], outputs=[preset_msg, *field_comps],
+                              api_name="load_preset")
+
+        def upload_preset(path):
+            if not path:
+                return [gr.skip()] * (1 + len(field_comps))
+            return _fill_form(path)
+
+        preset_upload.upload(upload_preset, inputs=[preset_upload], outputs=[preset_msg, *field_comps],
+                             api_visibility="private")
+
+        # ------------------------------------------------------------------ Runs
+        def refresh_runs(current: str | None):
+            names = _follow_choices(runs_dir)
+            return runs_table(runs_dir), gr.Dropdown(choices=names, value=current if current in names else None)
+
+        runs_refresh.click(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
+        demo.load(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
+
+        def run_details(name: str | None):
+            if not name:
+                return ({}, "", gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), "")
+            try:
+                run = get_run(runs_dir, name)
+            except KeyError as e:
+                raise _user_error(e) from None
+            files = run.exports()
+            try:
+                cfg_text = (run.path / "config.yaml").read_text()
+            except OSError:
+                cfg_text = ""
+            k, d = files["kohya"], files["diffusers"]
+            return (run.summary(), cfg_text,
+                    gr.DownloadButton(f"kohya file: {k.name}" if k else "kohya file", value=str(k) if k else None,
+                                      visible=k is not None),
+                    gr.DownloadButton(f"diffusers file: {d.name}" if d else "diffusers file",
+                                      value=str(d) if d else None, visible=d is not None),
+                    "")
+
+        run_pick.change(run_details, inputs=[run_pick],
+                        outputs=[run_summary, run_settings, dl_kohya, dl_diffusers, run_msg],
+                        api_visibility="private")
+
+        def run_files(run: str) -> tuple:
+            try:
+                files = get_run(runs_dir, run).exports()
+            except KeyError as e:
+                raise _user_error(e) from None
+            return (str(files["kohya"]) if files["kohya"] else None,
+                    str(files["diffusers"]) if files["diffusers"] else None)
+
+        # the two download buttons' files, for scripts
+        hidden_kohya = gr.File(visible=False)
+        hidden_diffusers = gr.File(visible=False)
+        run_api_btn = gr.Button(visible=False)
+        run_api_btn.click(run_files, inputs=[run_pick], outputs=[hidden_kohya, hidden_diffusers], api_name="files")
+
+        def cancel_run(name: str | None):
+            if not name:
+                return "Pick a run."
+            try:
+                return launcher.cancel(name)
+            except KeyError as e:
+                raise _user_error(e) from None
+
+        run_cancel_btn.click(cancel_run, inputs=[run_pick], outputs=[run_msg], api_visibility="private")
+
+        def resume_run(name: str | None):
+            if not name:
+                return "Pick a run."
+            try:
+                run = get_run(runs_dir, name)
+                if run.state not in ("failed", "cancelled"):
+                    return f"{name} is {run.state}; only a failed or cancelled run can be resumed."
+                if not any((run.path / "checkpoints").glob("checkpoint-*")):
+                    return f"{name} has no checkpoint to resume from."
+                from flatlora_diffusion.config import make_config, save_yaml
+
+                values = {k: v for k, v in run.config().items()}
+                values.update(resume_from_checkpoint="latest", output_dir=str(run.path))
+                save_yaml(make_config(values), run.path / "config.yaml")
+                run.update_status(state="queued", message="waiting in the queue (resume)", finished_at=None)
+                launcher.submit([name])
+            except (KeyError, ConfigError) as e:
+                raise _user_error(e) from None
+            return f"{name}: queued to resume from its last checkpoint."
+
+        run_resume_btn.click(resume_run, inputs=[run_pick], outputs=[run_msg], api_visibility="private")
+
+        def reuse_settings(name: str | None):
+            if not name:
+                raise gr.Error("pick a run", print_exception=False)
+            try:
+                run = get_run(runs_dir, name)
+            except KeyError as e:
+                raise _user_error(e) from None
+            out = _fill_form(run.path / "config.yaml")
+            return [gr.Tabs(selected="train")] + out
+
+        run_reuse_btn.click(reuse_settings, inputs=[run_pick], outputs=[tabs, preset_msg, *field_comps],
+                            api_visibility="private")
+
+        # ------------------------------------------------------------------ Compare
+        def _picked(names) -> list[Run]:
+            runs = []
+            for n in names or []:
+                try:
+                    runs.append(get_run(runs_dir, n))
+                except KeyError as e:
+                    raise _user_error(e) from None
+            return runs
+
+        def compare_runs(runs: list[str], step: float | None):
+            picked = _picked(runs)
+            if not picked:
+                return None, "Pick two or more runs.", compare.loss_frame([]), None, []
+            steps = compare.all_steps(picked)
+            grid, used = compare.validation_grid(picked, int(step) if step is not None else None)
+            headers, rows = compare.settings_table(picked)
+            files = [str(p) for r in picked for p in r.exports().values() if p is not None]
+            info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
+                    + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))) if steps \
+                else "These runs have no validation images yet."
+            return grid, info, compare.loss_frame(picked), {"headers": headers, "data": rows}, files
+
+        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files]
+
+        def pick_runs(runs: list[str]):
+            picked = _picked(runs)
+            steps = compare.all_steps(picked)
+            top = steps[-1] if steps else 0
+            slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
+            return (slider, *compare_runs(runs, top))
+
+        cmp_runs.change(pick_runs, inputs=[cmp_runs], outputs=[cmp_step, *cmp_outputs], api_visibility="private")
+        cmp_step.release(compare_runs, inputs=[cmp_runs, cmp_step], outputs=cmp_outputs, api_visibility="private")
+        # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
+        cmp_step_api = gr.Number(visible=False, precision=0)
+        cmp_api_btn = gr.Button(visible=False)
+        cmp_api_btn.click(compare_runs, inputs=[cmp_runs, cmp_step_api], outputs=cmp_outputs, api_name="compare")
+        cmp_refresh.click(lambda: gr.Dropdown(choices=_follow_choices(runs_dir)), outputs=[cmp_runs],
+                          api_visibility="private")
+
+        def default_compare(selected):
+            """Preselect the newest A/B pair (or the two newest runs) when the page opens."""
+            if selected:
+                return gr.skip()
+            runs = list_runs(runs_dir)
+            names = [r.name for r in runs]
+            pair = next((group_runs(runs, r.name) for r in runs if r.ab_group), None)
+            value = [r.name for r in pair] if pair else names[:2]
+            return gr.Dropdown(choices=names, value=value)
+
+        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
+
+        def generate_now(runs: list[str], prompt: str, negative_prompt: str, seed: float, strength: float,
+                         steps: float, guidance_scale: float, include_base: bool):
+            from flatlora_diffusion.sample import SampleError
+
+            picked = _picked(runs)
+            if not picked:
+                raise gr.Error("pick at least one run", print_exception=False)
+            try:
+                return generator.generate(picked, prompt, int(seed or 0), float(strength), int(steps),
+                                          float(guidance_scale), negative_prompt, bool(include_base))
+            except SampleError as e:
+                raise _user_error(e) from None
+
+        gen_btn.click(generate_now,
+                      inputs=[cmp_runs, gen_prompt, gen_negative, gen_seed, gen_strength, gen_steps, gen_guidance,
+                              gen_base],
+                      outputs=[gen_image], api_name="generate")
+    return demo
+
+
+def _component(spec: form.FieldSpec):
+    value = spec.widget_default()
+    common = dict(label=spec.label, info=spec.info, elem_id=f"field-{spec.name}")
+    if spec.kind == "checkbox":
+        return gr.Checkbox(value=value, **common)
+    if spec.kind == "dropdown":
+        choices = ([form.DEFAULT_CHOICE] if spec.optional else []) + list(spec.choices or [])
+        return gr.Dropdown(choices=choices, value=value, **common)
+    if spec.kind == "checkboxgroup":
+        return gr.CheckboxGroup(choices=list(spec.choices or []), value=value, **common)
+    if spec.kind == "number":
+        return gr.Number(value=value, precision=0 if spec.elem is int else None, **common)
+    if spec.kind == "lines":
+        return gr.Textbox(value=value, lines=3, **common)
+    placeholder = None
+    if spec.name == "instance_data_dir":
+        placeholder = "absolute path of a folder of images (or upload images above)"
+    elif spec.name == "pretrained_model_name_or_path":
+        placeholder = "hub id, diffusers folder or .safetensors file"
+    elif spec.name == "class_data_dir":
+        placeholder = "(empty: generated into the run folder)"
+    return gr.Textbox(value=value, placeholder=placeholder, **common)
+
+
+__all__ = ["build_app", "progress_html", "queue_markdown", "runs_table"]
