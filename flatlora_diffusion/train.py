@@ -92,9 +92,8 @@ def preflight(cfg: TrainConfig) -> Plan:
         _require("bitsandbytes", "--use_8bit_adam needs bitsandbytes: pip install 'flatlora-diffusion[bnb]'")
     if cfg.optimizer == "prodigy":
         _require("prodigyopt", "--optimizer prodigy needs prodigyopt: pip install 'flatlora-diffusion[prodigy]'")
-    if cfg.init_lora_weights == "pissa":
-        raise ConfigError("--init_lora_weights pissa is not supported yet: its LoRA is relative to a modified base "
-                          "model and needs a conversion on export; use gaussian")
+    if cfg.init_lora_weights == "pissa" and cfg.use_dora:
+        raise ConfigError("--init_lora_weights pissa cannot be combined with --use_dora; choose one")
     _check_output_writable(Path(cfg.output_dir))
     source = inspect_model_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.cache_dir)
     if cfg.pretrained_vae_model_name_or_path and not (
@@ -245,6 +244,12 @@ class _Trainer:
                 add_lora(te, lora_config(cfg.rank, cfg.lora_alpha, cfg.text_encoder_target_modules, cfg.lora_dropout,
                                          cfg.use_dora, cfg.use_rslora, cfg.init_lora_weights))
         trained = [c.unet] + (c.text_encoders if cfg.train_text_encoder else [])
+        self.pissa_initial = None
+        if cfg.init_lora_weights == "pissa":  # the files must apply to the original base: keep (A0, B0)
+            from .export import lora_from_models
+            from .pissa import snapshot
+
+            self.pissa_initial = snapshot(lora_from_models(self._lora_parts(c, unwrap=False)))
         for model in trained:  # LoRA parameters train in fp32 whatever the mixed precision
             for p in model.parameters():
                 if p.requires_grad:
@@ -591,7 +596,7 @@ class _Trainer:
 
     # --- the end ------------------------------------------------------------------------------------------------
     def _finish(self) -> None:
-        from .export import diffusers_state_dict, save_kohya_lora
+        from .export import lora_from_models, lora_to_diffusers, save_kohya_lora
         from .safetensors_io import save_safetensors_atomic
 
         cfg, acc, run = self.cfg, self.acc, self.run_dir
@@ -600,12 +605,13 @@ class _Trainer:
         if acc.is_main_process:
             self._status("writing LoRA files")
             c = self.components
-            parts = {"unet": acc.unwrap_model(c.unet)}
-            if cfg.train_text_encoder:
-                parts["text_encoder"] = acc.unwrap_model(c.text_encoders[0])
-                if self.is_sdxl:
-                    parts["text_encoder_2"] = acc.unwrap_model(c.text_encoders[1])
-            state, metadata = diffusers_state_dict(parts)
+            parts = self._lora_parts(c)
+            lora = lora_from_models(parts)
+            if self.pissa_initial is not None:
+                from .pissa import to_original_base
+
+                lora = to_original_base(lora, self.pissa_initial)
+            state, metadata = lora_to_diffusers(lora)
             save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
             if cfg.output_kohya_format:
                 settings = cfg.to_dict()
@@ -614,11 +620,21 @@ class _Trainer:
                                 training_started_at=run.read_status().get("started_at"),
                                 mixed_precision=acc.mixed_precision, optimizer=cfg.optimizer)
                 save_kohya_lora(parts, run.path / f"{cfg.output_name}.safetensors", settings, arch=c.arch,
-                                dtype=cfg.save_precision, overwrite=True)
+                                dtype=cfg.save_precision, overwrite=True, lora=lora)
             if cfg.push_to_hub:
                 self._push_to_hub()
             run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message="done", eta_seconds=0)
         acc.end_training()
+
+    def _lora_parts(self, c, unwrap: bool = True) -> dict:
+        """The LoRA-carrying models by export component name."""
+        unwrap_model = self.acc.unwrap_model if unwrap else (lambda m: m)
+        parts = {"unet": unwrap_model(c.unet)}
+        if self.cfg.train_text_encoder:
+            parts["text_encoder"] = unwrap_model(c.text_encoders[0])
+            if self.is_sdxl:
+                parts["text_encoder_2"] = unwrap_model(c.text_encoders[1])
+        return parts
 
     def _push_to_hub(self) -> None:
         from huggingface_hub import create_repo, upload_folder
