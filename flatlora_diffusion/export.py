@@ -1082,16 +1082,18 @@ def save_kohya_lora(
     dtype: str = "fp16",
     overwrite: bool = False,
     metadata_overrides: Mapping[str, object] | None = None,
+    lora: Lora | None = None,
 ) -> Path:
     """Write the kohya file of in-memory peft models with full metadata and its sshs_model_hash.
 
-    What the trainer calls at the end of a run: `settings` as for `build_metadata`.
+    What the trainer calls at the end of a run: `settings` as for `build_metadata`. `lora`, when given,
+    is written instead of the models' current adapters (e.g. a PiSSA LoRA converted for the original base).
     """
     _check_arch(arch)
     if dtype not in DTYPES:
         raise ExportError(f"unknown dtype {dtype!r}; expected fp16, bf16 or fp32")
     arch = arch or _arch_from_models(components)
-    lora = lora_from_models(components, adapter_name)
+    lora = lora if lora is not None else lora_from_models(components, adapter_name)
     if not lora:
         raise ExportError(f"the models have no LoRA layers for adapter {adapter_name!r}")
     path = Path(path)
