@@ -8,7 +8,6 @@ loop runs on the CPU, one GPU or many (`accelerate launch`).
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import math
@@ -351,13 +350,11 @@ class _Trainer:
         # Built for sigma = 0 too: its steps then patch nothing, so "--flat_sigma 0" is plain LoRA bit for bit
         # through the very same code path (tested).
         if targets:
-            extra = {}
-            if "backend" in inspect.signature(FlatLoRA).parameters:
-                extra["backend"] = cfg.flat_backend
             self.flat = FlatLoRA(targets, sigma=cfg.flat_sigma, schedule=cfg.flat_schedule,
                                  total_steps=cfg.max_train_steps, seed=cfg.seed,
                                  per_microbatch=cfg.flat_per_microbatch,
-                                 share_noise_across_ranks=cfg.flat_share_noise_across_ranks, **extra)
+                                 share_noise_across_ranks=cfg.flat_share_noise_across_ranks,
+                                 backend=cfg.flat_backend)
             logger.info("Flat-LoRA: sigma %.3g (%s) on %d layers", cfg.flat_sigma, cfg.flat_schedule, len(self.flat.layers))
 
     def _prepare_accelerate(self) -> None:
