@@ -115,7 +115,7 @@ def record_loss_calls(monkeypatch):
     original = step_module.diffusion_loss
 
     def recording(models, latents, prompt_embeds, pooled, time_ids, generator, options, n_class=0):
-        calls.append({"latents": tuple(latents.shape), "n_class": n_class,
+        calls.append({"latents": tuple(latents.shape), "dtype": latents.dtype, "n_class": n_class,
                       "time_ids": None if time_ids is None else time_ids.detach().clone(),
                       "prior_loss_weight": options.prior_loss_weight})
         return original(models, latents, prompt_embeds, pooled, time_ids, generator, options, n_class)
@@ -142,3 +142,138 @@ def test_single_file_checkpoint_trains_like_its_folder(tiny, tmp_path, arch):
     # the same weights, loaded from one file instead of a folder: the same training
     assert_weights_close(lora_weights(from_file.path), lora_weights(from_folder.path))
     assert losses(from_file.path) == pytest.approx(losses(from_folder.path), rel=1e-5)
+
+
+# ==========================================================================================================
+# 2. a separate VAE
+# ==========================================================================================================
+def test_separate_vae_folder_is_the_vae_the_run_encodes_with(tiny, tmp_path, capture_trainer):
+    other = make_tiny_pipeline(tmp_path / "other", "sd15", seed=1)  # same architecture, other VAE weights
+    default = run(tiny, tmp_path / "default", max_train_steps=2)
+    same = run(tiny, tmp_path / "same", max_train_steps=2, pretrained_vae_model_name_or_path=str(tiny["sd15"]))
+    swapped = run(tiny, tmp_path / "swapped", max_train_steps=2, pretrained_vae_model_name_or_path=str(other))
+    subfolder = run(tiny, tmp_path / "sub", max_train_steps=2, pretrained_vae_model_name_or_path=str(other / "vae"))
+    # the base model's own VAE given separately changes nothing; another VAE changes the latents, so the loss
+    assert losses(same.path) == losses(default.path)
+    assert losses(swapped.path)[0] != pytest.approx(losses(default.path)[0], rel=1e-3)
+    assert losses(subfolder.path) == losses(swapped.path)  # a pipeline folder means its vae/
+    from diffusers import AutoencoderKL
+
+    expected = AutoencoderKL.from_pretrained(other, subfolder="vae").state_dict()
+    used = capture_trainer[2].components.vae.state_dict()
+    assert all(torch.equal(used[k], expected[k]) for k in expected)
+
+
+# ==========================================================================================================
+# 3. aspect-ratio buckets, SDXL micro-conditioning per image
+# ==========================================================================================================
+def test_sdxl_buckets_batch_by_bucket_and_time_ids_follow_each_image(tiny, tmp_path, monkeypatch, record_loss_calls):
+    images = tmp_path / "mixed"
+    sizes = [(96, 64), (96, 64), (64, 96), (64, 96), (80, 80)]  # (w, h): two wide, two tall, one square
+    paths = make_subject_images(images, sizes=sizes, seed=3)
+    for i, p in enumerate(paths):
+        p.with_suffix(".txt").write_text(f"a photo of sks toy number{i}")
+    made = []
+    original = train_module._Trainer._make_step_batch
+
+    def make_step_batch(self, batch):
+        result = original(self, batch)
+        made.append((list(batch["prompts"]), result))
+        return result
+
+    monkeypatch.setattr(train_module._Trainer, "_make_step_batch", make_step_batch)
+    run(tiny, tmp_path / "run", arch="sdxl", instance_data_dir=str(images), instance_prompt=None,
+        aspect_ratio_buckets=True, bucket_reso_steps=16, train_batch_size=2, max_train_steps=3)
+
+    # resolution 64, 16 px steps: 96x64 -> bucket 80x48, 64x96 -> 48x80, 80x80 -> 64x64 (w x h)
+    bucket = {(96, 64): (80, 48), (64, 96): (48, 80), (80, 80): (64, 64)}
+    by_prompt = {f"a photo of sks toy number{i}": wh for i, wh in enumerate(sizes)}
+    seen = []
+    assert len(made) == 3  # 2 + 2 + 1 images, one epoch
+    for prompts, batch in made:
+        targets = {bucket[by_prompt[p]] for p in prompts}
+        assert len(targets) == 1, prompts  # one bucket per batch
+        (tw, th), = targets
+        assert batch.latents.shape[-2:] == (th // 8, tw // 8)
+        assert batch.time_ids.shape == (len(prompts), 6) and batch.time_ids.dtype == torch.float32
+        for prompt, ids in zip(prompts, batch.time_ids.tolist()):
+            w, h = by_prompt[prompt]
+            assert ids[0:2] == [h, w]  # original size (h, w) of this very image
+            assert ids[4:6] == [th, tw]  # target size (h, w) of its bucket
+            top, left = ids[2:4]  # a crop of the image resized to cover the bucket
+            scale = max(tw / w, th / h)
+            assert 0 <= top <= round(h * scale) - th and 0 <= left <= round(w * scale) - tw
+            seen.append(prompt)
+    assert sorted(seen) == sorted(by_prompt)
+    # and these very time_ids are what the UNet was conditioned on
+    assert [c["latents"] for c in record_loss_calls] == [tuple(b.latents.shape) for _, b in made]
+    assert all(torch.equal(c["time_ids"], b.time_ids) for c, (_, b) in zip(record_loss_calls, made))
+
+
+# ==========================================================================================================
+# 4. prior preservation
+# ==========================================================================================================
+def test_prior_preservation_generates_class_images_and_adds_the_weighted_prior_loss(tiny, tmp_path, record_loss_calls):
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    import numpy as np
+    from PIL import Image
+
+    from flatlora_diffusion.data import generate_class_images
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    prior = dict(with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a photo of a toy",
+                 num_class_images=2, sample_batch_size=2, validation_inference_steps=2, max_train_steps=2)
+    w1 = run(tiny, tmp_path / "w1", **prior)
+    made = sorted(class_dir.glob("*.png"))
+    assert len(made) == 2
+    assert all(c["n_class"] == 1 and c["latents"][0] == 2 for c in record_loss_calls)  # instance + class image
+    # generated by the base model (the run's LoRA starts as a no-op): a fresh base pipeline makes the same images
+    pipe = StableDiffusionPipeline.from_pretrained(tiny["sd15"], safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    again = tmp_path / "again"
+    generate_class_images(pipe, again, "a photo of a toy", 2, 2, seed=7, pipeline_kwargs={"num_inference_steps": 2})
+    for a, b in zip(made, sorted(again.glob("*.png"))):
+        diff = np.abs(np.asarray(Image.open(a), np.float32) - np.asarray(Image.open(b), np.float32))
+        assert diff.max() <= 2, a.name
+
+    stamps = {p.name: p.stat().st_mtime_ns for p in made}
+    w0 = run(tiny, tmp_path / "w0", **prior, prior_loss_weight=0.0)
+    w2 = run(tiny, tmp_path / "w2", **prior, prior_loss_weight=2.0)
+    assert {p.name: p.stat().st_mtime_ns for p in class_dir.glob("*.png")} == stamps  # enough: none regenerated
+    # step 1 sees identical weights, data and noise: the losses differ by exactly weight x prior loss
+    l0, l1, l2 = (losses(r.path)[0] for r in (w0, w1, w2))
+    prior_loss = l1 - l0
+    assert prior_loss > 1e-3
+    assert l2 - l0 == pytest.approx(2 * prior_loss, rel=1e-4)
+    assert {c["prior_loss_weight"] for c in record_loss_calls} == {1.0, 0.0, 2.0}
+
+
+# ==========================================================================================================
+# 5. bf16 mixed precision on the CPU
+# ==========================================================================================================
+def test_bf16_trains_fp32_lora_on_an_untouched_bf16_base(tiny, tmp_path, capture_trainer, record_loss_calls):
+    from diffusers import UNet2DConditionModel
+
+    out = run(tiny, tmp_path / "bf16", mixed_precision="bf16", train_text_encoder=True)
+    trainer = capture_trainer[0]
+    assert trainer.weight_dtype == torch.bfloat16
+    assert len(record_loss_calls) == 4 and all(c["dtype"] == torch.bfloat16 for c in record_loss_calls)
+    assert all(torch.isfinite(torch.tensor(losses(out.path))))
+    unet = trainer.acc.unwrap_model(trainer.components.unet)
+    trained = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    assert trained and all(p.dtype == torch.float32 for p in trained.values())
+    for te in trainer.components.text_encoders:
+        assert all(p.dtype == torch.float32 for p in te.parameters() if p.requires_grad)
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.items())
+    # the frozen base: bf16, and bit for bit the bf16 cast of the model's weights (Flat-LoRA restored it)
+    base = UNet2DConditionModel.from_pretrained(tiny["sd15"], subfolder="unet").state_dict()
+    frozen = {n.replace(".base_layer", ""): p for n, p in unet.named_parameters() if not p.requires_grad}
+    assert frozen.keys() == base.keys()
+    for name, p in frozen.items():
+        assert p.dtype == torch.bfloat16, name
+        assert torch.equal(p, base[name].to(torch.bfloat16)), name
+    saved = lora_weights(out.path)
+    assert saved and all(v.dtype == torch.float32 for v in saved.values())
+    assert file_metadata(out.path / "bf16.safetensors")["ss_mixed_precision"] == "bf16"
