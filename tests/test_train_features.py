@@ -277,3 +277,124 @@ def test_bf16_trains_fp32_lora_on_an_untouched_bf16_base(tiny, tmp_path, capture
     saved = lora_weights(out.path)
     assert saved and all(v.dtype == torch.float32 for v in saved.values())
     assert file_metadata(out.path / "bf16.safetensors")["ss_mixed_precision"] == "bf16"
+
+
+# ==========================================================================================================
+# 6. gradient checkpointing
+# ==========================================================================================================
+def test_gradient_checkpointing_gives_the_same_weights(tiny, tmp_path, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    calls = {"n": 0}
+    original = tuc.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tuc, "checkpoint", counting)
+    common = dict(train_text_encoder=True, flat_sigma=0.1, learning_rate=1e-2, max_train_steps=3)
+    plain = run(tiny, tmp_path / "plain", **common)
+    assert calls["n"] == 0
+    ckpt = run(tiny, tmp_path / "ckpt", **common, gradient_checkpointing=True)
+    assert calls["n"] > 0  # it really recomputed activations
+    a, b = lora_weights(plain.path), lora_weights(ckpt.path)
+    assert_weights_close(a, b, rtol=1e-5, atol=1e-7)  # Flat-LoRA's noise is the same in the recomputation
+    assert any(k.startswith("text_encoder") and "lora_B" in k and v.abs().sum() > 0 for k, v in b.items())
+
+
+# ==========================================================================================================
+# 7. latent and text-embedding caches
+# ==========================================================================================================
+def test_latent_and_text_embedding_caches_encode_once_and_train_the_same(tiny, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    counts = {"vae": [], "text": 0}
+    original_encode = AutoencoderKL.encode
+    original_prompts = step_module.encode_prompts
+
+    def encode(self, x, *args, **kwargs):
+        counts["vae"].append(x.shape[0])
+        return original_encode(self, x, *args, **kwargs)
+
+    def encode_prompts(*args, **kwargs):
+        counts["text"] += 1
+        return original_prompts(*args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", encode)
+    monkeypatch.setattr(step_module, "encode_prompts", encode_prompts)
+    # center crops, no flips: every epoch sees the same pixels, so caching must not change training at all
+    common = dict(center_crop=True, max_train_steps=5, train_batch_size=1)  # 3 images: 1 epoch and 2/3
+
+    cached = run(tiny, tmp_path / "cached", **common, cache_latents=True)  # text embeddings cached by default
+    assert counts["vae"] == [1, 1, 1]  # each image once, before training; not per step
+    assert counts["text"] == 1  # one prompt, encoded once
+    counts.update(vae=[], text=0)
+    uncached = run(tiny, tmp_path / "uncached", **common, cache_text_embeddings=False)
+    assert counts["vae"] == [1] * 5 and counts["text"] == 5  # per step
+    counts.update(vae=[], text=0)
+    text_only = run(tiny, tmp_path / "text_only", **common)
+    assert len(counts["vae"]) == 5 and counts["text"] == 1
+
+    assert losses(cached.path) == pytest.approx(losses(uncached.path), rel=1e-6)
+    assert_weights_close(lora_weights(cached.path), lora_weights(uncached.path), rtol=1e-6, atol=1e-8)
+    assert_weights_close(lora_weights(text_only.path), lora_weights(uncached.path), rtol=1e-6, atol=1e-8)
+
+
+# ==========================================================================================================
+# 8. Min-SNR, noise offset, lr schedules
+# ==========================================================================================================
+def test_snr_gamma_weights_the_loss_by_min_snr_over_snr(tiny, tmp_path, monkeypatch):
+    snrs = []
+    original = step_module.compute_snr
+
+    def compute_snr(scheduler, timesteps):
+        snr = original(scheduler, timesteps)
+        snrs.append(snr.tolist())
+        return snr
+
+    monkeypatch.setattr(step_module, "compute_snr", compute_snr)
+    base = run(tiny, tmp_path / "base")
+    assert snrs == []
+    gamma5 = run(tiny, tmp_path / "g5", snr_gamma=5.0)
+    first = [s[0] for s in snrs]
+    assert len(first) == 4
+    assert any(s > 5 for s in first), first  # precondition: the weighting bites at some step of this seed
+    huge = run(tiny, tmp_path / "huge", snr_gamma=1e9)  # min(snr, gamma) / snr == 1: plain MSE
+
+    lb, l5, lh = losses(base.path), losses(gamma5.path), losses(huge.path)
+    assert all(torch.isfinite(torch.tensor(l5)))
+    # step 1 sees the same weights and draws: the loss is scaled by exactly min(snr, 5) / snr
+    assert l5[0] == pytest.approx(lb[0] * min(first[0], 5.0) / first[0], rel=1e-5)
+    assert lh == pytest.approx(lb, rel=1e-5)
+    assert_weights_differ(lora_weights(gamma5.path), lora_weights(base.path))
+    assert_weights_close(lora_weights(huge.path), lora_weights(base.path), rtol=1e-4, atol=1e-7)
+
+
+def test_noise_offset_changes_training_and_stays_finite(tiny, tmp_path):
+    base = run(tiny, tmp_path / "base", max_train_steps=2)
+    offset = run(tiny, tmp_path / "offset", max_train_steps=2, noise_offset=0.1)
+    lb, lo = losses(base.path), losses(offset.path)
+    assert all(torch.isfinite(torch.tensor(lo)))
+    assert lo[0] != pytest.approx(lb[0], rel=1e-4)
+    assert all(torch.isfinite(v).all() for v in lora_weights(offset.path).values())
+    assert_weights_differ(lora_weights(offset.path), lora_weights(base.path))
+
+
+@pytest.mark.parametrize("name", LR_SCHEDULERS)
+def test_lr_scheduler_follows_its_schedule(tiny, tmp_path, name):
+    from diffusers.optimization import get_scheduler
+
+    out = run(tiny, tmp_path / name, lr_scheduler=name, lr_warmup_steps=1, max_train_steps=3, learning_rate=1e-3,
+              lr_num_cycles=2, lr_power=2.0, flat_sigma=0.0)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedule = get_scheduler(name, optimizer=optimizer, num_warmup_steps=1, num_training_steps=3, num_cycles=2,
+                             power=2.0)
+    expected = []
+    for _ in range(3):
+        optimizer.step()
+        schedule.step()
+        expected.append(schedule.get_last_lr()[0])
+    logged = [m["lr"] for m in metrics(out.path)]
+    assert logged == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert all(torch.isfinite(torch.tensor(losses(out.path))))
