@@ -29,7 +29,7 @@ def _viewable(image, low: int = 160, high: int = 512):
 
 def run_label(run: Run) -> str:
     sigma = run.config().get("flat_sigma")
-    kind = "LoRA" if sigma in (0, 0.0) else f"Flat-LoRA σ={sigma}" if sigma is not None else "?"
+    kind = "LoRA" if sigma in (0, 0.0) else f"Flat-LoRA sigma={sigma}" if sigma is not None else "?"
     return f"{run.name} ({kind})"
 
 

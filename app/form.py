@@ -93,7 +93,7 @@ class FieldSpec:
             extra = " One per line."
         elif self.is_list and self.kind == "text":
             extra = " Comma-separated."
-        elif self.optional and self.kind == "text" and self.default is None:
+        elif self.optional and self.kind == "text" and self.elem in (int, float):
             extra = " Empty = default."
         return self.help + extra
 

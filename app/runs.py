@@ -24,6 +24,7 @@ APP_META = "app.json"
 LOG_FILE = "train.log"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 RUN_MARKERS = ("config.yaml", "status.json", APP_META)
+_META_CACHE: dict[Path, tuple[int, dict]] = {}
 _STEP_DIR = re.compile(r"step_(\d+)$")
 _SAMPLE = re.compile(r"(\d+)_(-?\d+)\.png$")
 
@@ -139,8 +140,18 @@ class Run:
 
     # --- the app's files ----------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:
-        data = _read_json(self.path / APP_META, {})
-        return data if isinstance(data, dict) else {}
+        """app.json; it is written once when the run is created, so it is read once (pages poll every second)."""
+        path = self.path / APP_META
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError:
+            return {}
+        cached = _META_CACHE.get(path)
+        if cached is None or cached[0] != stamp:
+            data = _read_json(path, {})
+            cached = (stamp, data if isinstance(data, dict) else {})
+            _META_CACHE[path] = cached
+        return dict(cached[1])
 
     @property
     def ab_group(self) -> str | None:

@@ -22,22 +22,13 @@ from .submit import SubmitError, prepare_runs
 log = logging.getLogger(__name__)
 
 PRESET_DIR = ".presets"
-
-CSS = """
-.fl-run {margin: 0 0 10px 0; font-size: 14px;}
-.fl-run progress {width: 100%; height: 16px;}
-.fl-state {padding: 1px 6px; border-radius: 4px; font-size: 12px; color: white; background: #777;}
-.fl-state-running {background: #2b7be4;} .fl-state-queued {background: #b08900;}
-.fl-state-completed {background: #2e9d4f;} .fl-state-failed {background: #d03737;}
-.fl-state-cancelled {background: #555;}
-.fl-msg {color: #666; font-size: 12px;}
-"""
-
+_STATE_COLOURS = {"running": "#2b7be4", "queued": "#b08900", "completed": "#2e9d4f", "failed": "#d03737",
+                  "cancelled": "#555"}
 
 # --- small views ----------------------------------------------------------------------------------------
 def progress_html(runs: list[Run], launcher: Launcher) -> str:
     if not runs:
-        return "<div class='fl-run'>No run yet: fill in the form and press <b>Launch</b>.</div>"
+        return "<div>No run yet: fill in the form and press <b>Launch</b>.</div>"
     parts = []
     for run in runs:
         st = run.status()
@@ -55,10 +46,11 @@ def progress_html(runs: list[Run], launcher: Launcher) -> str:
             bits.append(f"waiting, place {pos} in the queue" if pos else "waiting")
         message = html.escape(str(st.get("message") or ""))
         parts.append(
-            f"<div class='fl-run' data-run='{html.escape(run.name)}' data-state='{state}'>"
-            f"<b>{html.escape(compare.run_label(run))}</b> <span class='fl-state fl-state-{state}'>{state}</span>"
-            f"<br><progress value='{step}' max='{max(total, 1)}'></progress>"
-            f"<br>{' · '.join(bits)} <span class='fl-msg'>{message}</span></div>"
+            f"<div style='margin:0 0 10px 0' data-run='{html.escape(run.name)}' data-state='{state}'>"
+            f"<b>{html.escape(compare.run_label(run))}</b> <span style='padding:1px 6px;border-radius:4px;"
+            f"color:white;background:{_STATE_COLOURS.get(state, '#777')}'>{state}</span>"
+            f"<br><progress value='{step}' max='{max(total, 1)}' style='width:100%;height:14px'></progress>"
+            f"<br>{' · '.join(bits)} <span style='opacity:0.7'>{message}</span></div>"
         )
     return "".join(parts)
 
@@ -121,6 +113,16 @@ def _as_paths(files) -> list[str]:
     return out
 
 
+def loss_chart(runs: list[Run]) -> gr.LinePlot:
+    """The loss curves, with the legend listing exactly the runs shown.
+
+    Setting colors_in_legend is also what makes Gradio (6.31) rebuild the chart when the set of runs changes:
+    it otherwise keeps the colour domain of its first drawing (often: no runs yet) and then draws no lines.
+    """
+    frame = compare.loss_frame(runs)
+    return gr.LinePlot(value=frame, colors_in_legend=sorted(set(frame["run"])))
+
+
 def _user_error(e: Exception) -> gr.Error:
     return gr.Error(str(e).splitlines()[0] if str(e) else type(e).__name__, print_exception=False)
 
@@ -180,7 +182,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                         follow = gr.Dropdown(choices=_follow_choices(runs_dir), value=None, label="following run", allow_custom_value=True,
                                              elem_id="follow")
                         progress = gr.HTML(elem_id="progress")
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="run", label="loss", height=260,
+                        loss_plot = gr.LinePlot(x="step", y="loss", color="run", label="loss",
                                                 elem_id="loss-plot")
                         gallery = gr.Gallery(label="newest validation images", columns=4, height=260,
                                              elem_id="newest-images")
@@ -188,7 +190,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                              interactive=False, elem_id="log")
                         queue_md = gr.Markdown(elem_id="queue")
             # ======================================================================== Runs
-            with gr.Tab("Runs", id="runs", elem_id="tab-runs"):
+            with gr.Tab("Runs", id="runs", elem_id="tab-runs") as runs_tab:
                 with gr.Row():
                     runs_refresh = gr.Button("Refresh", scale=0)
                 runs_df = gr.Dataframe(headers=RUNS_HEADERS, value=runs_table(runs_dir), interactive=False,
@@ -207,7 +209,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     run_summary = gr.JSON(label="metrics")
                     run_settings = gr.Code(label="config.yaml", language="yaml", interactive=False)
             # ======================================================================== Compare
-            with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+            with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
                 with gr.Row():
                     cmp_runs = gr.Dropdown(choices=_follow_choices(runs_dir), multiselect=True, scale=3, allow_custom_value=True,
                                            label="runs to compare (two or more)", elem_id="cmp-runs")
@@ -217,7 +219,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 cmp_info = gr.Markdown()
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
                                     elem_id="cmp-grid")
-                cmp_loss = gr.LinePlot(x="step", y="loss", color="run", label="loss", height=260)
+                cmp_loss = gr.LinePlot(x="step", y="loss", color="run", label="loss")
                 cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
                 cmp_files = gr.File(label="LoRA files of the selected runs", file_count="multiple",
                                     interactive=False, elem_id="cmp-files")
@@ -282,9 +284,11 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             plot_key = (name, tuple((r.name, (r.path / "metrics.jsonl").stat().st_size
                                      if (r.path / "metrics.jsonl").exists() else 0) for r in members))
             plot = gr.skip()
-            if plot_key != seen_state.get("plot"):
+            if plot_key != seen_state.get("plot") or not seen_state.get("plot_again"):
+                # once more after the last change: the chart can show the update before the latest one
+                seen_state["plot_again"] = plot_key == seen_state.get("plot")
                 seen_state["plot"] = plot_key
-                plot = compare.loss_frame(members)
+                plot = loss_chart(members)
             images = newest_images(members)
             gallery_key = tuple(p for p, _ in images)
             gal = gr.skip()
@@ -372,10 +376,9 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         # ------------------------------------------------------------------ Runs
         def refresh_runs(current: str | None):
             names = _follow_choices(runs_dir)
-            return runs_table(runs_dir), gr.Dropdown(choices=names, value=current if current in names else None)
+            value = current if current in names else names[0] if names else None
+            return runs_table(runs_dir), gr.Dropdown(choices=names, value=value)
 
-        runs_refresh.click(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
-        demo.load(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
 
         def run_details(name: str | None):
             if not name:
@@ -397,9 +400,17 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                       value=str(d) if d else None, visible=d is not None),
                     "")
 
-        run_pick.change(run_details, inputs=[run_pick],
-                        outputs=[run_summary, run_settings, dl_kohya, dl_diffusers, run_msg],
-                        api_visibility="private")
+        details_outputs = [run_summary, run_settings, dl_kohya, dl_diffusers, run_msg]
+        run_pick.change(run_details, inputs=[run_pick], outputs=details_outputs, api_visibility="private")
+
+        def pick_row(evt: gr.SelectData):
+            row = evt.row_value or []
+            return gr.Dropdown(choices=_follow_choices(runs_dir), value=row[0]) if row else gr.skip()
+
+        runs_df.select(pick_row, outputs=[run_pick], api_visibility="private")
+        for trigger in (runs_refresh.click, runs_tab.select, demo.load):
+            trigger(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private").then(
+                run_details, inputs=[run_pick], outputs=details_outputs, api_visibility="private")
 
         def run_files(run: str) -> tuple:
             try:
@@ -473,7 +484,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         def compare_runs(runs: list[str], step: float | None):
             picked = _picked(runs)
             if not picked:
-                return None, "Pick two or more runs.", compare.loss_frame([]), None, []
+                return None, "Pick two or more runs.", loss_chart([]), None, []
             steps = compare.all_steps(picked)
             grid, used = compare.validation_grid(picked, int(step) if step is not None else None)
             headers, rows = compare.settings_table(picked)
@@ -481,7 +492,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
                     + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))) if steps \
                 else "These runs have no validation images yet."
-            return grid, info, compare.loss_frame(picked), {"headers": headers, "data": rows}, files
+            return grid, info, loss_chart(picked), {"headers": headers, "data": rows}, files
 
         cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files]
 
@@ -503,15 +514,16 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
 
         def default_compare(selected):
             """Preselect the newest A/B pair (or the two newest runs) when the page opens."""
-            if selected:
-                return gr.skip()
             runs = list_runs(runs_dir)
             names = [r.name for r in runs]
+            if selected:
+                return gr.Dropdown(choices=names)
             pair = next((group_runs(runs, r.name) for r in runs if r.ab_group), None)
             value = [r.name for r in pair] if pair else names[:2]
             return gr.Dropdown(choices=names, value=value)
 
         demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
+        compare_tab.select(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
 
         def generate_now(runs: list[str], prompt: str, negative_prompt: str, seed: float, strength: float,
                          steps: float, guidance_scale: float, include_base: bool):
