@@ -211,17 +211,57 @@ if triton is not None:
         return r * c, r * s
 
     @triton.jit
-    def _emit(z, cols, rows64, rmask, K, std, w_base, out_base, ADD_W: tl.constexpr):
-        mask = rmask[:, None] & (cols < K)[None, :]
-        off = rows64[:, None] * K + cols[None, :]
+    def _emit(z, w_ptrs, out_ptrs, mask, std, ADD_W: tl.constexpr):
         v = std[:, None] * z
         if ADD_W:
-            v = v + tl.load(w_base + off, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=mask)
+            v = v + tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptrs, v.to(out_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base):
-        cols = k0 + tl.arange(0, 64)
+    def flat_noise_kernel(
+        prog_ptr,  # int32 [P, 3]: local layer, first row, first column (a multiple of 256)
+        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
+        keys_ptr,  # int64 [n layers of the engine]
+        std_ptr,  # fp32 [total rows]
+        out_ptr,  # the chunk's output buffer (compute dtype)
+        W_T: tl.constexpr,
+        ADD_W: tl.constexpr,
+        BM: tl.constexpr,
+        ROUNDS: tl.constexpr,
+        FAST: tl.constexpr,
+    ):
+        """out[rows, c0:c0+256] = W + std_row * z (ADD_W) or std_row * z, for one BM x 256 tile of one layer."""
+        pid = tl.program_id(0)
+        lay = tl.load(prog_ptr + 3 * pid)
+        r0 = tl.load(prog_ptr + 3 * pid + 1)
+        c0 = tl.load(prog_ptr + 3 * pid + 2)
+        m = meta_ptr + lay.to(tl.int64) * 9
+        K = tl.load(m + 3)
+        n_rows = tl.load(m + 8)
+        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+        out_base = out_ptr + tl.load(m + 5)
+        key = tl.load(keys_ptr + tl.load(m + 7))
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < n_rows
+        rows64 = rows.to(tl.int64)
+        std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+        t = tl.arange(0, 64)
+        zero = tl.zeros((BM, 64), dtype=tl.uint32)
+        ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
+        ctr1 = rows.to(tl.uint32)[:, None] + zero
+        i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
+        z1, z2 = _normal_pair(i1, i2, FAST)
+        z3, z4 = _normal_pair(i3, i4, FAST)
+        off = rows64[:, None] * K + (c0 + t)[None, :]
+        cols = c0 + t
+        _emit(z1, w_base + off, out_base + off, rmask[:, None] & (cols < K)[None, :], std, ADD_W)
+        _emit(z2, w_base + off + 64, out_base + off + 64, rmask[:, None] & (cols + 64 < K)[None, :], std, ADD_W)
+        _emit(z3, w_base + off + 128, out_base + off + 128, rmask[:, None] & (cols + 128 < K)[None, :], std, ADD_W)
+        _emit(z4, w_base + off + 192, out_base + off + 192, rmask[:, None] & (cols + 192 < K)[None, :], std, ADD_W)
+
+    @triton.jit
+    def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
+        cols = k0 + tl.arange(0, BK)
         cm = cols < K
         w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
         a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :],
@@ -230,83 +270,49 @@ if triton is not None:
         return tl.sum(v * v, axis=1)
 
     @triton.jit
-    def _noise_tile(k0, K, key, t, c1, zero, rows64, rmask, std, w_base, out_base,
-                    ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-        c0 = (k0 // 4 + t).to(tl.uint32)[None, :] + zero
-        i1, i2, i3, i4 = tl.philox(key, c0, c1, zero, zero, ROUNDS)
-        z1, z2 = _normal_pair(i1, i2, FAST)
-        z3, z4 = _normal_pair(i3, i4, FAST)
-        _emit(z1, k0 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
-        _emit(z2, k0 + 64 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
-        _emit(z3, k0 + 128 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
-        _emit(z4, k0 + 192 + t, rows64, rmask, K, std, w_base, out_base, ADD_W)
-
-    @triton.jit
-    def flat_chunk_kernel(
-        prog_ptr,  # int32 [P, 2]: local layer, first row
-        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
+    def flat_norm_kernel(
+        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
+        meta_ptr,  # int64 [L, 9] as above
         scale_ptr,  # fp32 [L]: LoRA scaling s
-        keys_ptr,  # int64 [n layers of the engine]
         sigma_ptr,  # fp32 [1]: sigma_t
-        std_ptr,  # fp32 [total rows]
-        out_ptr,  # the chunk's output buffer (compute dtype)
+        std_ptr,  # fp32 [total rows], written
         W_T: tl.constexpr,
         AB_T: tl.constexpr,
-        COMPUTE_STD: tl.constexpr,
-        ADD_W: tl.constexpr,
         BM: tl.constexpr,
+        BK: tl.constexpr,
         RP: tl.constexpr,
-        ROUNDS: tl.constexpr,
-        FAST: tl.constexpr,
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
     ):
+        """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
         pid = tl.program_id(0)
         lay = tl.load(prog_ptr + 2 * pid)
         r0 = tl.load(prog_ptr + 2 * pid + 1)
         m = meta_ptr + lay.to(tl.int64) * 9
         K = tl.load(m + 3)
         n_rows = tl.load(m + 8)
+        R = tl.load(m + 4)
         w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+        a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+        b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
+        s = tl.load(scale_ptr + lay)
         rows = r0 + tl.arange(0, BM)
         rmask = rows < n_rows
         rows64 = rows.to(tl.int64)
-        std_off = tl.load(m + 6)
-        if COMPUTE_STD:
-            R = tl.load(m + 4)
-            a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
-            b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
-            s = tl.load(scale_ptr + lay)
-            rr = tl.arange(0, RP)
-            rmask_r = rr < R
-            b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
-            b = b.to(tl.float32) * s
-            acc = tl.zeros((BM,), dtype=tl.float32)
-            if WHILE_LOOPS:
-                k0 = K * 0
-                while k0 < K:
-                    acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base)
-                    k0 += 64
-            else:
-                for k0 in range(0, K, 64):
-                    acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base)
-            std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
-            tl.store(std_ptr + std_off + rows64, std, mask=rmask)
-        else:
-            std = tl.load(std_ptr + std_off + rows64, mask=rmask, other=0.0)
-        key = tl.load(keys_ptr + tl.load(m + 7))
-        out_base = out_ptr + tl.load(m + 5)
-        t = tl.arange(0, 64)
-        zero = tl.zeros((BM, 64), dtype=tl.uint32)
-        c1 = rows.to(tl.uint32)[:, None] + zero
+        rr = tl.arange(0, RP)
+        rmask_r = rr < R
+        b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+        b = b.to(tl.float32) * s
+        acc = tl.zeros((BM,), dtype=tl.float32)
         if WHILE_LOOPS:
             k0 = K * 0
             while k0 < K:
-                _noise_tile(k0, K, key, t, c1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
-                k0 += 256
+                acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+                k0 += BK
         else:
-            for k0 in range(0, K, 256):
-                _noise_tile(k0, K, key, t, c1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
-
+            for k0 in range(0, K, BK):
+                acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+        std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
+        tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -317,7 +323,8 @@ def _tl_dtype(dtype: torch.dtype):
 # layers and chunks
 # ---------------------------------------------------------------------------------------------------------
 
-_ROWS_PER_PROGRAM = 32
+_NOISE_ROWS = 16  # a noise program: 16 rows x 256 columns (one Philox call per 4 elements)
+_NORM_ROWS, _NORM_COLS = 32, 128  # a noise-scale program: 32 rows, the fan-in in steps of 128
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -332,11 +339,11 @@ def chunk_prefix(name: str) -> str:
     return ".".join(parts)
 
 
-def _simple_adapter(layer: nn.Module):
+def _simple_adapter(layer: nn.Module, base: nn.Module, fan_in: int):
     """(A weight, B weight, scaling) when the layer's delta is exactly scaling * B @ A of one active adapter
-    (the kernel computes the noise scale itself); None when the torch path must (several adapters, merged,
-    disabled, DoRA, grouped convolutions, unsupported dtypes)."""
-    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+    (the kernel computes the noise scale itself); None when the reference formula must (several adapters,
+    merged, disabled, DoRA, grouped convolutions, unsupported dtypes or layouts)."""
+    if layer.merged or layer.disable_adapters:
         return None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1:
@@ -344,7 +351,6 @@ def _simple_adapter(layer: nn.Module):
     a = active[0]
     if getattr(layer, "use_dora", {}).get(a, False):
         return None
-    base = layer.get_base_layer()
     if isinstance(base, nn.Conv2d) and base.groups != 1:
         return None
     A, B = layer.lora_A[a].weight, layer.lora_B[a].weight
@@ -353,7 +359,7 @@ def _simple_adapter(layer: nn.Module):
         return None
     r = A.shape[0]
     if (A.dtype != B.dtype or A.dtype not in _KERNEL_DTYPES or not A.is_contiguous() or not B.is_contiguous()
-            or B.numel() != base.weight.shape[0] * r or A.numel() != r * base.weight[0].numel()):
+            or B.numel() != base.weight.shape[0] * r or A.numel() != r * fan_in):
         return None
     return A, B, float(scaling)
 
@@ -361,13 +367,16 @@ def _simple_adapter(layer: nn.Module):
 @dataclass
 class _FastLayer:
     flat_layer: FlatLayer
-    index: int  # position in the engine's layer list (key index)
+    index: int  # position in the engine's layer list (key index, row of the meta table)
     rows: int
     cols: int
     std_offset: int
     chunk: int = -1
     local: int = -1
     offset: int = 0  # element offset in the chunk buffer
+    simple: tuple | None = None  # (A, B, scaling) of this step, or None
+    bwd_needed: bool = True  # the last forward's input required grad: backward will ask for W + eps
+    state: tuple | None = None  # the adapter state `simple` was derived from
 
     @property
     def numel(self) -> int:
@@ -388,16 +397,15 @@ class _Chunk:
             offset += fl.numel
         self.numel = offset
         self.w_dtype = layers[0].weight.dtype
-        self.simple = None  # set by the engine per step: list of (A, B, s) or None
-        self.std_ready = False
-        self.tables = None  # device tables for the Triton kernel
-        self.signature = None
+        self.programs: dict = {}  # subset of local layers (None: all) -> int32 [P, 3] device table
 
 
 class FastFlat:
     """The fast engine behind a FlatLoRA (its settings and layers are the FlatLoRA's).
 
     kernels: "triton" (CUDA), "torch" (any device; the CPU tests and the GPU comparison use it) or "auto".
+    Per step: one launch computes the noise scales of all layers (begin_step); then one launch per chunk
+    writes W + eps of its layers when a layer of the chunk runs and the chunk is not the live one.
     """
 
     def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
@@ -409,9 +417,10 @@ class FastFlat:
         self.rounds = int(rounds)
         self.max_chunk_numel = int(max_chunk_numel)
         self.device = None
-        self.generations = 0  # chunk generations since construction (the benchmark reports them per step)
-        self._live: dict[torch.dtype, tuple[int, torch.Tensor]] = {}
+        self.generations = 0  # chunk generations since construction (the tests and the benchmark count them)
+        self._live: dict[torch.dtype, tuple] = {}
         self._built = False
+        self._signature = None
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -423,14 +432,16 @@ class FastFlat:
         kernels = self.kernels
         if kernels == "auto":
             kernels = "triton" if self.device.type == "cuda" and triton_available() else "torch"
-        if kernels == "triton" and self.device.type != "cuda" and not _interpreting():
-            raise RuntimeError("Triton kernels need CUDA tensors (or TRITON_INTERPRET=1)")
+        if kernels == "triton" and (triton is None or (self.device.type != "cuda" and not _interpreting())):
+            raise RuntimeError("Triton kernels need Triton and CUDA tensors (or TRITON_INTERPRET=1)")
         self._use_triton = kernels == "triton"
         dev = self.device
         self.fast_layers: list[_FastLayer] = []
         total_rows = 0
         for i, lay in enumerate(layers):
             w = lay.base.weight
+            if not w.is_contiguous() or w.dtype not in _KERNEL_DTYPES:
+                raise RuntimeError(f"Flat-LoRA fast path needs contiguous float weights: {lay.name}")
             fl = _FastLayer(lay, i, w.shape[0], w[0].numel(), total_rows)
             total_rows += fl.rows
             self.fast_layers.append(fl)
@@ -456,52 +467,65 @@ class FastFlat:
         self._built = True
 
     def _refresh(self) -> None:
-        """Per step: which layers the kernel can scale itself (one plain adapter), device tables if changed."""
+        """Per step: which layers the kernel scales itself (one plain adapter); tables rebuilt if anything moved."""
+        sig = []
+        for fl in self.fast_layers:
+            lay = fl.flat_layer
+            d = lay.lora_layer.__dict__  # peft's plain attributes: a cheap key of the adapter state
+            active = d.get("_active_adapter")
+            state = (tuple(active) if isinstance(active, list) else active, tuple(d.get("merged_adapters", ())),
+                     d.get("_disable_adapters"), tuple(d["scaling"].items()) if "scaling" in d else None)
+            if state != fl.state or state[0] is None:
+                fl.simple = _simple_adapter(lay.lora_layer, lay.base, fl.cols)
+                fl.state = state
+            w = lay.base.weight
+            sig.append((w.data_ptr(), w.device) + ((fl.simple[0].data_ptr(), fl.simple[1].data_ptr(), fl.simple[2],
+                                                    fl.simple[0].shape[0], fl.simple[0].dtype)
+                                                   if fl.simple is not None else (None,)))
+        sig = tuple(sig)
+        if sig == self._signature:
+            return
+        if any(s[1] != self.device for s in sig):
+            raise RuntimeError("a perturbed layer moved to another device after Flat-LoRA was set up")
+        self._signature = sig
         for chunk in self.chunks:
-            simple = [_simple_adapter(fl.flat_layer.lora_layer) for fl in chunk.layers]
-            ok = all(s is not None for s in simple) and len({s[0].dtype for s in simple}) == 1
-            sig = tuple(
-                (fl.weight.data_ptr(), fl.weight.dtype, fl.weight.is_contiguous())
-                + ((s[0].data_ptr(), s[1].data_ptr(), s[2], s[0].shape[0]) if s is not None else (None,))
-                for fl, s in zip(chunk.layers, simple)
-            )
-            chunk.simple = simple if ok else None
-            if sig != chunk.signature:
-                chunk.signature = sig
-                chunk.tables = None
-                if any(fl.weight.device != self.device for fl in chunk.layers):
-                    raise RuntimeError("a perturbed layer moved to another device after Flat-LoRA was set up")
-            chunk.std_ready = False
+            chunk.programs = {}
+        self._norm_groups = None
+        if not self._use_triton:
+            return
+        meta, scales = [], []
+        for fl in self.fast_layers:
+            s = fl.simple
+            a_ptr, b_ptr, r, scale = (s[0].data_ptr(), s[1].data_ptr(), s[0].shape[0], s[2]) if s else (0, 0, 0, 0.0)
+            meta.append([fl.weight.data_ptr(), a_ptr, b_ptr, fl.cols, r, fl.offset, fl.std_offset, fl.index, fl.rows])
+            scales.append(scale)
+        self._meta = torch.tensor(meta, dtype=torch.int64, device=self.device)
+        self._scales = torch.tensor(scales, dtype=torch.float32, device=self.device)
+        groups: dict = {}
+        for fl in self.fast_layers:
+            if fl.simple is not None:
+                key = (fl.weight.dtype, fl.simple[0].dtype)
+                rp = max(16, 1 << max(fl.simple[0].shape[0] - 1, 0).bit_length())
+                g = groups.setdefault(key, [[], 16])
+                g[1] = max(g[1], rp)
+                g[0].extend([fl.index, r0] for r0 in range(0, fl.rows, _NORM_ROWS))
+        self._norm_groups = [(k, torch.tensor(v[0], dtype=torch.int32, device=self.device), len(v[0]), v[1])
+                             for k, v in groups.items()]
 
-    def _tables(self, chunk: _Chunk):
-        if chunk.tables is None:
-            progs, meta, scales = [], [], []
-            rps = 16
+    def _programs(self, chunk: _Chunk, subset):
+        progs = chunk.programs.get(subset)
+        if progs is None:
+            rows = []
             for fl in chunk.layers:
-                w = fl.weight
-                if not w.is_contiguous():
-                    raise RuntimeError(f"Flat-LoRA fast path needs contiguous weights: {fl.flat_layer.name}")
-                s = chunk.simple[fl.local] if chunk.simple is not None else None
-                a_ptr, b_ptr, r, scale = (s[0].data_ptr(), s[1].data_ptr(), s[0].shape[0], s[2]) if s else (0, 0, 0, 0.0)
-                rps = max(rps, 1 << max(r - 1, 0).bit_length())
-                meta.append([w.data_ptr(), a_ptr, b_ptr, fl.cols, r, fl.offset, fl.std_offset, fl.index, fl.rows])
-                scales.append(scale)
-                for r0 in range(0, fl.rows, _ROWS_PER_PROGRAM):
-                    progs.append([fl.local, r0])
-            ab_dtype = chunk.simple[0][0].dtype if chunk.simple is not None else torch.float32
-            chunk.tables = (
-                torch.tensor(progs, dtype=torch.int32, device=self.device),
-                torch.tensor(meta, dtype=torch.int64, device=self.device),
-                torch.tensor(scales, dtype=torch.float32, device=self.device),
-                len(progs),
-                rps,
-                ab_dtype,
-            )
-        return chunk.tables
+                if subset is None or fl.local in subset:
+                    rows.extend([fl.index, r0, c0] for r0 in range(0, fl.rows, _NOISE_ROWS)
+                                for c0 in range(0, fl.cols, 256))
+            progs = chunk.programs[subset] = torch.tensor(rows, dtype=torch.int32, device=self.device)
+        return progs
 
     # --- per step ------------------------------------------------------------------------------------------
     def begin_step(self, step, micro_step) -> None:
-        """Device state of a step: keys of all layers, sigma_t, noise scales of layers the kernel cannot scale.
+        """Device state of a step: keys of all layers, sigma_t and the noise scales of all layers.
         `step` / `micro_step`: ints or 0-d int64 device tensors (then nothing is read on the host)."""
         flat = self.flat
         if not self._built:
@@ -516,63 +540,70 @@ class FastFlat:
         micro = self._micro_t if flat.per_microbatch else 0
         self._keys.copy_(device_noise_keys(self._seed_t, self._step_t, micro, self._layer_ids, flat.rank))
         self._sigma_t.copy_(device_sigma_at(self._step_t, flat.sigma, flat.schedule, flat.total_steps).reshape(1))
-        for chunk in self.chunks:
-            if chunk.simple is None:  # noise scales through the reference formula (several adapters, DoRA, ...)
-                for fl in chunk.layers:
-                    merged = fl.flat_layer.merged_weight()
-                    norms = merged.reshape(fl.rows, -1).norm(dim=1) * (self._sigma_t / math.sqrt(fl.cols))
-                    self._std[fl.std_offset: fl.std_offset + fl.rows].copy_(norms)
-                chunk.std_ready = True
+        self._compute_norms()
+
+    def _compute_norms(self) -> None:
+        if self._use_triton:
+            for (w_dtype, ab_dtype), progs, n_prog, rp in self._norm_groups:
+                flat_norm_kernel[(n_prog,)](
+                    progs, self._meta, self._scales, self._sigma_t, self._std,
+                    W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
+                    WHILE_LOOPS=_interpreting(), num_warps=4,
+                )
+        for fl in self.fast_layers:
+            std = self._std[fl.std_offset: fl.std_offset + fl.rows]
+            if fl.simple is None:  # several adapters, DoRA, ...: the reference formula
+                merged = fl.flat_layer.merged_weight()
+                std.copy_(merged.reshape(fl.rows, -1).norm(dim=1) * (self._sigma_t / math.sqrt(fl.cols)))
+            elif not self._use_triton:
+                A, B, s = fl.simple
+                w = fl.weight.detach().reshape(fl.rows, fl.cols).float()
+                v = w + s * (B.detach().reshape(fl.rows, -1).float() @ A.detach().reshape(-1, fl.cols).float())
+                std.copy_(self._sigma_t * torch.sqrt((v * v).sum(1) / fl.cols))
 
     def end_step(self) -> None:
         self._live.clear()
 
-    def perturbed_weight(self, fl: _FastLayer, dtype: torch.dtype) -> torch.Tensor:
-        """W + eps of one layer in `dtype`: a view of its chunk's buffer, generated if not live."""
+    def perturbed_weight(self, fl: _FastLayer, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        """W + eps of one layer in `dtype`: a view of its chunk's buffer, generated if that is not live.
+        In backward only the layers of the chunk whose input needs a gradient are generated."""
         live = self._live.get(dtype)
-        if live is None or live[0] != fl.chunk:
+        if live is None or live[0] != fl.chunk or (live[2] is not None and fl.local not in live[2]):
             chunk = self.chunks[fl.chunk]
+            subset = None
+            if backward:
+                subset = frozenset(x.local for x in chunk.layers if x.bwd_needed or x is fl)
+                if len(subset) == len(chunk.layers):
+                    subset = None
             buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
-            self._generate(chunk, buf, add_w=True)
-            live = (fl.chunk, buf)
+            self._generate(chunk, buf, add_w=True, subset=subset)
+            live = (fl.chunk, buf, subset)
             self._live[dtype] = live
         return live[1][fl.offset: fl.offset + fl.numel].view(fl.weight.shape)
 
-    def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool) -> None:
-        compute_std = not chunk.std_ready
+    def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool, subset=None) -> None:
         self.generations += 1
         if self._use_triton:
-            progs, meta, scales, n_prog, rp, ab_dtype = self._tables(chunk)
-            flat_chunk_kernel[(n_prog,)](
-                progs, meta, scales, self._keys, self._sigma_t, self._std, buf,
-                W_T=_tl_dtype(chunk.w_dtype), AB_T=_tl_dtype(ab_dtype), COMPUTE_STD=compute_std, ADD_W=add_w,
-                BM=_ROWS_PER_PROGRAM, RP=rp, ROUNDS=self.rounds, FAST=not _interpreting(),
-                WHILE_LOOPS=_interpreting(), num_warps=4,
+            progs = self._programs(chunk, subset)
+            flat_noise_kernel[(progs.shape[0],)](
+                progs, self._meta, self._keys, self._std, buf,
+                W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, ROUNDS=self.rounds,
+                FAST=not _interpreting(), num_warps=4,
             )
-        else:
-            self._generate_torch(chunk, buf, compute_std, add_w)
-        chunk.std_ready = True
-
-    def _generate_torch(self, chunk: _Chunk, buf: torch.Tensor, compute_std: bool, add_w: bool) -> None:
+            return
         for fl in chunk.layers:
-            w = fl.weight.detach().reshape(fl.rows, fl.cols).float()
+            if subset is not None and fl.local not in subset:
+                continue
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
-            if compute_std:
-                A, B, s = chunk.simple[fl.local]
-                v = w + s * (B.detach().reshape(fl.rows, -1).float() @ A.detach().reshape(-1, fl.cols).float())
-                std.copy_(self._sigma_t * torch.sqrt((v * v).sum(1) / fl.cols))
             z = standard_normal_grid(self._keys[fl.index], fl.rows, fl.cols, rounds=self.rounds)
             out = std[:, None] * z
             if add_w:
-                out = out + w
+                out = out + fl.weight.detach().reshape(fl.rows, fl.cols).float()
             buf[fl.offset: fl.offset + fl.numel].copy_(out.reshape(-1))
 
     # --- inspection ----------------------------------------------------------------------------------------
     def row_std(self, fl: _FastLayer) -> torch.Tensor:
-        """The noise scale of a layer at the current step (after begin_step; computes it if needed)."""
-        chunk = self.chunks[fl.chunk]
-        if not chunk.std_ready:
-            self._generate(chunk, torch.empty(chunk.numel, dtype=torch.float32, device=self.device), add_w=False)
+        """The noise scale of a layer at the current step (after begin_step)."""
         return self._std[fl.std_offset: fl.std_offset + fl.rows].clone()
 
     @torch.no_grad()
@@ -585,7 +616,7 @@ class FastFlat:
             fl = self.fast_layers[next(i for i, lay in enumerate(self.flat.layers) if lay.name == layer.name)]
             chunk = self.chunks[fl.chunk]
             buf = torch.empty(chunk.numel, dtype=torch.float32, device=self.device)
-            self._generate(chunk, buf, add_w=False)
+            self._generate(chunk, buf, add_w=False, subset=frozenset([fl.local]))
             return buf[fl.offset: fl.offset + fl.numel].view(fl.weight.shape).clone()
         finally:
             self.end_step()
@@ -633,6 +664,7 @@ class _FastNoisyLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, engine, fl):
         dtype = _compute_dtype(x)
+        fl.bwd_needed = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             w = engine.perturbed_weight(fl, dtype)
             out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
@@ -646,7 +678,7 @@ class _FastNoisyLinear(torch.autograd.Function):
             raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype)
+            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype, backward=True)
             grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
@@ -658,6 +690,7 @@ class _FastNoisyConv2d(torch.autograd.Function):
     def forward(ctx, x, weight, bias, engine, fl, conv_args):
         stride, padding, dilation, groups = conv_args
         dtype = _compute_dtype(x)
+        fl.bwd_needed = ctx.needs_input_grad[0]
         with torch.autocast(x.device.type, enabled=False):
             w = engine.perturbed_weight(fl, dtype)
             out = F.conv2d(x.to(dtype), w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
@@ -673,7 +706,7 @@ class _FastNoisyConv2d(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv_args
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype)
+            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype, backward=True)
             grad_x = torch.nn.grad.conv2d_input(
                 ctx.x_shape, w, grad_out.to(ctx.dtype), stride, padding, dilation, groups
             ).to(ctx.x_dtype)

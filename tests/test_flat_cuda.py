@@ -157,7 +157,7 @@ def test_noise_scale_uses_all_active_adapters():
             noisy = model(eye)
     eps = (noisy - clean).T
     _row_stats_within_bounds(eps, _expected_std(layer, 0.1, ["a", "b"]))
-    assert flat._fast.chunks[0].simple is None  # two adapters: scaled by the reference formula
+    assert flat._fast.fast_layers[0].simple is None  # two adapters: scaled by the reference formula
 
 
 @pytest.mark.parametrize("in_ch,out_ch,k", [(16, 24, 3), (64, 8, 1), (8, 40, 5)])
