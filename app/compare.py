@@ -111,20 +111,14 @@ def _cell(value) -> str:
     return str(value)
 
 
-def loss_frame(runs: list[Run], max_points: int = 2000):
-    """A long-format DataFrame (step, loss, run) for one overlaid line per run."""
-    import pandas as pd
-
-    rows = []
+def loss_series(runs: list[Run], max_points: int = 2000) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(label, [(step, loss), ...]) per run, thinned to at most max_points points each."""
+    out = []
     for run in runs:
         metrics = [m for m in run.metrics() if isinstance(m.get("loss"), (int, float))]
-        stride = max(1, len(metrics) // max_points)
-        label = run_label(run)
-        rows += [{"step": int(m["step"]), "loss": float(m["loss"]), "run": label} for m in metrics[::stride]]
-    if not rows:
-        return pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
-                             "run": pd.Series(dtype="str")})
-    return pd.DataFrame(rows)
+        stride = max(1, -(-len(metrics) // max_points))
+        out.append((run_label(run), [(int(m["step"]), float(m["loss"])) for m in metrics[::stride]]))
+    return out
 
 
 def _quiet_diffusers() -> None:

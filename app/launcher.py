@@ -143,11 +143,11 @@ class Launcher:
             if state in ("queued", "running"):  # not ours (another app, or the worker lost it): mark it
                 pid = run.status().get("pid")
                 if state == "running" and isinstance(pid, int) and pid_alive(pid):
-                    _kill_tree(pid, signal.SIGTERM)
+                    _kill_tree(pid, signal.SIGTERM, lone_process=True)
                 run.update_status(state="cancelled", message="cancelled", eta_seconds=None)
                 return f"{name}: cancelled"
             return f"{name}: not running"
-        _kill_tree(job.pid, signal.SIGTERM)  # the trainer marks the run cancelled on SIGTERM
+        _kill_tree(job.pid, signal.SIGTERM, lone_process=job.proc is None)  # the trainer marks it cancelled
         threading.Thread(target=self._kill_later, args=(job,), daemon=True).start()
         return f"{name}: stopping"
 
@@ -168,7 +168,8 @@ class Launcher:
             if job.poll() is not None:
                 break
             time.sleep(0.1)
-        _kill_tree(job.pid, signal.SIGKILL)  # whatever is left of the tree, the leader too if it lingers
+        # whatever is left of the tree, the leader too if it lingers
+        _kill_tree(job.pid, signal.SIGKILL, lone_process=job.proc is None and job.poll() is None)
 
     def _work(self) -> None:
         while True:
@@ -251,11 +252,21 @@ class Launcher:
             run.update_status(state="failed", eta_seconds=None, message=_last_error(run, code))
 
 
-def _kill_tree(pgid: int, sig: int) -> None:
+def _kill_tree(pgid: int, sig: int, lone_process: bool = False) -> None:
+    """Signal the process group `pgid` (our children lead one). With lone_process, a live process that leads
+    no group (a training adopted from a terminal) is signalled on its own."""
     try:
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
         pass
+    if lone_process and pid_alive(pgid):
+        try:
+            os.kill(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _last_error(run: Run, code: int) -> str:

@@ -14,7 +14,7 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import compare, form
+from . import chart, compare, form
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
 from .submit import SubmitError, prepare_runs
@@ -113,14 +113,8 @@ def _as_paths(files) -> list[str]:
     return out
 
 
-def loss_chart(runs: list[Run]) -> gr.LinePlot:
-    """The loss curves, with the legend listing exactly the runs shown.
-
-    Setting colors_in_legend is also what makes Gradio (6.31) rebuild the chart when the set of runs changes:
-    it otherwise keeps the colour domain of its first drawing (often: no runs yet) and then draws no lines.
-    """
-    frame = compare.loss_frame(runs)
-    return gr.LinePlot(value=frame, colors_in_legend=sorted(set(frame["run"])))
+def loss_chart(runs: list[Run]) -> str:
+    return chart.loss_svg(compare.loss_series(runs))
 
 
 def _user_error(e: Exception) -> gr.Error:
@@ -138,7 +132,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
     def preset_names() -> list[str]:
         return sorted(p.stem for p in preset_dir.glob("*.yaml")) if preset_dir.is_dir() else []
 
-    with gr.Blocks(title="flatlora-diffusion", analytics_enabled=False) as demo:
+    # uploads and generated grids are Gradio's temporary files: dropped after a day
+    with gr.Blocks(title="flatlora-diffusion", analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
         gr.Markdown("## flatlora-diffusion · DreamBooth LoRA with Flat-LoRA")
         with gr.Tabs(selected="train") as tabs:
             # ======================================================================== Train
@@ -182,8 +177,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                         follow = gr.Dropdown(choices=_follow_choices(runs_dir), value=None, label="following run", allow_custom_value=True,
                                              elem_id="follow")
                         progress = gr.HTML(elem_id="progress")
-                        loss_plot = gr.LinePlot(x="step", y="loss", color="run", label="loss",
-                                                elem_id="loss-plot")
+                        loss_plot = gr.HTML(label="loss", elem_id="loss-plot")
                         gallery = gr.Gallery(label="newest validation images", columns=4, height=260,
                                              elem_id="newest-images")
                         log_box = gr.Textbox(label="log (tail)", lines=12, max_lines=12, autoscroll=True,
@@ -219,7 +213,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 cmp_info = gr.Markdown()
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
                                     elem_id="cmp-grid")
-                cmp_loss = gr.LinePlot(x="step", y="loss", color="run", label="loss")
+                cmp_loss = gr.HTML(label="loss", elem_id="cmp-loss")
                 cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
                 cmp_files = gr.File(label="LoRA files of the selected runs", file_count="multiple",
                                     interactive=False, elem_id="cmp-files")
@@ -284,9 +278,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             plot_key = (name, tuple((r.name, (r.path / "metrics.jsonl").stat().st_size
                                      if (r.path / "metrics.jsonl").exists() else 0) for r in members))
             plot = gr.skip()
-            if plot_key != seen_state.get("plot") or not seen_state.get("plot_again"):
-                # once more after the last change: the chart can show the update before the latest one
-                seen_state["plot_again"] = plot_key == seen_state.get("plot")
+            if plot_key != seen_state.get("plot"):
                 seen_state["plot"] = plot_key
                 plot = loss_chart(members)
             images = newest_images(members)

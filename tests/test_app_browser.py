@@ -120,8 +120,8 @@ def test_train_follow_compare_in_the_browser(page_url, browser):
     assert progress.get_attribute("value") == progress.get_attribute("max") == "16"
     # the newest validation images of both runs (2 seeds each) and the loss curves
     page.wait_for_function("document.querySelectorAll('#newest-images img').length >= 4", timeout=20_000)
-    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=20_000)
-    assert coloured_pixels(page.locator("#loss-plot")) > 100  # the curves are drawn, not just the axes
+    expect(page.locator("#loss-plot polyline.run")).to_have_count(2, timeout=20_000)
+    assert coloured_pixels(page.locator("#loss-plot")) > 300  # the curves are drawn, not just the axes
     expect(page.locator("#log textarea")).to_have_value(re.compile("done: .*browser-flat"), timeout=10_000)
     shot(page, "3-train-done")
 
@@ -141,6 +141,7 @@ def test_train_follow_compare_in_the_browser(page_url, browser):
     # Compare tab: the A/B pair is preselected and its grid appears; then generate now
     page.get_by_role("tab", name="Compare").click()
     page.locator("#cmp-grid img").wait_for(timeout=30_000)
+    expect(page.locator("#cmp-loss polyline.run")).to_have_count(2, timeout=10_000)
     shot(page, "5-compare-tab")
     page.locator("#gen-prompt").locator("input, textarea").first.fill("a sks toy on the beach")
     page.locator("#gen-btn").click()

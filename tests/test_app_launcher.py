@@ -222,3 +222,25 @@ def test_child_gets_its_own_session(env):
     assert launcher.wait_idle(10)
     assert state(runs_dir, a)["message"] == "cancelled"
     assert Path(runs_dir / a / "train.log").read_text().count("[app]") == 2
+
+
+def test_cancel_a_training_started_from_a_terminal(env, tmp_path):
+    """A run started by hand (not leading a process group of its own) is adopted and can still be cancelled."""
+    import subprocess
+
+    runs_dir, make, new_runs = env
+    [a] = new_runs("by-hand", steps=200)
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "fake_trainer.py"), "train", "--config",
+                             str(runs_dir / a / "config.yaml")], env={**os.environ, "FAKE_DELAY": "0.5"})
+    try:
+        wait_for(lambda: state(runs_dir, a)["state"] == "running")
+        assert os.getpgid(proc.pid) != proc.pid
+        launcher = make().start()
+        assert launcher.snapshot()["running"] == a
+        launcher.cancel(a)
+        assert proc.wait(10) == 130  # its SIGTERM handler ran
+        wait_for(lambda: state(runs_dir, a)["state"] == "cancelled")
+        assert launcher.wait_idle(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

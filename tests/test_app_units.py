@@ -236,3 +236,33 @@ def test_run_folders_are_read_tolerantly(tmp_path):
     assert runs.safe_name("../..") == "run" and runs.safe_name("a b/c") == "a-b-c"
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
     assert os.access(run_dir / "status.json", os.R_OK)
+
+
+def test_cli_app_subcommand_reaches_app_main(capsys):
+    from flatlora_diffusion.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["app", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--runs-dir" in out and "--auth" in out and "127.0.0.1" in out
+
+
+def test_loss_chart_svg():
+    import xml.etree.ElementTree as ET
+
+    from app.chart import loss_svg, smooth
+
+    empty = loss_svg([])
+    assert "data-lines='0'" in empty and "<svg" not in empty
+    a = [(i, 1.0 / i) for i in range(1, 31)]
+    b = [(1, 0.5)]
+    out = loss_svg([("run <a> (LoRA)", a), ("b", b), ("nothing yet", []), ("nan", [(1, float("nan"))])])
+    assert "data-lines='2'" in out
+    svg = ET.fromstring(out[out.index("<svg"):out.rindex("</svg>") + 6])  # well-formed, labels escaped
+    ns = "{http://www.w3.org/2000/svg}"
+    runs = [p for p in svg.iter(ns + "polyline") if p.get("class") == "run"]
+    assert [p.get("data-run") for p in runs] == ["run <a> (LoRA)", "b"]
+    assert len(runs[0].get("points").split()) == 30 and len(runs[1].get("points").split()) == 1
+    assert sum(1 for p in svg.iter(ns + "polyline") if p.get("class") == "raw") == 1  # 30 points: smoothed too
+    assert smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])

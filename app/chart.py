@@ -1,0 +1,114 @@
+"""Loss curves as inline SVG: several runs overlaid, redrawn from scratch on every update.
+
+Gradio's own LinePlot (6.31) keeps the colour domain of its first drawing and only swaps the data later,
+so a chart first drawn before any run had logged a step (or while its tab was hidden) shows axes and
+no lines. An SVG string in a gr.HTML has no such state.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+
+COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+
+
+def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    raw = (hi - lo) / max(count - 1, 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = min((m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw), default=10 * mag)
+    start = math.floor(lo / step) * step
+    ticks, t = [], start
+    while t <= hi + step * 0.5:
+        if t >= lo - step * 1e-9:
+            ticks.append(round(t, 12))
+        t += step
+    return ticks
+
+
+def _fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000 or abs(v) < 0.001:
+        return f"{v:.2g}"
+    return f"{v:.4g}"
+
+
+def smooth(values: list[float], weight: float) -> list[float]:
+    """TensorBoard-style exponential moving average, debiased at the start."""
+    out, last, norm = [], 0.0, 0.0
+    for v in values:
+        last = weight * last + (1 - weight) * v
+        norm = weight * norm + (1 - weight)
+        out.append(last / norm)
+    return out
+
+
+def loss_svg(series: list[tuple[str, list[tuple[int, float]]]], width: int = 640, height: int = 300,
+             title: str = "loss") -> str:
+    """An SVG line chart of (step, loss) per labelled run. Raw values thin, smoothed bold once a run has
+    more than 20 points. Empty input gives a placeholder."""
+    series = [(label, [(int(s), float(v)) for s, v in pts if math.isfinite(float(v))]) for label, pts in series]
+    series = [(label, pts) for label, pts in series if pts]
+    if not series:
+        return (f"<div class='fl-loss' data-lines='0' style='color:#888;padding:12px'>{html.escape(title)}: "
+                f"no steps logged yet</div>")
+    left, right, top, bottom = 56, 12, 16 + 18 * ((len(series) + 1) // 2), 34
+    w, h = width - left - right, height - top - bottom
+    xs = [s for _, pts in series for s, _ in pts]
+    ys = [v for _, pts in series for _, v in pts]
+    x0, x1 = min(xs), max(xs)
+    if x1 == x0:
+        x1 = x0 + 1
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.05 or abs(y0) * 0.05 or 0.05
+    y0, y1 = y0 - pad, y1 + pad
+
+    def px(s):
+        return left + (s - x0) / (x1 - x0) * w
+
+    def py(v):
+        return top + (1 - (v - y0) / (y1 - y0)) * h
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' width='100%' "
+             f"style='max-width:{width * 1.6:.0f}px;font:11px sans-serif' role='img' "
+             f"aria-label='{html.escape(title)}'>",
+             f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#ccc'/>"]
+    for t in _nice_ticks(y0, y1):
+        if y0 <= t <= y1:
+            y = py(t)
+            parts.append(f"<line x1='{left}' x2='{left + w}' y1='{y:.1f}' y2='{y:.1f}' stroke='#eee'/>"
+                         f"<text x='{left - 4}' y='{y + 4:.1f}' text-anchor='end' fill='#666'>{_fmt(t)}</text>")
+    for t in _nice_ticks(x0, x1, 6):
+        if x0 <= t <= x1 and float(t).is_integer():
+            x = px(t)
+            parts.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{top}' y2='{top + h}' stroke='#f3f3f3'/>"
+                         f"<text x='{x:.1f}' y='{top + h + 14}' text-anchor='middle' fill='#666'>{int(t)}</text>")
+    parts.append(f"<text x='{left + w / 2:.0f}' y='{height - 4}' text-anchor='middle' fill='#444'>step</text>"
+                 f"<text x='12' y='{top + h / 2:.0f}' text-anchor='middle' fill='#444' "
+                 f"transform='rotate(-90 12 {top + h / 2:.0f})'>{html.escape(title)}</text>")
+    for i, (label, pts) in enumerate(series):
+        colour = COLOURS[i % len(COLOURS)]
+        pts = sorted(pts)
+        raw = " ".join(f"{px(s):.1f},{py(v):.1f}" for s, v in pts)
+        if len(pts) > 20:
+            parts.append(f"<polyline class='raw' points='{raw}' fill='none' stroke='{colour}' stroke-opacity='0.3' "
+                         f"stroke-width='1'/>")
+            sm = smooth([v for _, v in pts], 0.8)
+            line = " ".join(f"{px(s):.1f},{py(v):.1f}" for (s, _), v in zip(pts, sm))
+        else:
+            line = raw
+        parts.append(f"<polyline class='run' data-run='{html.escape(label)}' points='{line}' fill='none' "
+                     f"stroke='{colour}' stroke-width='2'><title>{html.escape(label)}</title></polyline>")
+        if len(pts) == 1:
+            s, v = pts[0]
+            parts.append(f"<circle cx='{px(s):.1f}' cy='{py(v):.1f}' r='3' fill='{colour}'/>")
+        lx, ly = left + (i % 2) * (w / 2), 12 + 18 * (i // 2)
+        last = pts[-1][1]
+        parts.append(f"<line x1='{lx:.0f}' x2='{lx + 18:.0f}' y1='{ly - 4}' y2='{ly - 4}' stroke='{colour}' "
+                     f"stroke-width='3'/><text x='{lx + 24:.0f}' y='{ly}' fill='#333'>"
+                     f"{html.escape(label)} · last {_fmt(last)}</text>")
+    parts.append("</svg>")
+    return f"<div class='fl-loss' data-lines='{len(series)}'>{''.join(parts)}</div>"
