@@ -10,7 +10,6 @@ All on tiny offline models at 64 px, a few steps each, on the CPU.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
