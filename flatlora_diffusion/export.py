@@ -297,7 +297,11 @@ def lora_to_diffusers(lora: Lora, dtype: torch.dtype | None = None) -> tuple[dic
             if magnitude is not None:
                 if module.down.dim() > 2:  # peft keeps a conv magnitude as [1, out, 1, 1]
                     magnitude = magnitude.reshape(1, -1, *([1] * (module.down.dim() - 2)))
-                state[f"{component}.{path}.lora_magnitude_vector"] = _cast(magnitude, dtype)
+                # Text encoders load through transformers' peft integration, which expects the parameter
+                # name "...lora_magnitude_vector.weight" (without it the magnitudes are silently dropped);
+                # the UNet loader takes diffusers' bare name.
+                suffix = "" if component == UNET else ".weight"
+                state[f"{component}.{path}.lora_magnitude_vector{suffix}"] = _cast(magnitude, dtype)
         for key, value in _adapter_config(modules, component).items():
             adapter_metadata[f"{component}.{key}"] = value
     metadata = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True)}
@@ -706,26 +710,45 @@ def _tags(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
+def _image_folders(data_dir, default_prompt, caption_extension) -> dict[str, tuple[int, list[str]]]:
+    """{folder name: (repeats, captions)} of an instance folder as the trainer reads it (kohya "N_token"
+    subfolders included); empty when the folder is not on this machine (an exported run from elsewhere)."""
+    if not data_dir:
+        return {}
+    from .data import DataError, scan_image_folder
+
+    try:
+        records = scan_image_folder(data_dir, default_prompt, caption_extension, warn=lambda *a, **k: None)
+    except (DataError, OSError):
+        return {}
+    folders: dict[str, tuple[int, list[str]]] = {}
+    for record in records:
+        name = record.path.parent.name
+        folders.setdefault(name, (record.repeats, []))[1].append(record.caption)
+    return folders
+
+
 def _dataset_facts(s: Mapping) -> dict[str, str]:
     """ss_tag_frequency / ss_dataset_dirs / image counts the way sd-scripts writes them."""
     out: dict[str, str] = {}
     data_dir = s.get("instance_data_dir")
     repeats = int(s.get("repeats") or 1)
-    images = _image_files(data_dir) if data_dir else []
-    count = len(images) or int(s.get("num_train_images") or s.get("num_instance_images") or 0)
-    if data_dir or count:
-        dirname = Path(str(data_dir)).name if data_dir else "instance"
-        frequency: Counter = Counter()
-        prompt_tags = _tags(s.get("instance_prompt") or "")
-        for image in images or [None] * count:
-            caption = image.with_suffix(".txt") if image is not None else None
-            if caption is not None and caption.is_file():
-                frequency.update(_tags(caption.read_text(encoding="utf-8", errors="replace")))
-            else:
-                frequency.update(prompt_tags)
-        out["ss_tag_frequency"] = json.dumps({dirname: dict(frequency)})
-        out["ss_dataset_dirs"] = json.dumps({dirname: {"n_repeats": repeats, "img_count": count}})
-        out["ss_num_train_images"] = str(count * repeats)
+    folders = _image_folders(data_dir, s.get("instance_prompt"), s.get("caption_extension") or ".txt")
+    if not folders:
+        count = int(s.get("num_train_images") or s.get("num_instance_images") or 0)
+        if data_dir or count:
+            name = Path(str(data_dir)).name if data_dir else "instance"
+            folders = {name: (1, [s.get("instance_prompt") or ""] * count)}
+    if folders:
+        # One entry per image folder by its name, as sd-scripts writes them ("3_sks toy": n_repeats 3).
+        out["ss_tag_frequency"] = json.dumps(
+            {name: dict(Counter(tag for caption in captions for tag in _tags(caption)))
+             for name, (_, captions) in folders.items()}
+        )
+        out["ss_dataset_dirs"] = json.dumps(
+            {name: {"n_repeats": n * repeats, "img_count": len(captions)} for name, (n, captions) in folders.items()}
+        )
+        out["ss_num_train_images"] = str(sum(n * repeats * len(captions) for n, captions in folders.values()))
     if s.get("with_prior_preservation"):
         class_dir = s.get("class_data_dir")
         class_count = len(_image_files(class_dir)) if class_dir else 0

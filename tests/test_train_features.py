@@ -437,7 +437,7 @@ def test_trainer_written_files_load_in_diffusers_and_reproduce_the_trained_model
 
     over = LORA_VARIANTS[variant]
     dora = bool(over.get("use_dora"))
-    # DoRA on the text encoder: see the xfail test below; here DoRA trains the UNet only
+    # DoRA on the text encoder: see test_dora_text_encoder_... below; here DoRA trains the UNet only
     out = run(tiny, tmp_path / "run", **over, train_text_encoder=not dora, learning_rate=2e-2, text_encoder_lr=2e-2,
               max_train_steps=3, save_precision="fp32", output_name="lora")
     trainer = capture_trainer[0]
@@ -483,9 +483,6 @@ def test_trainer_written_files_load_in_diffusers_and_reproduce_the_trained_model
     assert checked == sum(1 for k in kohya if k.endswith(".alpha")) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="diffusers 0.42 loads text-encoder LoRA through transformers 5, which "
-                   "expects '...lora_magnitude_vector.weight'; the diffusers file (like diffusers' own "
-                   "save_lora_weights) writes '...lora_magnitude_vector', so the DoRA magnitudes are dropped")
 def test_dora_text_encoder_diffusers_file_reproduces_the_trained_text_encoder(tiny, tmp_path, capture_trainer):
     run(tiny, tmp_path / "run", rank=4, lora_alpha=2.0, use_dora=True, train_text_encoder=True, learning_rate=2e-2,
         text_encoder_lr=2e-2, max_train_steps=2)
@@ -581,9 +578,6 @@ def test_kohya_repeat_folders_repeat_and_caption(tiny, tmp_path, record_loss_cal
     assert len(record_loss_calls) == 6
 
 
-@pytest.mark.xfail(strict=True, reason="export._dataset_facts only looks at images in the top folder: kohya "
-                   "'N_token' subfolders give ss_dataset_dirs {<top folder>: n_repeats 1}, ss_num_train_images "
-                   "without the repeats and no tags")
 def test_kohya_repeat_folders_in_the_kohya_file_metadata(tiny, tmp_path):
     data = tmp_path / "data"
     make_subject_images(data / "3_sks toy", n=2, size=64, seed=5)
