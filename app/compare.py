@@ -158,12 +158,13 @@ class Generator:
         from flatlora_diffusion.sample import load_pipeline
 
         key = (cfg.get("pretrained_model_name_or_path"), cfg.get("pretrained_vae_model_name_or_path"),
-               cfg.get("revision"), cfg.get("variant"))
+               cfg.get("revision"), cfg.get("variant"), cfg.get("single_file_config"))
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]
         _quiet_diffusers()
-        pipe = load_pipeline(key[0], device=self._device(), vae=key[1], revision=key[2], variant=key[3])
+        pipe = load_pipeline(key[0], device=self._device(), vae=key[1], revision=key[2], variant=key[3],
+                             config=key[4])
         self._pipes[key] = pipe
         while len(self._pipes) > self.cache_size:
             self._pipes.popitem(last=False)

@@ -156,6 +156,7 @@ def prepare_runs(
     # --- check everything ------------------------------------------------------------------------------
     _check_model(values.get("pretrained_model_name_or_path"), "pretrained_model_name_or_path")
     _check_model(values.get("pretrained_vae_model_name_or_path"), "pretrained_vae_model_name_or_path")
+    _check_model(values.get("single_file_config"), "single_file_config")
     upload_exts = [check_image(p, n) for p, n in zip(uploads, names)]
     if uploads:
         if values.get("dataset_name"):

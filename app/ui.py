@@ -7,7 +7,6 @@ that a script may want has an api_name, so gradio_client drives the same code pa
 from __future__ import annotations
 
 import html
-import logging
 from pathlib import Path
 
 import gradio as gr
@@ -19,7 +18,6 @@ from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
 from .submit import SubmitError, prepare_runs
 
-log = logging.getLogger(__name__)
 
 PRESET_DIR = ".presets"
 _STATE_COLOURS = {"running": "#2b7be4", "queued": "#b08900", "completed": "#2e9d4f", "failed": "#d03737",
