@@ -218,8 +218,22 @@ if triton is not None:
         tl.store(out_ptrs, v.to(out_ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base,
+                    ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+        ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
+        i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
+        z1, z2 = _normal_pair(i1, i2, FAST)
+        z3, z4 = _normal_pair(i3, i4, FAST)
+        off = rows64[:, None] * K + (c0 + t)[None, :]
+        cols = c0 + t
+        _emit(z1, w_base + off, out_base + off, rmask[:, None] & (cols < K)[None, :], std, ADD_W)
+        _emit(z2, w_base + off + 64, out_base + off + 64, rmask[:, None] & (cols + 64 < K)[None, :], std, ADD_W)
+        _emit(z3, w_base + off + 128, out_base + off + 128, rmask[:, None] & (cols + 128 < K)[None, :], std, ADD_W)
+        _emit(z4, w_base + off + 192, out_base + off + 192, rmask[:, None] & (cols + 192 < K)[None, :], std, ADD_W)
+
+    @triton.jit
     def flat_noise_kernel(
-        prog_ptr,  # int32 [P, 3]: local layer, first row, first column (a multiple of 256)
+        prog_ptr,  # int32 [P, 3]: layer (row of meta), first row, first column (a multiple of 256 * TILES)
         meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
         keys_ptr,  # int64 [n layers of the engine]
         std_ptr,  # fp32 [total rows]
@@ -229,8 +243,9 @@ if triton is not None:
         BM: tl.constexpr,
         ROUNDS: tl.constexpr,
         FAST: tl.constexpr,
+        TILES: tl.constexpr = 1,
     ):
-        """out[rows, c0:c0+256] = W + std_row * z (ADD_W) or std_row * z, for one BM x 256 tile of one layer."""
+        """out[rows, c0:c0+256*TILES] = W + std_row * z (ADD_W) or std_row * z: BM rows of one layer."""
         pid = tl.program_id(0)
         lay = tl.load(prog_ptr + 3 * pid)
         r0 = tl.load(prog_ptr + 3 * pid + 1)
@@ -247,17 +262,9 @@ if triton is not None:
         std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
         t = tl.arange(0, 64)
         zero = tl.zeros((BM, 64), dtype=tl.uint32)
-        ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
         ctr1 = rows.to(tl.uint32)[:, None] + zero
-        i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
-        z1, z2 = _normal_pair(i1, i2, FAST)
-        z3, z4 = _normal_pair(i3, i4, FAST)
-        off = rows64[:, None] * K + (c0 + t)[None, :]
-        cols = c0 + t
-        _emit(z1, w_base + off, out_base + off, rmask[:, None] & (cols < K)[None, :], std, ADD_W)
-        _emit(z2, w_base + off + 64, out_base + off + 64, rmask[:, None] & (cols + 64 < K)[None, :], std, ADD_W)
-        _emit(z3, w_base + off + 128, out_base + off + 128, rmask[:, None] & (cols + 128 < K)[None, :], std, ADD_W)
-        _emit(z4, w_base + off + 192, out_base + off + 192, rmask[:, None] & (cols + 192 < K)[None, :], std, ADD_W)
+        for j in tl.static_range(TILES):
+            _noise_tile(c0 + j * 256, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
 
     @triton.jit
     def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
