@@ -438,3 +438,32 @@ print("OK")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_backward_generates_only_layers_that_need_an_input_gradient():
+    """Cross-attention to_k / to_v read the (frozen) text embeddings: backward never asks for their W + eps, so
+    the backward launch of a block leaves them out (a third of an SDXL block's weights)."""
+    unet = _tiny_unet()
+    flat = _fast(FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4))
+    calls = []
+    eng = flat._fast
+    original = eng._generate
+
+    def record(chunk, buf, add_w, subset=None):
+        calls.append((chunk.index, subset))
+        return original(chunk, buf, add_w, subset)
+
+    eng._generate = record
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=gen)
+    text = torch.randn(2, 5, 32, generator=gen)
+    with flat.perturb(3):
+        unet(sample, torch.tensor([10, 500]), text).sample.pow(2).mean().backward()
+    n = len(eng.chunks)
+    forward, backward = calls[:n], calls[n:]
+    assert sorted(c for c, _ in forward) == list(range(n)) and all(s is None for _, s in forward)
+    names = [fl.flat_layer.name.rsplit(".", 2)[-2:] for fl in eng.chunks[1].layers]
+    for chunk_index, subset in backward:
+        assert subset is not None
+        kept = {".".join(names[i]) for i in subset}
+        assert not kept & {"attn2.to_k", "attn2.to_v"}, kept
