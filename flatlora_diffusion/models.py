@@ -131,6 +131,42 @@ def pipeline_class(arch: str):
     return StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
 
 
+def load_pipeline(
+    source: ModelSource,
+    *,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    variant: str | None = None,
+    cache_dir: str | None = None,
+    vae_path: str | None = None,
+    single_file_config: str | None = None,
+):
+    """The SD / SDXL pipeline of `source` (without safety checker), with an optional replacement VAE.
+
+    The one loading path of the project: training, class-image generation and "generate now" all use it."""
+    from diffusers import AutoencoderKL
+
+    cls = pipeline_class(source.arch)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if source.arch == "sd15" else {}
+    if source.kind == "single_file":
+        kwargs = {"config": single_file_config} if single_file_config else {}
+        pipe = cls.from_single_file(source.location, dtype=dtype, **extra, **kwargs)
+    else:
+        pipe = cls.from_pretrained(
+            source.location, revision=revision, variant=variant, cache_dir=cache_dir, dtype=dtype, **extra
+        )
+    if vae_path:
+        vp = Path(vae_path).expanduser()
+        if vp.is_file():
+            pipe.vae = AutoencoderKL.from_single_file(str(vp), dtype=dtype)
+        else:
+            sub = "vae" if (vp / "vae").is_dir() else None
+            pipe.vae = AutoencoderKL.from_pretrained(vae_path, subfolder=sub, revision=revision, cache_dir=cache_dir,
+                                                     dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_components(
     source: ModelSource,
     *,
@@ -142,25 +178,12 @@ def load_components(
     single_file_config: str | None = None,
 ) -> Components:
     """Load the pipeline's parts in fp32 on the CPU (the trainer casts and moves them)."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
 
-    cls = pipeline_class(source.arch)
-    if source.kind == "single_file":
-        kwargs = {"config": single_file_config} if single_file_config else {}
-        pipe = cls.from_single_file(source.location, dtype=torch.float32, **kwargs)
-    else:
-        extra = {"safety_checker": None, "requires_safety_checker": False} if source.arch == "sd15" else {}
-        pipe = cls.from_pretrained(
-            source.location, revision=revision, variant=variant, cache_dir=cache_dir, dtype=torch.float32, **extra
-        )
+    pipe = load_pipeline(source, revision=revision, variant=variant, cache_dir=cache_dir, vae_path=vae_path,
+                         single_file_config=single_file_config)
+    cls = type(pipe)
     vae = pipe.vae
-    if vae_path:
-        vp = Path(vae_path)
-        if vp.is_file():
-            vae = AutoencoderKL.from_single_file(str(vp), dtype=torch.float32)
-        else:
-            sub = "vae" if (vp / "vae").is_dir() else None
-            vae = AutoencoderKL.from_pretrained(vae_path, subfolder=sub, revision=revision, cache_dir=cache_dir)
     tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if source.arch == "sdxl" else [])
     if tokenizer_name:
         from transformers import CLIPTokenizer

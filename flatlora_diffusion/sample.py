@@ -13,14 +13,12 @@ and unloaded afterwards, even when generation fails. So one loaded base pipeline
 
 from __future__ import annotations
 
-import json
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["SampleError", "load_pipeline", "generate", "comparison_grid", "single_file_arch"]
+__all__ = ["SampleError", "load_pipeline", "generate", "comparison_grid"]
 
-_SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 _ADAPTER = "flatlora_sample"
 
 
@@ -31,39 +29,6 @@ class SampleError(ValueError):
 # ---------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------
-
-
-def single_file_arch(path) -> str:
-    """'sdxl' or 'sd15' for an original-layout single-file checkpoint, told apart by SDXL's second encoder."""
-    p = Path(path)
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(p), framework="pt") as f:
-            keys = list(f.keys())
-    else:
-        import torch
-
-        state = torch.load(str(p), map_location="cpu", weights_only=True)
-        keys = list(state.get("state_dict", state))
-    return "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd15"
-
-
-def _dtype_kwargs(dtype) -> dict:
-    """diffusers renamed `torch_dtype` to `dtype` (and warns on the old name); older releases know only the old."""
-    try:
-        from diffusers.utils import deprecation_utils
-
-        new_name = hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE")
-    except ImportError:
-        new_name = False
-    return {"dtype": dtype} if new_name else {"torch_dtype": dtype}
-
-
-def _default_dtype(device: str):
-    import torch
-
-    return torch.float16 if str(device).startswith("cuda") else torch.float32
 
 
 def load_pipeline(
@@ -80,46 +45,22 @@ def load_pipeline(
     Single files (.safetensors/.ckpt) go through diffusers' ``from_single_file``; `config` (a diffusers
     folder or hub id with the same architecture) tells it the component configs without a download.
     `vae` optionally replaces the VAE (hub id, folder or single file). dtype defaults to fp16 on CUDA and
-    fp32 elsewhere. The safety checker is not loaded.
+    fp32 elsewhere. The safety checker is not loaded. Loading itself is the trainer's (models.load_pipeline).
     """
-    from diffusers import AutoencoderKL, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    import torch
+
+    from .models import ModelError, inspect_model_source
+    from .models import load_pipeline as load_model_pipeline
 
     if not base_model:
         raise SampleError("no base model given")
-    dtype = dtype or _default_dtype(device)
-    path = Path(base_model).expanduser()
-    kwargs: dict = _dtype_kwargs(dtype)
-    if path.is_file():
-        if path.suffix.lower() not in _SINGLE_FILE_SUFFIXES:
-            raise SampleError(f"{path.name}: a single-file model must be .safetensors or .ckpt")
-        cls = StableDiffusionXLPipeline if single_file_arch(path) == "sdxl" else StableDiffusionPipeline
-        if config:
-            kwargs["config"] = str(config)
-        if cls is StableDiffusionPipeline:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipe = cls.from_single_file(str(path), **kwargs)
-    else:
-        if path.is_dir():
-            index = path / "model_index.json"
-            if not index.is_file():
-                raise SampleError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-            if "safety_checker" in json.loads(index.read_text()):
-                kwargs.update(safety_checker=None, requires_safety_checker=False)
-            source = str(path)
-        else:
-            source = base_model  # a hub id
-        if revision:
-            kwargs["revision"] = revision
-        if variant:
-            kwargs["variant"] = variant
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    if vae:
-        vae_path = Path(vae).expanduser()
-        if vae_path.is_file():
-            pipe.vae = AutoencoderKL.from_single_file(str(vae_path), **_dtype_kwargs(dtype))
-        else:
-            pipe.vae = AutoencoderKL.from_pretrained(str(vae), **_dtype_kwargs(dtype))
-    pipe.set_progress_bar_config(disable=True)
+    dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
+    try:
+        source = inspect_model_source(str(base_model), revision)
+    except ModelError as e:
+        raise SampleError(str(e)) from None
+    pipe = load_model_pipeline(source, dtype=dtype, revision=revision, variant=variant, vae_path=vae,
+                               single_file_config=config)
     return pipe.to(device)
 
 

@@ -70,7 +70,6 @@ def test_generate_is_seeded_applies_lora_and_leaves_pipeline_clean(pipeline_dirs
 def test_single_file_model_loads(pipeline_dirs, tmp_path):
     folder = pipeline_dirs["sdxl"]
     single = tiny.save_single_file_checkpoint(folder, tmp_path / "model.safetensors")
-    assert sample.single_file_arch(single) == "sdxl"
     pipe = sample.load_pipeline(str(single), config=str(folder))
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     ref = sample.load_pipeline(str(folder))
