@@ -121,20 +121,6 @@ def loss_series(runs: list[Run], max_points: int = 2000) -> list[tuple[str, list
     return out
 
 
-def _quiet_diffusers() -> None:
-    """Loading bars and "no LoRA keys for the text encoder" notes belong in a console, not the app's log."""
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except ImportError:
-        pass
-
-
 class Generator:
     """'Generate now': each selected run's LoRA on its base model, same prompt and seed, side by side.
 
@@ -155,6 +141,7 @@ class Generator:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def _pipeline(self, cfg: dict):
+        from flatlora_diffusion.cli import quiet_libraries
         from flatlora_diffusion.sample import load_pipeline
 
         key = (cfg.get("pretrained_model_name_or_path"), cfg.get("pretrained_vae_model_name_or_path"),
@@ -162,7 +149,7 @@ class Generator:
         if key in self._pipes:
             self._pipes.move_to_end(key)
             return self._pipes[key]
-        _quiet_diffusers()
+        quiet_libraries()
         pipe = load_pipeline(key[0], device=self._device(), vae=key[1], revision=key[2], variant=key[3],
                              config=key[4])
         self._pipes[key] = pipe

@@ -17,11 +17,11 @@ def _fail(message: str) -> int:
     return 2
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+def quiet_libraries() -> None:
+    """Loading bars of every pipeline component and library notes drown our own progress and log."""
     for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:  # loading bars of every pipeline component drown the training progress bar
+    try:
         import diffusers.utils.logging as dlog
         import transformers.utils.logging as tlog
 
@@ -31,6 +31,11 @@ def _setup_logging() -> None:
         tlog.set_verbosity_error()
     except ImportError:
         pass
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    quiet_libraries()
 
 
 def train_main(argv: list[str]) -> int:

@@ -27,3 +27,11 @@ def _reset_accelerate_state():
         AcceleratorState._reset_state(reset_partial_state=True)
     except Exception:
         pass
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny SD 1.5 and SDXL pipelines and three subject images, built once per test session."""
+    from tests.training_helpers import make_tiny_assets
+
+    return make_tiny_assets(tmp_path_factory.mktemp("tiny"))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.test_train import run, tiny  # noqa: F401  (fixture)
+from tests.training_helpers import run
 
 
 def _regenerate(run_dir: Path, with_lora: bool) -> np.ndarray:
@@ -30,7 +30,7 @@ def _regenerate(run_dir: Path, with_lora: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("init", ["gaussian", "pissa"])
-def test_trained_file_reproduces_the_validation_image(tiny, tmp_path, init):  # noqa: F811
+def test_trained_file_reproduces_the_validation_image(tiny, tmp_path, init):
     out = tmp_path / init
     run(tiny, out, init_lora_weights=init, max_train_steps=6, learning_rate=2e-2, train_text_encoder=True,
         validation_prompt=["a photo of sks toy"], validation_seeds=[3], validation_inference_steps=4)

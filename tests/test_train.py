@@ -9,56 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from safetensors.torch import load_file
 
 from flatlora_diffusion.config import make_config
-from flatlora_diffusion.tiny import make_subject_images, make_tiny_pipeline
-from flatlora_diffusion.train import train
+from tests.training_helpers import lora_weights, run
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {
-        "sd15": make_tiny_pipeline(base / "sd15", "sd15", seed=0),
-        "sdxl": make_tiny_pipeline(base / "sdxl", "sdxl", seed=0),
-        "images": Path(make_subject_images(base / "images", n=3, size=96, seed=0)[0]).parent,
-    }
-
-
-def settings(tiny, out, arch="sd15", **over):
-    s = {
-        "pretrained_model_name_or_path": str(tiny[arch]),
-        "instance_data_dir": str(tiny["images"]),
-        "instance_prompt": "a photo of sks toy",
-        "output_dir": str(out),
-        "resolution": 64,
-        "train_batch_size": 1,
-        "max_train_steps": 4,
-        "learning_rate": 1e-3,
-        "lr_warmup_steps": 0,
-        "seed": 7,
-        "flat_sigma": 0.1,
-        "flat_schedule": "constant",
-        "checkpointing_steps": 1000,
-    }
-    s.update(over)
-    return s
-
-
-def run(tiny, out, **over):
-    from accelerate.state import AcceleratorState
-
-    try:
-        return train(make_config(settings(tiny, out, **over)))
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def lora_weights(run_dir):
-    return load_file(Path(run_dir) / "pytorch_lora_weights.safetensors")
 
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
