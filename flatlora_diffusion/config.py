@@ -161,6 +161,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Trade compute for memory.", "speed")
     enable_xformers_memory_efficient_attention: bool = _f(False, "Use xformers attention (CUDA only).", "speed")
     allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.", "speed")
+    cuda_graph: str = _f(
+        "auto", "Replay each step's forward+backward from a CUDA graph (no CPU launch overhead). auto: on a single "
+        "CUDA GPU without gradient accumulation.", "speed", choices=["auto", "on", "off"],
+    )
     cache_latents: bool = _f(False, "Encode every image with the VAE once, before training.", "speed")
     cache_text_embeddings: bool = _f(
         True, "When the text encoders are frozen, encode each distinct prompt once.", "speed"

@@ -858,10 +858,6 @@ class GraphedTrainStep:
         self.micro_t.fill_(micro)
         with acc.accumulate(*ts._trained_models()):
             graph.replay()
-            if acc.sync_gradients and ts.options.max_grad_norm:
-                acc.clip_grad_norm_(ts.params, ts.options.max_grad_norm)
-            ts.optimizer.step()
-            if ts.lr_scheduler is not None:
-                ts.lr_scheduler.step()
+            ts.update()  # the gradients stay in the graph's fixed tensors: never zeroed to None here
         sigma_t = self.flat.sigma_at(global_step) if self.flat is not None else 0.0
         return loss.clone(), float(sigma_t)

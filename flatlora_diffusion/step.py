@@ -183,13 +183,18 @@ class TrainStep:
             with flat_ctx as sigma_t:
                 loss = self._loss(batch, gen)
                 acc.backward(loss)
-            if acc.sync_gradients and self.options.max_grad_norm:
-                acc.clip_grad_norm_(self.params, self.options.max_grad_norm)
-            self.optimizer.step()
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+            self.update()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), float(sigma_t or 0.0)
+
+    def update(self) -> None:
+        """Clip, optimizer step, lr step (accelerate skips the step inside an accumulation window)."""
+        acc = self.accelerator
+        if acc.sync_gradients and self.options.max_grad_norm:
+            acc.clip_grad_norm_(self.params, self.options.max_grad_norm)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
 
     def _trained_models(self) -> list[nn.Module]:
         models = [self.models.unet]

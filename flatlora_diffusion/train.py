@@ -87,6 +87,10 @@ def preflight(cfg: TrainConfig) -> Plan:
     if cfg.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
         logger.warning("--enable_xformers_memory_efficient_attention needs CUDA; using PyTorch SDPA attention")
         cfg.enable_xformers_memory_efficient_attention = False
+    if cfg.cuda_graph == "on" and not torch.cuda.is_available():
+        raise ConfigError("--cuda_graph on needs a CUDA GPU; use auto or off")
+    if cfg.cuda_graph == "on" and cfg.gradient_accumulation_steps != 1:
+        raise ConfigError("--cuda_graph on needs --gradient_accumulation_steps 1; use auto or off")
     if cfg.use_8bit_adam:
         _require("bitsandbytes", "--use_8bit_adam needs bitsandbytes: pip install 'flatlora-diffusion[bnb]'")
     if cfg.optimizer == "prodigy":
@@ -376,8 +380,38 @@ class _Trainer:
                         train_text_encoder=cfg.train_text_encoder),
             flat=self.flat, lr_scheduler=self.lr_scheduler,
         )
+        self._maybe_graph_the_step()
         self.global_step = 0
         self.first_epoch = 0
+
+    def _graph_blockers(self) -> list[str]:
+        """Why the step cannot be replayed from a CUDA graph here (empty: it can)."""
+        cfg, acc = self.cfg, self.acc
+        reasons = []
+        if acc.device.type != "cuda":
+            reasons.append("no CUDA device")
+        if acc.num_processes > 1:
+            reasons.append("several processes (DDP hooks cannot be captured)")
+        if cfg.gradient_accumulation_steps != 1:
+            reasons.append("gradient accumulation")
+        if self.flat is not None and self.flat.layers and self.flat.fast_engine() is None:
+            reasons.append("the Flat-LoRA fast engine is unavailable (Triton, or --flat_backend reference)")
+        return reasons
+
+    def _maybe_graph_the_step(self) -> None:
+        cfg = self.cfg
+        if cfg.cuda_graph == "off":
+            return
+        blockers = self._graph_blockers()
+        if blockers:
+            if cfg.cuda_graph == "on":
+                raise ConfigError("--cuda_graph on is not possible here: " + "; ".join(blockers))
+            logger.info("CUDA graph off: %s", "; ".join(blockers))
+            return
+        from .flat_cuda import GraphedTrainStep
+
+        self.step = GraphedTrainStep(self.step)
+        logger.info("CUDA graph on: each step's forward and backward replay from a captured graph")
 
     # --- checkpoints: LoRA weights only, never the frozen base ------------------------------------------------
     def _register_checkpoint_hooks(self) -> None:
