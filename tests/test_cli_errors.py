@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flatlora_diffusion import cli, models
 from flatlora_diffusion.tiny import make_subject_images, make_tiny_pipeline
@@ -57,7 +58,8 @@ def _replace(argv, flag, value):
 @pytest.mark.parametrize(
     "case",
     ["missing_dir", "empty_dir", "no_readable", "unknown_model", "unknown_hub_id", "not_a_pipeline",
-     "resolution", "rank", "sigma", "prior_no_prompt", "unknown_flag", "output_is_file", "output_unwritable"],
+     "resolution", "rank", "sigma", "prior_no_prompt", "unknown_flag", "output_is_file", "output_unwritable",
+     "cuda_graph_without_gpu"],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, case):
     out = tmp_path / "out"
@@ -89,6 +91,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, cas
         argv, frag = argv + ["--with_prior_preservation", "--class_data_dir", str(tmp_path / "cls")], "--class_prompt"
     elif case == "unknown_flag":
         argv, frag = argv + ["--rnak", "4"], "did you mean --rank"
+    elif case == "cuda_graph_without_gpu":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU: --cuda_graph on is valid here")
+        argv, frag = argv + ["--cuda_graph", "on"], "needs a CUDA GPU"
     elif case == "output_is_file":
         f = tmp_path / "file"
         f.write_text("x")
