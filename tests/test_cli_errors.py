@@ -130,3 +130,19 @@ def test_no_traceback_in_a_real_process(tiny, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --rank must be a positive integer, got -1"
     assert not (tmp_path / "out").exists()
+
+
+def test_make_tiny_model_command_writes_a_loadable_pipeline(tmp_path, capsys):
+    from diffusers import DiffusionPipeline
+
+    assert cli.main(["make-tiny-model", str(tmp_path / "xl"), "--arch", "sdxl"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "xl")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "xl")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert models.inspect_model_source(str(tmp_path / "xl")).arch == "sdxl"
+
+
+def test_unknown_command_names_the_closest(capsys):
+    assert cli.main(["trian"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown command 'trian'; did you mean 'train'?")
