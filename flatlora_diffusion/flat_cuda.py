@@ -3,8 +3,8 @@
 `flat.FlatLoRA(..., backend="auto")` uses this engine when its layers live on a CUDA device and Triton is
 importable; `backend="reference"` keeps the per-layer torch path of flat.py, the specification.
 
-What is the same as the reference path (checked by tests/test_flat_cuda.py on the CPU and by
-benchmarks/bench_flat.py on the GPU):
+What is the same as the reference path (checked on the CPU by tests/test_flat.py, whose specification runs
+against both engines, with the fast-only checks in tests/test_flat_cuda.py; on the GPU by benchmarks/bench_flat.py):
 - the law of eps: eps_ij = std_i * z_ij, std_i = sigma_t * ||W'_i|| / sqrt(fan-in), W' = W + s B A,
   z i.i.d. N(0, 1), no gradient through std;
 - the key of a layer's noise: flat.noise_key(seed, step, micro, layer id, rank), here computed on the device
