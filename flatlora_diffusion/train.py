@@ -387,9 +387,9 @@ class _Trainer:
     def _graph_blockers(self) -> list[str]:
         """Why the step cannot be replayed from a CUDA graph here (empty: it can)."""
         cfg, acc = self.cfg, self.acc
-        reasons = []
         if acc.device.type != "cuda":
-            reasons.append("no CUDA device")
+            return ["no CUDA device"]
+        reasons = []
         if acc.num_processes > 1:
             reasons.append("several processes (DDP hooks cannot be captured)")
         if cfg.gradient_accumulation_steps != 1:
