@@ -104,64 +104,98 @@ def _perturbed_weight(weight: torch.Tensor, row_std: torch.Tensor, key: int, dty
     return eps.add_(weight.float()).to(dtype)
 
 
+class ReferenceNoise:
+    """Where a perturbed layer gets W + eps from, on the reference path: one layer's generator key and row std.
+
+    The fast engine (flat_cuda) supplies the same two methods from its fused, per-block buffers; the autograd
+    functions below are shared by both engines."""
+
+    __slots__ = ("weight_tensor", "row_std", "key")
+
+    def __init__(self, weight: torch.Tensor, row_std: torch.Tensor, key: int):
+        self.weight_tensor, self.row_std, self.key = weight, row_std, key
+
+    def forward_seen(self, input_needs_grad: bool) -> None:
+        """Told at each forward whether backward will need W + eps again (the fast engine uses it)."""
+
+    def weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        return _perturbed_weight(self.weight_tensor, self.row_std, self.key, dtype)
+
+
 class _NoisyLinear(torch.autograd.Function):
-    """y = x (W + eps)^T + b. Saves W (no copy) and the std vector; eps is regenerated in backward."""
+    """y = x (W + eps)^T + b. Keeps only the noise source (W is referenced, never copied); backward asks it for
+    W + eps again, regenerated from the same key."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, row_std, key):
+    def forward(ctx, x, weight, bias, source):
         dtype = _compute_dtype(x)
+        source.forward_seen(ctx.needs_input_grad[0])
         with torch.autocast(x.device.type, enabled=False):
-            w = _perturbed_weight(weight, row_std, key, dtype)
+            w = source.weight(dtype)
             out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
-        ctx.save_for_backward(weight, row_std)
-        ctx.key, ctx.dtype, ctx.x_dtype = key, dtype, x.dtype
+        ctx.source, ctx.dtype, ctx.x_dtype = source, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, row_std = ctx.saved_tensors
         if ctx.needs_input_grad[1]:
             raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = _perturbed_weight(weight, row_std, ctx.key, ctx.dtype)
+            w = ctx.source.weight(ctx.dtype, backward=True)
             grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, None
+        return grad_x, None, grad_bias, None
 
 
 class _NoisyConv2d(torch.autograd.Function):
-    """conv2d(x, W + eps) + b for zero-padded convolutions; eps is regenerated in backward."""
+    """conv2d(x, W + eps) + b for zero-padded convolutions; W + eps is asked for again in backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, row_std, key, conv_args):
+    def forward(ctx, x, weight, bias, source, conv_args):
         stride, padding, dilation, groups = conv_args
         dtype = _compute_dtype(x)
+        source.forward_seen(ctx.needs_input_grad[0])
         with torch.autocast(x.device.type, enabled=False):
-            w = _perturbed_weight(weight, row_std, key, dtype)
+            w = source.weight(dtype)
             out = F.conv2d(x.to(dtype), w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
-        ctx.save_for_backward(weight, row_std)
-        ctx.key, ctx.dtype, ctx.x_dtype, ctx.x_shape, ctx.conv_args = key, dtype, x.dtype, x.shape, conv_args
+        ctx.source, ctx.dtype, ctx.x_dtype, ctx.x_shape, ctx.conv_args = source, dtype, x.dtype, x.shape, conv_args
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        weight, row_std = ctx.saved_tensors
         if ctx.needs_input_grad[1]:
             raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
         stride, padding, dilation, groups = ctx.conv_args
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            w = _perturbed_weight(weight, row_std, ctx.key, ctx.dtype)
+            w = ctx.source.weight(ctx.dtype, backward=True)
             grad_x = torch.nn.grad.conv2d_input(
                 ctx.x_shape, w, grad_out.to(ctx.dtype), stride, padding, dilation, groups
             ).to(ctx.x_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, None, None
+        return grad_x, None, grad_bias, None, None
+
+
+def noisy_forward(base: nn.Module, source):
+    """A replacement forward for one frozen base layer (Linear or zero-padded Conv2d) computing with the W + eps
+    that `source` (ReferenceNoise, or the fast engine's equivalent) provides."""
+    if isinstance(base, nn.Conv2d):
+        conv_args = (base.stride, base.padding, base.dilation, base.groups)
+
+        def forward(x):
+            return _NoisyConv2d.apply(x, base.weight, base.bias, source, conv_args)
+
+    else:
+
+        def forward(x):
+            return _NoisyLinear.apply(x, base.weight, base.bias, source)
+
+    return forward
 
 
 @dataclass(frozen=True)
@@ -344,7 +378,7 @@ class FlatLoRA:
                 std = self.row_std(layer, sigma_t)
                 key = self.key(layer, step, micro_step)
                 previous = layer.base.__dict__.get("forward", _MISSING)
-                layer.base.forward = _noisy_forward(layer.base, std, key)
+                layer.base.forward = noisy_forward(layer.base, ReferenceNoise(layer.base.weight, std, key))
                 patched.append((layer.base, previous))
             yield sigma_t
         finally:
@@ -357,19 +391,3 @@ class FlatLoRA:
 
 
 _MISSING = object()
-
-
-def _noisy_forward(base: nn.Module, row_std: torch.Tensor, key: int):
-    """A replacement forward for one frozen base layer, bound to this step's noise."""
-    if isinstance(base, nn.Conv2d):
-        conv_args = (base.stride, base.padding, base.dilation, base.groups)
-
-        def forward(x):
-            return _NoisyConv2d.apply(x, base.weight, base.bias, row_std, key, conv_args)
-
-    else:
-
-        def forward(x):
-            return _NoisyLinear.apply(x, base.weight, base.bias, row_std, key)
-
-    return forward

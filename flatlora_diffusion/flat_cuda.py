@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .flat import _MISSING, FlatLayer, FlatLoRA, _compute_dtype
+from .flat import _MISSING, FlatLayer, FlatLoRA, noisy_forward
 
 # ---------------------------------------------------------------------------------------------------------
 # keys: flat.noise_key, for many layers at once, on the device, from tensors
@@ -667,75 +666,23 @@ class FastFlat:
             flat.active = False
 
 
-class _FastNoisyLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, engine, fl):
-        dtype = _compute_dtype(x)
-        fl.bwd_needed = ctx.needs_input_grad[0]
-        with torch.autocast(x.device.type, enabled=False):
-            w = engine.perturbed_weight(fl, dtype)
-            out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
-        ctx.engine, ctx.fl, ctx.dtype, ctx.x_dtype = engine, fl, dtype, x.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
+class _FastNoise:
+    """The fast engine as a noise source of flat.noisy_forward: W + eps from the layer's block buffer."""
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype, backward=True)
-            grad_x = (grad_out.to(ctx.dtype) @ w).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, None
+    __slots__ = ("engine", "fl")
 
+    def __init__(self, engine: FastFlat, fl: _FastLayer):
+        self.engine, self.fl = engine, fl
 
-class _FastNoisyConv2d(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, engine, fl, conv_args):
-        stride, padding, dilation, groups = conv_args
-        dtype = _compute_dtype(x)
-        fl.bwd_needed = ctx.needs_input_grad[0]
-        with torch.autocast(x.device.type, enabled=False):
-            w = engine.perturbed_weight(fl, dtype)
-            out = F.conv2d(x.to(dtype), w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
-        ctx.engine, ctx.fl, ctx.dtype, ctx.x_dtype, ctx.x_shape = engine, fl, dtype, x.dtype, x.shape
-        ctx.conv_args = conv_args
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
+    def forward_seen(self, input_needs_grad: bool) -> None:
+        self.fl.bwd_needed = input_needs_grad  # backward regenerates only the layers whose input needs a grad
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
-        stride, padding, dilation, groups = ctx.conv_args
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = ctx.engine.perturbed_weight(ctx.fl, ctx.dtype, backward=True)
-            grad_x = torch.nn.grad.conv2d_input(
-                ctx.x_shape, w, grad_out.to(ctx.dtype), stride, padding, dilation, groups
-            ).to(ctx.x_dtype)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_out.sum((0, 2, 3)).to(ctx.bias_dtype)
-        return grad_x, None, grad_bias, None, None, None
+    def weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        return self.engine.perturbed_weight(self.fl, dtype, backward=backward)
 
 
 def _fast_forward(engine: FastFlat, fl: _FastLayer):
-    base = fl.flat_layer.base
-    if isinstance(base, nn.Conv2d):
-        conv_args = (base.stride, base.padding, base.dilation, base.groups)
-
-        def forward(x):
-            return _FastNoisyConv2d.apply(x, base.weight, base.bias, engine, fl, conv_args)
-
-    else:
-
-        def forward(x):
-            return _FastNoisyLinear.apply(x, base.weight, base.bias, engine, fl)
-
-    return forward
+    return noisy_forward(fl.flat_layer.base, _FastNoise(engine, fl))
 
 
 def engine_for(flat: FlatLoRA, backend: str):
