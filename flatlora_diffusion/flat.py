@@ -181,6 +181,26 @@ class _NoisyConv2d(torch.autograd.Function):
         return grad_x, None, grad_bias, None, None
 
 
+@contextlib.contextmanager
+def patched_forwards():
+    """Yields patch(module, forward): the module computes with `forward` until the block ends, then exactly as
+    before (a forward the instance already had of its own is put back, else the class's is used again)."""
+    patched: list[tuple[nn.Module, object]] = []
+
+    def patch(module: nn.Module, forward) -> None:
+        patched.append((module, module.__dict__.get("forward", _MISSING)))
+        module.forward = forward
+
+    try:
+        yield patch
+    finally:
+        for module, previous in reversed(patched):
+            if previous is _MISSING:
+                del module.forward
+            else:
+                module.forward = previous
+
+
 def noisy_forward(base: nn.Module, source):
     """A replacement forward for one frozen base layer (Linear or zero-padded Conv2d) computing with the W + eps
     that `source` (ReferenceNoise, or the fast engine's equivalent) provides."""
@@ -371,22 +391,15 @@ class FlatLoRA:
             return
         if micro_step is None:
             micro_step = self._next_micro_step(step) if self.per_microbatch else 0
-        patched: list[tuple[nn.Module, object]] = []
         self.active = True
         try:
-            for layer in self.layers:
-                std = self.row_std(layer, sigma_t)
-                key = self.key(layer, step, micro_step)
-                previous = layer.base.__dict__.get("forward", _MISSING)
-                layer.base.forward = noisy_forward(layer.base, ReferenceNoise(layer.base.weight, std, key))
-                patched.append((layer.base, previous))
-            yield sigma_t
+            with patched_forwards() as patch:
+                for layer in self.layers:
+                    std = self.row_std(layer, sigma_t)
+                    key = self.key(layer, step, micro_step)
+                    patch(layer.base, noisy_forward(layer.base, ReferenceNoise(layer.base.weight, std, key)))
+                yield sigma_t
         finally:
-            for base, previous in reversed(patched):
-                if previous is _MISSING:
-                    del base.forward
-                else:
-                    base.forward = previous
             self.active = False
 
 

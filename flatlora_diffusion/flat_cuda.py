@@ -42,7 +42,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .flat import _MISSING, FlatLayer, FlatLoRA, noisy_forward
+from .flat import FlatLayer, FlatLoRA, noisy_forward, patched_forwards
 
 # ---------------------------------------------------------------------------------------------------------
 # keys: flat.noise_key, for many layers at once, on the device, from tensors
@@ -646,22 +646,14 @@ class FastFlat:
             return
         if micro_step is None:
             micro_step = flat._next_micro_step(step) if (flat.per_microbatch and not tensor_step) else 0
-        patched: list[tuple[nn.Module, object]] = []
         flat.active = True
         try:
-            self.begin_step(step, micro_step)
-            for fl in self.fast_layers:
-                base = fl.flat_layer.base
-                previous = base.__dict__.get("forward", _MISSING)
-                base.forward = _fast_forward(self, fl)
-                patched.append((base, previous))
-            yield self._sigma_t[0] if tensor_step else sigma_t
+            with patched_forwards() as patch:
+                self.begin_step(step, micro_step)
+                for fl in self.fast_layers:
+                    patch(fl.flat_layer.base, _fast_forward(self, fl))
+                yield self._sigma_t[0] if tensor_step else sigma_t
         finally:
-            for base, previous in reversed(patched):
-                if previous is _MISSING:
-                    del base.forward
-                else:
-                    base.forward = previous
             self.end_step()
             flat.active = False
 
