@@ -239,8 +239,6 @@ class TrainConfig:
             raise ConfigError(f"--noise_offset must be >= 0, got {self.noise_offset}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             raise ConfigError(f"--snr_gamma must be positive, got {self.snr_gamma}")
-        if self.validation_seeds and len(self.validation_seeds) != self.num_validation_images:
-            self.num_validation_images = len(self.validation_seeds)
         if self.output_name is not None and (not self.output_name.strip() or any(c in self.output_name for c in "/\\")):
             raise ConfigError(f"--output_name must be a plain file name without slashes, got {self.output_name!r}")
         for f in fields(self):
@@ -260,7 +258,9 @@ class TrainConfig:
             self.learning_rate = 1e-4 if arch == "sdxl" else 5e-4
         if self.lora_alpha is None:
             self.lora_alpha = float(self.rank)
-        if not self.validation_seeds:
+        if self.validation_seeds:  # explicit seeds decide how many images per prompt
+            self.num_validation_images = len(self.validation_seeds)
+        else:
             self.validation_seeds = list(range(self.num_validation_images))
         if self.seed is None:
             self.seed = int.from_bytes(os.urandom(4), "little")  # recorded in config.yaml so the run can be repeated

@@ -17,7 +17,7 @@ what the uninterrupted one would have done, and Flat-LoRA's own noise cannot shi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -139,7 +139,6 @@ class StepBatch:
     pooled_prompt_embeds: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
     n_class: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class TrainStep:

@@ -486,9 +486,8 @@ class _Trainer:
         from .step import encode_prompts
 
         c = self.components
-        ids = [tokenize(tok, prompts) for tok in c.tokenizers]
         if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
-            return {"input_ids": ids}
+            return {"input_ids": [tokenize(tok, prompts) for tok in c.tokenizers]}
         missing = [p for p in dict.fromkeys(prompts) if p not in self.embedding_cache]
         if missing:
             with torch.no_grad(), self.acc.autocast():
