@@ -34,7 +34,12 @@ def quiet_libraries() -> None:
 
 
 def _setup_logging() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    import os
+
+    # Several processes (accelerate launch / torchrun): the main one tells the story, the others only warn.
+    main = os.environ.get("RANK", "0") == "0"
+    level = logging.INFO if main else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=level)
     quiet_libraries()
 
 

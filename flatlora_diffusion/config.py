@@ -416,6 +416,6 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
 def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically; `train --config` on it repeats the run."""
     p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
     tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     os.replace(tmp, p)

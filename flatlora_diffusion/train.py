@@ -132,11 +132,18 @@ def _require(module: str, message: str) -> None:
 # ==========================================================================================================
 def train(cfg: TrainConfig) -> RunDir:
     """Run training to completion; returns the run directory. User mistakes raise before anything is written."""
+    from accelerate.utils import get_int_from_env
+
     plan = preflight(cfg)
+    # Under `accelerate launch` / torchrun every process runs this; only the main one writes the run files.
+    # (Read from the launcher's variables: creating accelerate's state here would fix it before the
+    # Accelerator, with its own CPU / process-group settings, exists.)
+    main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
     run = RunDir(cfg.output_dir)
-    run.create()
-    save_yaml(cfg, run.path / "config.yaml")
-    run.set_status("running", step=0, total=cfg.max_train_steps or 0, message="loading models", finished_at=None)
+    if main:
+        run.create()
+        save_yaml(cfg, run.path / "config.yaml")
+        run.set_status("running", step=0, total=cfg.max_train_steps or 0, message="loading models", finished_at=None)
     cancelled = {"flag": False}
 
     def on_sigterm(signum, frame):  # the web app's Cancel; checked between micro-steps
@@ -146,10 +153,12 @@ def train(cfg: TrainConfig) -> RunDir:
     try:
         _Trainer(plan, run, cancelled).run()
     except (Cancelled, KeyboardInterrupt):
-        run.set_status("cancelled", message="cancelled")
+        if main:
+            run.set_status("cancelled", message="cancelled")
         raise Cancelled() from None
     except BaseException as e:
-        run.set_status("failed", message=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        if main:
+            run.set_status("failed", message=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         raise
     finally:
         if previous is not None:
@@ -331,7 +340,9 @@ class _Trainer:
                 opt_cls = torch.optim.AdamW
             self.optimizer = opt_cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon)
 
-        steps_per_epoch = math.ceil(len(self.dataloader) / cfg.gradient_accumulation_steps)
+        # accelerate gives each process every num_processes-th batch (padded to equal counts): count per process.
+        batches_per_process = math.ceil(len(self.dataloader) / acc.num_processes)
+        steps_per_epoch = math.ceil(batches_per_process / cfg.gradient_accumulation_steps)
         if cfg.max_train_steps is None:
             cfg.max_train_steps = cfg.num_train_epochs * steps_per_epoch
         self.num_epochs = math.ceil(cfg.max_train_steps / steps_per_epoch)
@@ -341,7 +352,8 @@ class _Trainer:
                                           num_warmup_steps=cfg.lr_warmup_steps * acc.num_processes,
                                           num_training_steps=cfg.max_train_steps * acc.num_processes,
                                           num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
-        save_yaml(cfg, self.run_dir.path / "config.yaml")  # now with max_train_steps resolved
+        if acc.is_main_process:
+            save_yaml(cfg, self.run_dir.path / "config.yaml")  # now with max_train_steps resolved
 
     def _build_flat(self) -> None:
         cfg, c = self.cfg, self.components
@@ -453,6 +465,7 @@ class _Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every process has written its part before the folder is published
         if acc.is_main_process:
             (tmp / "training_state.json").write_text(json.dumps({"global_step": self.global_step}))
             shutil.rmtree(final, ignore_errors=True)
@@ -467,7 +480,8 @@ class _Trainer:
         self.acc.load_state(str(path))
         self.global_step = json.loads((path / "training_state.json").read_text())["global_step"]
         self.first_epoch = self.global_step // self.steps_per_epoch
-        self.run_dir.truncate_metrics_after(self.global_step)
+        if self.acc.is_main_process:
+            self.run_dir.truncate_metrics_after(self.global_step)
         logger.info("resumed from %s at step %d", path, self.global_step)
 
     # --- encoding -----------------------------------------------------------------------------------------------
@@ -590,15 +604,17 @@ class _Trainer:
         pipe = c.pipeline(scheduler=scheduler)
         return pipe
 
-    @torch.no_grad()
     def _validate(self) -> None:
+        """Validation images of the current step (main process; the others wait), unless already made."""
         cfg, acc = self.cfg, self.acc
-        if not cfg.validation_prompt or not acc.is_main_process:
-            acc.wait_for_everyone()
-            return
         out = self.run_dir.sample_dir(self.global_step)
-        if (out / ".complete").exists():
-            return  # already made (e.g. the final step is also a validation step)
+        if cfg.validation_prompt and acc.is_main_process and not (out / ".complete").exists():
+            self._make_validation_images(out)
+        acc.wait_for_everyone()
+
+    @torch.no_grad()
+    def _make_validation_images(self, out: Path) -> None:
+        cfg, acc = self.cfg, self.acc
         self._status(f"validation images at step {self.global_step}")
         models = [self.components.unet, *self.components.text_encoders]
         modes = [m.training for m in models]
@@ -622,7 +638,6 @@ class _Trainer:
         os.replace(tmp, out)
         for m, mode in zip(models, modes):
             m.train(mode)
-        acc.wait_for_everyone()
 
     # --- the end ------------------------------------------------------------------------------------------------
     def _finish(self) -> None:

@@ -183,3 +183,26 @@ def test_demo_produces_what_it_promises(tmp_path):
     assert any(Image.open(a).tobytes() != Image.open(b).tobytes() for a, b in zip(*final))
     grid = Image.open(out / "comparison.png")
     assert grid.width > 3 * 160 and grid.height > 4 * 160  # 3 columns (base, LoRA, Flat-LoRA) x 4 rows
+
+
+def test_two_processes_share_the_work_through_accelerate(tiny, tmp_path):
+    """torchrun with 2 CPU processes (gloo DDP, as accelerate launch --cpu --num_processes 2 sets up):
+    each process takes half the batches, only the main one writes the run folder, checkpoints hold both
+    processes' states."""
+    out = tmp_path / "ddp"
+    args = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "train_dreambooth_flat.py",
+            f"--pretrained_model_name_or_path={tiny['sd15']}", f"--instance_data_dir={tiny['images']}",
+            "--instance_prompt=a photo of sks toy", f"--output_dir={out}", "--resolution=64",
+            "--train_batch_size=1", "--num_train_epochs=2", "--seed=0", "--train_text_encoder",
+            "--checkpointing_steps=2", "--validation_prompt=a photo of sks toy", "--num_validation_images=1",
+            "--validation_steps=2", "--validation_inference_steps=2"]
+    result = _cli(args, ACCELERATE_USE_CPU="true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 3 images x 2 epochs, split over 2 processes (padded to equal halves): 2 steps per epoch, 4 in all
+    assert json.loads((out / "status.json").read_text())["step"] == 4
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["prompts.json", "step_000000", "step_000002",
+                                                                  "step_000004"]
+    assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)
