@@ -18,21 +18,16 @@ from typing import Any
 
 import yaml
 
+from flatlora_diffusion.run_dir import DIFFUSERS_WEIGHTS, write_json_atomic  # the run-directory contract
+
 TERMINAL = ("completed", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 APP_META = "app.json"
 LOG_FILE = "train.log"
-DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 RUN_MARKERS = ("config.yaml", "status.json", APP_META)
 _META_CACHE: dict[Path, tuple[int, dict]] = {}
 _STEP_DIR = re.compile(r"step_(\d+)$")
 _SAMPLE = re.compile(r"(\d+)_(-?\d+)\.png$")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.app-{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path, default):
