@@ -34,6 +34,8 @@ import torch
 
 from . import lora_names as names
 from .lora_names import SD2, SD15, SDXL, TE1, TE2, UNET
+from .run_dir import CONFIG_FILE as RUN_CONFIG
+from .run_dir import DIFFUSERS_WEIGHTS as RUN_WEIGHTS
 from .safetensors_io import (
     SafetensorsFormatError,
     file_data_sha256,
@@ -64,8 +66,6 @@ __all__ = [
     "run_export",
 ]
 
-RUN_WEIGHTS = "pytorch_lora_weights.safetensors"
-RUN_CONFIG = "config.yaml"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # what diffusers' save_lora_weights writes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = ("kohya", "diffusers")

@@ -19,6 +19,7 @@ from typing import Any
 
 STATES = ("queued", "running", "completed", "failed", "cancelled")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+CONFIG_FILE = "config.yaml"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -30,6 +31,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.config_file = self.path / CONFIG_FILE
         self.status_file = self.path / "status.json"
         self.metrics_file = self.path / "metrics.jsonl"
         self.samples = self.path / "samples"

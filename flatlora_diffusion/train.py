@@ -142,7 +142,7 @@ def train(cfg: TrainConfig) -> RunDir:
     run = RunDir(cfg.output_dir)
     if main:
         run.create()
-        save_yaml(cfg, run.path / "config.yaml")
+        save_yaml(cfg, run.config_file)
         run.set_status("running", step=0, total=cfg.max_train_steps or 0, message="loading models", finished_at=None)
     cancelled = {"flag": False}
 
@@ -353,7 +353,7 @@ class _Trainer:
                                           num_training_steps=cfg.max_train_steps * acc.num_processes,
                                           num_cycles=cfg.lr_num_cycles, power=cfg.lr_power)
         if acc.is_main_process:
-            save_yaml(cfg, self.run_dir.path / "config.yaml")  # now with max_train_steps resolved
+            save_yaml(cfg, self.run_dir.config_file)  # now with max_train_steps resolved
 
     def _build_flat(self) -> None:
         cfg, c = self.cfg, self.components
