@@ -405,16 +405,20 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
                 h0 = time.perf_counter()
                 fns[name]()
                 res[name]["ms"].append((time.perf_counter() - h0) * 1e3)
-    pair = [f / p for f, p in zip(res["flat"]["ms"], res["lora"]["ms"])]
     out = {k: {"median_ms": statistics.median(v["ms"]), "min_ms": min(v["ms"]), "max_ms": max(v["ms"]),
                "median_host_ms": statistics.median(v["host_ms"]) if v["host_ms"] else None,
                "peak_gib": v["peak"] / 2**30, "all_ms": v["ms"]} for k, v in res.items()}
-    out["ratio_paired_median"] = statistics.median(pair)
-    out["ratio_of_medians"] = out["flat"]["median_ms"] / out["lora"]["median_ms"]
+    for k in names:
+        if k == "lora":
+            continue
+        suffix = "" if k == "flat" else "_" + k
+        out["ratio_paired_median" + suffix] = statistics.median(
+            [f / p for f, p in zip(res[k]["ms"], res["lora"]["ms"])])
+        out["ratio_of_medians" + suffix] = out[k]["median_ms"] / out["lora"]["median_ms"]
     return out
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm):
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare_prefetch=False):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -430,6 +434,10 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
     flat = attach_engine(FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0), device)
     steps = {"lora": TrainStep(models, optimizer, params, acc, options, flat=None),
              "flat": TrainStep(models, optimizer, params, acc, options, flat=flat)}
+    if compare_prefetch and device.type == "cuda":  # the same engine without the side-stream prefetch
+        no_pf = FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0)
+        no_pf._fast = fc.FastFlat(no_pf, kernels="triton", prefetch=False)
+        steps["flat_no_prefetch"] = TrainStep(models, optimizer, params, acc, options, flat=no_pf)
     batch = make_batch(arch, bs, device, tiny, with_te)
     result = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt, "flat_layers": len(flat.layers),
               "trained_params": sum(p.numel() for p in params)}
@@ -437,7 +445,7 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
 
     def caller(step):
         def fn(name=None):
-            key = "flat" if step.flat is not None else "lora"
+            key = "lora" if step.flat is None else "flat"
             counters[key] += 1
             return step(batch, counters[key])
         return fn
@@ -483,6 +491,10 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
             for k in fns:
                 out["graph"][k]["kernel_ms"] = kernel_time_ms(fns[k])
             out["graph"]["memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+            eng = flat.fast_engine()
+            if eng is not None:
+                out["graph"]["flat_prefetch_hits"] = eng.prefetch_hits
+                out["graph"]["flat_generations"] = eng.generations
             del graphed, fns
         except Exception as exc:
             traceback.print_exc()
@@ -548,8 +560,8 @@ def check_frozen(tag, models, snap):
 
 
 def kernel_microbench(tag, unet, device):
-    """Flat-LoRA's own GPU work per step, alone, over all UNet layers: the noise-scale launch, and one noise
-    pass (W + eps for every layer, one launch per chunk); ms and effective bandwidth."""
+    """Flat-LoRA's own GPU work per step, alone, over all UNet layers: the noise scales (one launch per chunk),
+    and one noise pass (W + eps for every layer, one launch per chunk); ms and effective bandwidth."""
     out = {}
     for rounds in (10, 7):
         flat = FlatLoRA(unet, sigma=0.1, schedule="constant", seed=0)
@@ -562,7 +574,12 @@ def kernel_microbench(tag, unet, device):
             for c, b in zip(eng.chunks, bufs):
                 eng._generate(c, b, add_w=True)
 
-        for name, fn, nbytes in (("norms", eng._compute_norms, n_el * 2), ("noise", noise_pass, n_el * 4)):
+        def norms():
+            eng._norms_done.clear()
+            for c in eng.chunks:
+                eng._ensure_norms(c)
+
+        for name, fn, nbytes in (("norms", norms, n_el * 2), ("noise", noise_pass, n_el * 4)):
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
@@ -577,34 +594,6 @@ def kernel_microbench(tag, unet, device):
             out[f"rounds{rounds}_{name}_GBps"] = nbytes / ms / 1e6
         out["elements"] = n_el
         out["chunks"] = len(eng.chunks)
-        if rounds == 10:  # variants of the noise launch: more 256-column tiles per program, more warps
-            for tiles, warps in ((2, 4), (4, 4), (4, 8), (8, 8)):
-                tables = []
-                for c in eng.chunks:
-                    rows = [[fl.index, r0, c0] for fl in c.layers for r0 in range(0, fl.rows, fc._NOISE_ROWS)
-                            for c0 in range(0, fl.cols, 256 * tiles)]
-                    tables.append(torch.tensor(rows, dtype=torch.int32, device=device))
-
-                def variant():
-                    for c, b, progs in zip(eng.chunks, bufs, tables):
-                        fc.flat_noise_kernel[(progs.shape[0],)](
-                            progs, eng._meta, eng._keys, eng._std, b, W_T=fc._tl_dtype(c.w_dtype), ADD_W=True,
-                            BM=fc._NOISE_ROWS, ROUNDS=10, FAST=True, TILES=tiles, num_warps=warps)
-
-                ref_bufs = [b.clone() for b in bufs]
-                variant()
-                same = all(torch.equal(a, b) for a, b in zip(ref_bufs, bufs))
-                for _ in range(2):
-                    variant()
-                torch.cuda.synchronize()
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                for _ in range(10):
-                    variant()
-                e1.record()
-                torch.cuda.synchronize()
-                out[f"noise_tiles{tiles}_warps{warps}_ms"] = e0.elapsed_time(e1) / 10
-                out[f"noise_tiles{tiles}_warps{warps}_same_output"] = same
         del bufs
     print(f"{tag} Flat-LoRA kernels alone: {json.dumps(out)}", flush=True)
     return out
@@ -617,6 +606,7 @@ def kernel_microbench(tag, unet, device):
 
 def table(results: list[dict]) -> str:
     head = ("| model | trained | batch | ckpt | mode | LoRA ms | Flat ms | Flat/LoRA (paired median) | "
+            "same, no prefetch | "
             "LoRA kernel ms | Flat kernel ms | kernel ratio | wall/kernel (LoRA) | LoRA peak GiB | Flat peak GiB | "
             "mem ratio | MFU (LoRA) |")
     lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
@@ -643,7 +633,8 @@ def table(results: list[dict]) -> str:
 
             lines.append(
                 f"| {r['arch']} | {r['targets']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {mode} | "
-                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f} | {f(lk)} | {f(fk)} | "
+                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f} | "
+                f"{f(m.get('ratio_paired_median_flat_no_prefetch'), '{:.3f}')} | {f(lk)} | {f(fk)} | "
                 f"{f(fk / lk if lk and fk else None, '{:.3f}')} | {f(lo['median_ms'] / lk if lk else None, '{:.2f}')} | "
                 f"{mem_l:.2f} | {mem_f:.2f} | {f(mem_f / mem_l if mem_l else None, '{:.4f}')} | {f(mfu * 100 if mfu else None, '{:.1f}%')} |")
     return "\n".join(lines)
@@ -661,6 +652,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--compare-prefetch", action="store_true",
+                    help="also time Flat-LoRA without the side-stream prefetch (a third variant)")
     ap.add_argument("--no-timing", action="store_true", help="checks and kernel micro-benchmarks only")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
@@ -726,7 +719,7 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm)
+                                       modes, args.n, args.warm, args.compare_prefetch)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

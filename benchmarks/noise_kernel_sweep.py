@@ -1,0 +1,366 @@
+#!/usr/bin/env python3
+"""Variants of Flat-LoRA's noise pass on the GPU, timed alone on the layer shapes of the SDXL and SD 1.5 UNets.
+
+    python benchmarks/noise_kernel_sweep.py --out results/      # H200: ~1 min; no diffusers needed
+
+One "pass" = W + eps for every perturbed layer, one launch per transformer block (the chunks of flat_cuda), the
+launches captured in a CUDA graph as in the graphed training step. Each variant's output is compared bitwise
+with the kernel of the same layout. Floors: a copy kernel with the same program grid (reads W, writes the
+buffer) and a store-only variant (no W read). Prints and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from flatlora_diffusion import flat_cuda as fc  # noqa: E402
+
+
+def block_shapes(arch: str):
+    """(rows, cols) of the attention LoRA layers of one transformer block, and the number of such blocks."""
+    if arch == "sdxl":
+        ctx = 2048
+        levels = [(640, 10), (1280, 60)]
+    else:
+        ctx = 768
+        levels = [(320, 5), (640, 5), (1280, 6)]
+    out = []
+    for c, n in levels:
+        layers = [(c, c)] * 4 + [(c, c), (c, ctx), (c, ctx), (c, c)]
+        out.append((layers, n))
+    return out
+
+
+@triton.jit
+def copy_kernel(prog_ptr, meta_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    pid = tl.program_id(0)
+    lay = tl.load(prog_ptr + 2 * pid)
+    r0 = tl.load(prog_ptr + 2 * pid + 1)
+    m = meta_ptr + lay.to(tl.int64) * 9
+    K = tl.load(m + 3)
+    n_rows = tl.load(m + 8)
+    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+    out_base = out_ptr + tl.load(m + 5)
+    rows = (r0 + tl.arange(0, BM)).to(tl.int64)
+    rmask = rows < n_rows
+    for c0 in range(0, K, BN):
+        cols = c0 + tl.arange(0, BN)
+        off = rows[:, None] * K + cols[None, :]
+        msk = rmask[:, None] & (cols < K)[None, :]
+        tl.store(out_base + off, tl.load(w_base + off, mask=msk), mask=msk)
+
+
+@triton.jit
+def _noise_tile_late(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ROUNDS: tl.constexpr):
+    """The first implementation's tile: W loaded after the Philox rounds (same output)."""
+    ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
+    i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
+    z1, z2 = fc._normal_pair(i1, i2, True)
+    z3, z4 = fc._normal_pair(i3, i4, True)
+    off = rows64[:, None] * K + (c0 + t)[None, :]
+    cols = c0 + t
+    m1 = rmask[:, None] & (cols < K)[None, :]
+    m2 = rmask[:, None] & (cols + 64 < K)[None, :]
+    m3 = rmask[:, None] & (cols + 128 < K)[None, :]
+    m4 = rmask[:, None] & (cols + 192 < K)[None, :]
+    ty = out_base.dtype.element_ty
+    tl.store(out_base + off, (std[:, None] * z1 + tl.load(w_base + off, mask=m1, other=0.0).to(tl.float32)).to(ty), mask=m1)
+    tl.store(out_base + off + 64, (std[:, None] * z2 + tl.load(w_base + off + 64, mask=m2, other=0.0).to(tl.float32)).to(ty), mask=m2)
+    tl.store(out_base + off + 128, (std[:, None] * z3 + tl.load(w_base + off + 128, mask=m3, other=0.0).to(tl.float32)).to(ty), mask=m3)
+    tl.store(out_base + off + 192, (std[:, None] * z4 + tl.load(w_base + off + 192, mask=m4, other=0.0).to(tl.float32)).to(ty), mask=m4)
+
+
+@triton.jit
+def legacy_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
+                  ROUNDS: tl.constexpr, TILES: tl.constexpr, ROWLOOP: tl.constexpr):
+    """The kernel before this sweep: programs of BM rows x 256 * TILES columns (ROWLOOP: all columns), W loaded
+    after the Philox rounds."""
+    pid = tl.program_id(0)
+    lay = tl.load(prog_ptr + 3 * pid)
+    r0 = tl.load(prog_ptr + 3 * pid + 1)
+    c_start = tl.load(prog_ptr + 3 * pid + 2)
+    m = meta_ptr + lay.to(tl.int64) * 9
+    K = tl.load(m + 3)
+    n_rows = tl.load(m + 8)
+    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+    out_base = out_ptr + tl.load(m + 5)
+    key = tl.load(keys_ptr + tl.load(m + 7))
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+    t = tl.arange(0, 64)
+    zero = tl.zeros((BM, 64), dtype=tl.uint32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    if ROWLOOP:
+        for c0 in range(0, K, 256):
+            _noise_tile_late(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ROUNDS)
+    else:
+        for j in tl.static_range(TILES):
+            _noise_tile_late(c_start + j * 256, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ROUNDS)
+
+
+@triton.jit
+def interleaved_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
+                       ROUNDS: tl.constexpr):
+    """Another layout: one Philox call -> 4 consecutive columns (vector loads/stores of 4 elements per call)."""
+    pid = tl.program_id(0)
+    lay = tl.load(prog_ptr + 2 * pid)
+    r0 = tl.load(prog_ptr + 2 * pid + 1)
+    m = meta_ptr + lay.to(tl.int64) * 9
+    K = tl.load(m + 3)
+    n_rows = tl.load(m + 8)
+    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+    out_base = out_ptr + tl.load(m + 5)
+    key = tl.load(keys_ptr + tl.load(m + 7))
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+    t = tl.arange(0, 64)
+    zero = tl.zeros((BM, 64), dtype=tl.uint32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    for c0 in range(0, K, 256):
+        ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
+        i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
+        z1, z2 = fc._normal_pair(i1, i2, True)
+        z3, z4 = fc._normal_pair(i3, i4, True)
+        z = tl.reshape(tl.join(tl.join(z1, z3), tl.join(z2, z4)), (BM, 256))
+        cols = c0 + tl.arange(0, 256)
+        off = rows64[:, None] * K + cols[None, :]
+        msk = rmask[:, None] & (cols < K)[None, :]
+        v = std[:, None] * z + tl.load(w_base + off, mask=msk, other=0.0).to(tl.float32)
+        tl.store(out_base + off, v.to(out_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, out_ptr, W_T: tl.constexpr,
+                 AB_T: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr):
+    """Noise scale of BM rows (||W + sBA|| over the fan-in), then W + eps of those rows: W read twice, the
+    second time from L2."""
+    pid = tl.program_id(0)
+    lay = tl.load(prog_ptr + 2 * pid)
+    r0 = tl.load(prog_ptr + 2 * pid + 1)
+    m = meta_ptr + lay.to(tl.int64) * 9
+    K = tl.load(m + 3)
+    n_rows = tl.load(m + 8)
+    R = tl.load(m + 4)
+    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+    a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+    b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
+    out_base = out_ptr + tl.load(m + 5)
+    key = tl.load(keys_ptr + tl.load(m + 7))
+    s = tl.load(scale_ptr + lay)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    rr = tl.arange(0, RP)
+    rmask_r = rr < R
+    b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+    b = b.to(tl.float32) * s
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc += fc._norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+    std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
+    tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
+    t = tl.arange(0, 64)
+    zero = tl.zeros((BM, 64), dtype=tl.uint32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    for c0 in range(0, K, 256):
+        fc._noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, True, ROUNDS, True)
+
+
+class Layers:
+    """Random layers of one architecture, in chunks, with the meta table of flat_cuda."""
+
+    def __init__(self, arch, device, rank=16):
+        torch.manual_seed(0)
+        self.chunks = []  # list of list of layer indices
+        self.W, meta, scales, self.A, self.B = [], [], [], [], []
+        std_off = 0
+        for layers, n in block_shapes(arch):
+            for _ in range(n):
+                idx, off = [], 0
+                for rows, cols in layers:
+                    i = len(self.W)
+                    w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) * 0.02
+                    a = torch.randn(rank, cols, device=device) * 0.01
+                    b = torch.randn(rows, rank, device=device) * 0.01
+                    self.W.append(w)
+                    self.A.append(a)
+                    self.B.append(b)
+                    meta.append([w.data_ptr(), a.data_ptr(), b.data_ptr(), cols, rank, off, std_off, i, rows])
+                    scales.append(1.0)
+                    idx.append(i)
+                    off += rows * cols
+                    std_off += rows
+                self.chunks.append((idx, off))
+        self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
+        self.scales = torch.tensor(scales, dtype=torch.float32, device=device)
+        self.keys = torch.randint(0, 2 ** 62, (len(self.W),), dtype=torch.int64, device=device)
+        self.std = torch.rand(std_off, device=device) * 1e-3
+        self.sigma = torch.full((1,), 0.1, device=device)
+        self.bufs = [torch.empty(n, dtype=torch.bfloat16, device=device) for _, n in self.chunks]
+        self.numel = sum(n for _, n in self.chunks)
+        self.meta_rows = meta
+
+    def tables(self, bm, cols_step=None):
+        """Per chunk: int32 program table, [layer, r0] (cols_step None) or [layer, r0, c0]."""
+        out = []
+        for idx, _ in self.chunks:
+            rows = []
+            for i in idx:
+                r, k = self.meta_rows[i][8], self.meta_rows[i][3]
+                for r0 in range(0, r, bm):
+                    if cols_step is None:
+                        rows.append([i, r0])
+                    else:
+                        rows.extend([i, r0, c0] for c0 in range(0, k, cols_step))
+            out.append(torch.tensor(rows, dtype=torch.int32, device=self.meta.device))
+        return out
+
+
+def time_graphed(fn, reps=20):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        e0.record()
+        g.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def sweep(arch, device):
+    L = Layers(arch, device)
+    bf = tl.bfloat16
+    res = {"elements": L.numel, "chunks": len(L.chunks)}
+    ref_holder = []
+    bytes_rw = L.numel * 4
+
+    def record(name, fn, ref=None):
+        try:
+            ms = time_graphed(fn)
+        except Exception as exc:  # a variant that does not compile is reported, not fatal
+            res[name] = {"error": repr(exc)[:300]}
+            print(arch, name, "ERROR", repr(exc)[:300], flush=True)
+            return
+        same = None
+        if ref:
+            fn()
+            same = all(torch.equal(a, b) for a, b in zip(ref, L.bufs))
+        res[name] = {"ms": round(ms, 4), "TBps_rw": round(bytes_rw / ms / 1e9, 3), "same_output_as_before": same}
+        print(arch, name, res[name], flush=True)
+
+    # the kernel before this session: programs of 16 rows x 256*TILES columns, W loaded after Philox
+    for tiles, warps in ((1, 4), (4, 8)):
+        tabs = L.tables(16, 256 * tiles)
+
+        def old(tabs=tabs, tiles=tiles, warps=warps):
+            for buf, p in zip(L.bufs, tabs):
+                legacy_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=16, ROUNDS=10, TILES=tiles,
+                                             ROWLOOP=False, num_warps=warps)
+        record(f"before_bm16_tiles{tiles}_w{warps}", old, None if tiles == 1 else ref_holder)
+        if tiles == 1:
+            old()
+            torch.cuda.synchronize()
+            ref_holder[:] = [b.clone() for b in L.bufs]
+    for bm, warps in ((4, 4), (4, 2), (2, 2)):
+        tabs = L.tables(bm, 1 << 30)
+
+        def old_rl(tabs=tabs, bm=bm, warps=warps):
+            for buf, p in zip(L.bufs, tabs):
+                legacy_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10, TILES=1,
+                                             ROWLOOP=True, num_warps=warps)
+        record(f"rowloop_late_load_bm{bm}_w{warps}", old_rl, ref_holder)
+    for bm, bn, warps in ((8, 512, 4), (4, 256, 2), (16, 256, 4)):
+        tabs = L.tables(bm)
+
+        def cp(tabs=tabs, bm=bm, bn=bn, warps=warps):
+            for buf, p in zip(L.bufs, tabs):
+                copy_kernel[(p.shape[0],)](p, L.meta, buf, W_T=bf, BM=bm, BN=bn, num_warps=warps)
+        record(f"copy_floor_bm{bm}_bn{bn}_w{warps}", cp)
+    # flat_cuda.flat_noise_kernel (W loaded before the Philox rounds), all columns per program
+    for bm, warps in ((4, 4), (4, 2), (2, 2), (2, 1), (8, 4), (8, 8), (16, 8)):
+        tabs = L.tables(bm)
+        variants = [(True, 10)] + ([(False, 10), (True, 7)] if (bm, warps) == (4, 4) else [])
+        for add_w, rounds in variants:
+            def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
+                for buf, p in zip(L.bufs, tabs):
+                    fc.flat_noise_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
+                                                        ROUNDS=rounds, FAST=True, WHILE_LOOPS=False, num_warps=warps)
+            name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
+            record(name, rl, ref_holder if (add_w and rounds == 10) else None)
+    for bm, warps in ((8, 4), (16, 4), (16, 8)):
+        tabs = L.tables(bm)
+
+        def il(tabs=tabs, bm=bm, warps=warps):
+            for buf, p in zip(L.bufs, tabs):
+                interleaved_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10,
+                                                  num_warps=warps)
+        record(f"interleaved_bm{bm}_w{warps}", il)
+    # noise scales: one launch per chunk (as the engine runs them), program shapes
+    for bm, bk, warps in ((32, 128, 4), (16, 128, 4), (16, 256, 4), (16, 128, 2), (8, 256, 2)):
+        tabs = L.tables(bm)
+
+        def nrm(tabs=tabs, bm=bm, bk=bk, warps=warps):
+            for p in tabs:
+                fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
+                                                   BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, num_warps=warps)
+        try:
+            ms = time_graphed(nrm)
+            res[f"norms_bm{bm}_bk{bk}_w{warps}"] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3)}
+        except Exception as exc:
+            res[f"norms_bm{bm}_bk{bk}_w{warps}"] = {"error": repr(exc)[:300]}
+        print(arch, f"norms_bm{bm}_bk{bk}_w{warps}", res[f"norms_bm{bm}_bk{bk}_w{warps}"], flush=True)
+    for bm, bk, warps in ((16, 128, 4),):
+        tabs = L.tables(bm)
+
+        def fu(tabs=tabs, bm=bm, bk=bk, warps=warps):
+            for buf, p in zip(L.bufs, tabs):
+                fused_kernel[(p.shape[0],)](p, L.meta, L.keys, L.scales, L.sigma, L.std, buf, W_T=bf,
+                                            AB_T=tl.float32, BM=bm, BK=bk, RP=16, ROUNDS=10, num_warps=warps)
+        record(f"fused_norm_noise_bm{bm}_bk{bk}_w{warps}", fu)
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--archs", default="sdxl,sd15")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda")
+    res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    for arch in args.archs.split(","):
+        res[arch] = sweep(arch, device)
+        (out / "noise_kernel_sweep.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
