@@ -418,7 +418,7 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
     return out
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare_prefetch=False):
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, flat_variants=()):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -434,10 +434,15 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
     flat = attach_engine(FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0), device)
     steps = {"lora": TrainStep(models, optimizer, params, acc, options, flat=None),
              "flat": TrainStep(models, optimizer, params, acc, options, flat=flat)}
-    if compare_prefetch and device.type == "cuda":  # the same engine without the side-stream prefetch
-        no_pf = FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0)
-        no_pf._fast = fc.FastFlat(no_pf, kernels="triton", prefetch=False)
-        steps["flat_no_prefetch"] = TrainStep(models, optimizer, params, acc, options, flat=no_pf)
+    for variant in flat_variants if device.type == "cuda" else ():  # other settings of the fast engine
+        other = FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0)
+        if variant == "no_prefetch":
+            other._fast = fc.FastFlat(other, kernels="triton", prefetch=False)
+        elif variant.startswith("side"):  # side-stream launches of at most N programs (0: the whole table)
+            other._fast = fc.FastFlat(other, kernels="triton", side_programs=int(variant[4:]))
+        else:
+            raise ValueError(f"unknown Flat-LoRA variant {variant!r}")
+        steps["flat_" + variant] = TrainStep(models, optimizer, params, acc, options, flat=other)
     batch = make_batch(arch, bs, device, tiny, with_te)
     result = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt, "flat_layers": len(flat.layers),
               "trained_params": sum(p.numel() for p in params)}
@@ -606,7 +611,7 @@ def kernel_microbench(tag, unet, device):
 
 def table(results: list[dict]) -> str:
     head = ("| model | trained | batch | ckpt | mode | LoRA ms | Flat ms | Flat/LoRA (paired median) | "
-            "same, no prefetch | "
+            "other engine settings: Flat/LoRA | "
             "LoRA kernel ms | Flat kernel ms | kernel ratio | wall/kernel (LoRA) | LoRA peak GiB | Flat peak GiB | "
             "mem ratio | MFU (LoRA) |")
     lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
@@ -621,6 +626,8 @@ def table(results: list[dict]) -> str:
                 continue
             lo, fl = m["lora"], m["flat"]
             lk, fk = lo.get("kernel_ms"), fl.get("kernel_ms")
+            others = ", ".join(f"{k[len('ratio_paired_median_flat_'):]} {v:.3f}" for k, v in m.items()
+                               if k.startswith("ratio_paired_median_flat_"))
             if "eager_peak_gib" in r["modes"]:
                 mem_l, mem_f = r["modes"]["eager_peak_gib"]["lora"], r["modes"]["eager_peak_gib"]["flat"]
             else:
@@ -634,7 +641,7 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {r['arch']} | {r['targets']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {mode} | "
                 f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f} | "
-                f"{f(m.get('ratio_paired_median_flat_no_prefetch'), '{:.3f}')} | {f(lk)} | {f(fk)} | "
+                f"{others or '-'} | {f(lk)} | {f(fk)} | "
                 f"{f(fk / lk if lk and fk else None, '{:.3f}')} | {f(lo['median_ms'] / lk if lk else None, '{:.2f}')} | "
                 f"{mem_l:.2f} | {mem_f:.2f} | {f(mem_f / mem_l if mem_l else None, '{:.4f}')} | {f(mfu * 100 if mfu else None, '{:.1f}%')} |")
     return "\n".join(lines)
@@ -652,8 +659,9 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--compare-prefetch", action="store_true",
-                    help="also time Flat-LoRA without the side-stream prefetch (a third variant)")
+    ap.add_argument("--flat-variants", default="",
+                    help="also time these settings of the fast engine, comma-separated: no_prefetch, sideN "
+                         "(side-stream launches of at most N programs; side0: no limit)")
     ap.add_argument("--no-timing", action="store_true", help="checks and kernel micro-benchmarks only")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
@@ -719,7 +727,8 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm, args.compare_prefetch)
+                                       modes, args.n, args.warm,
+                                       [v for v in args.flat_variants.split(",") if v])
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

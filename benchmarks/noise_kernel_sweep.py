@@ -310,7 +310,7 @@ def sweep(arch, device):
         for add_w, rounds in variants:
             def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
                 for buf, p in zip(L.bufs, tabs):
-                    fc.flat_noise_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
+                    fc.flat_noise_kernel[(p.shape[0],)](p, p.shape[0], L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
                                                         ROUNDS=rounds, FAST=True, WHILE_LOOPS=False, num_warps=warps)
             name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
             record(name, rl, ref_holder if (add_w and rounds == 10) else None)
@@ -328,7 +328,7 @@ def sweep(arch, device):
 
         def nrm(tabs=tabs, bm=bm, bk=bk, warps=warps):
             for p in tabs:
-                fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
+                fc.flat_norm_kernel[(p.shape[0],)](p, p.shape[0], L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
                                                    BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, num_warps=warps)
         try:
             ms = time_graphed(nrm)

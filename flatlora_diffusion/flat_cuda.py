@@ -239,23 +239,8 @@ if triton is not None:
         tl.store(out_base + off + 192, v4.to(ty), mask=m4)
 
     @triton.jit
-    def flat_noise_kernel(
-        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
-        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
-        keys_ptr,  # int64 [n layers of the engine]
-        std_ptr,  # fp32 [total rows]
-        out_ptr,  # the chunk's output buffer (compute dtype)
-        W_T: tl.constexpr,
-        ADD_W: tl.constexpr,
-        BM: tl.constexpr,
-        ROUNDS: tl.constexpr,
-        FAST: tl.constexpr,
-        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
-    ):
-        """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
-        Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
-        memory system busy while others run Philox rounds (4 rows: 1.8x faster than 16 rows x 256 columns)."""
-        pid = tl.program_id(0)
+    def _noise_program(pid, prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, ADD_W: tl.constexpr,
+                       BM: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr, WHILE_LOOPS: tl.constexpr):
         lay = tl.load(prog_ptr + 2 * pid)
         r0 = tl.load(prog_ptr + 2 * pid + 1)
         m = meta_ptr + lay.to(tl.int64) * 9
@@ -281,6 +266,36 @@ if triton is not None:
                 _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
 
     @triton.jit
+    def flat_noise_kernel(
+        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
+        n_progs,  # P: the grid may be smaller (each program then runs several table rows)
+        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
+        keys_ptr,  # int64 [n layers of the engine]
+        std_ptr,  # fp32 [total rows]
+        out_ptr,  # the chunk's output buffer (compute dtype)
+        W_T: tl.constexpr,
+        ADD_W: tl.constexpr,
+        BM: tl.constexpr,
+        ROUNDS: tl.constexpr,
+        FAST: tl.constexpr,
+        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+    ):
+        """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns, per
+        table row. Few rows per program and a loop over the columns: many small programs per multiprocessor keep
+        the memory system busy while others run Philox rounds (4 rows: 2.2x faster than 16 rows x 256 columns).
+        A grid smaller than the table (the side-stream prefetch) leaves multiprocessors to the main stream."""
+        pid = tl.program_id(0)
+        if WHILE_LOOPS:
+            while pid < n_progs:
+                _noise_program(pid, prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, ADD_W, BM, ROUNDS, FAST,
+                               WHILE_LOOPS)
+                pid += tl.num_programs(0)
+        else:
+            for p in range(pid, n_progs, tl.num_programs(0)):
+                _noise_program(p, prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, ADD_W, BM, ROUNDS, FAST,
+                               WHILE_LOOPS)
+
+    @triton.jit
     def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
@@ -291,21 +306,8 @@ if triton is not None:
         return tl.sum(v * v, axis=1)
 
     @triton.jit
-    def flat_norm_kernel(
-        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
-        meta_ptr,  # int64 [L, 9] as above
-        scale_ptr,  # fp32 [L]: LoRA scaling s
-        sigma_ptr,  # fp32 [1]: sigma_t
-        std_ptr,  # fp32 [total rows], written
-        W_T: tl.constexpr,
-        AB_T: tl.constexpr,
-        BM: tl.constexpr,
-        BK: tl.constexpr,
-        RP: tl.constexpr,
-        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
-    ):
-        """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
-        pid = tl.program_id(0)
+    def _norm_program(pid, prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
+                      BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr):
         lay = tl.load(prog_ptr + 2 * pid)
         r0 = tl.load(prog_ptr + 2 * pid + 1)
         m = meta_ptr + lay.to(tl.int64) * 9
@@ -335,6 +337,34 @@ if triton is not None:
         std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
         tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
+    @triton.jit
+    def flat_norm_kernel(
+        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
+        n_progs,  # P (the grid may be smaller)
+        meta_ptr,  # int64 [L, 9] as above
+        scale_ptr,  # fp32 [L]: LoRA scaling s
+        sigma_ptr,  # fp32 [1]: sigma_t
+        std_ptr,  # fp32 [total rows], written
+        W_T: tl.constexpr,
+        AB_T: tl.constexpr,
+        BM: tl.constexpr,
+        BK: tl.constexpr,
+        RP: tl.constexpr,
+        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+    ):
+        """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer per table row; B A formed
+        tile by tile."""
+        pid = tl.program_id(0)
+        if WHILE_LOOPS:
+            while pid < n_progs:
+                _norm_program(pid, prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T, AB_T, BM, BK, RP,
+                              WHILE_LOOPS)
+                pid += tl.num_programs(0)
+        else:
+            for p in range(pid, n_progs, tl.num_programs(0)):
+                _norm_program(p, prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T, AB_T, BM, BK, RP,
+                              WHILE_LOOPS)
+
 
 def _tl_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
@@ -345,7 +375,8 @@ def _tl_dtype(dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------------------
 
 _NOISE_ROWS, _NOISE_WARPS = 4, 4  # a noise program: 4 rows, all columns in steps of 256
-_NORM_ROWS, _NORM_COLS = 32, 128  # a noise-scale program: 32 rows, the fan-in in steps of 128
+_NORM_ROWS, _NORM_COLS = 16, 256  # a noise-scale program: 16 rows, the fan-in in steps of 256
+_SIDE_PROGRAMS = 264  # programs of a side-stream (prefetch) launch: 2 per multiprocessor of an H100 / H200
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -443,7 +474,7 @@ class FastFlat:
     """
 
     def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
-                 max_chunk_numel: int = 1 << 24, prefetch: bool = True):
+                 max_chunk_numel: int = 1 << 24, prefetch: bool = True, side_programs: int | None = None):
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
         self.flat = flat
@@ -451,6 +482,7 @@ class FastFlat:
         self.rounds = int(rounds)
         self.max_chunk_numel = int(max_chunk_numel)
         self.prefetch = bool(prefetch) and os.environ.get("FLATLORA_PREFETCH", "1") != "0"
+        self.side_programs = _SIDE_PROGRAMS if side_programs is None else int(side_programs)  # 0: no limit
         self.device = None
         self.generations = 0  # chunk generations since construction (the tests and the benchmark count them)
         self.prefetch_hits = 0  # requests served from a prefetched buffer (the tests and the benchmark count them)
@@ -596,8 +628,8 @@ class FastFlat:
         self._norms_done.add(chunk.index)
         if self._use_triton:
             for (w_dtype, ab_dtype), progs, n_prog, rp in chunk.norm_groups:
-                flat_norm_kernel[(n_prog,)](
-                    progs, self._meta, self._scales, self._sigma_t, self._std,
+                flat_norm_kernel[(self._grid(n_prog),)](
+                    progs, n_prog, self._meta, self._scales, self._sigma_t, self._std,
                     W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
                     WHILE_LOOPS=_interpreting(), num_warps=4,
                 )
@@ -677,6 +709,13 @@ class FastFlat:
             done.record(self._side)
         self._ahead = (request, buf, done)
 
+    def _grid(self, n_programs: int) -> int:
+        """Programs of a launch: all table rows on the main stream; on the side stream at most side_programs,
+        so the prefetch runs beside the main stream's kernels instead of taking the whole GPU first."""
+        if self.side_programs and self._side is not None and torch.cuda.current_stream(self.device) == self._side:
+            return min(n_programs, self.side_programs)
+        return n_programs
+
     def _join_side(self) -> None:
         if self._side is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._side)
@@ -686,8 +725,8 @@ class FastFlat:
         self._ensure_norms(chunk)
         if self._use_triton:
             progs = self._programs(chunk, subset)
-            flat_noise_kernel[(progs.shape[0],)](
-                progs, self._meta, self._keys, self._std, buf,
+            flat_noise_kernel[(self._grid(progs.shape[0]),)](
+                progs, progs.shape[0], self._meta, self._keys, self._std, buf,
                 W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, ROUNDS=self.rounds,
                 FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), num_warps=_NOISE_WARPS,
             )
