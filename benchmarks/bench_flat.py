@@ -405,20 +405,16 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
                 h0 = time.perf_counter()
                 fns[name]()
                 res[name]["ms"].append((time.perf_counter() - h0) * 1e3)
+    pair = [f / p for f, p in zip(res["flat"]["ms"], res["lora"]["ms"])]
     out = {k: {"median_ms": statistics.median(v["ms"]), "min_ms": min(v["ms"]), "max_ms": max(v["ms"]),
                "median_host_ms": statistics.median(v["host_ms"]) if v["host_ms"] else None,
                "peak_gib": v["peak"] / 2**30, "all_ms": v["ms"]} for k, v in res.items()}
-    for k in names:
-        if k == "lora":
-            continue
-        suffix = "" if k == "flat" else "_" + k
-        out["ratio_paired_median" + suffix] = statistics.median(
-            [f / p for f, p in zip(res[k]["ms"], res["lora"]["ms"])])
-        out["ratio_of_medians" + suffix] = out[k]["median_ms"] / out["lora"]["median_ms"]
+    out["ratio_paired_median"] = statistics.median(pair)
+    out["ratio_of_medians"] = out["flat"]["median_ms"] / out["lora"]["median_ms"]
     return out
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, flat_variants=()):
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -434,15 +430,6 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
     flat = attach_engine(FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0), device)
     steps = {"lora": TrainStep(models, optimizer, params, acc, options, flat=None),
              "flat": TrainStep(models, optimizer, params, acc, options, flat=flat)}
-    for variant in flat_variants if device.type == "cuda" else ():  # other settings of the fast engine
-        other = FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0)
-        if variant == "no_prefetch":
-            other._fast = fc.FastFlat(other, kernels="triton", prefetch=False)
-        elif variant.startswith("side"):  # side-stream launches of at most N programs (0: the whole table)
-            other._fast = fc.FastFlat(other, kernels="triton", side_programs=int(variant[4:]))
-        else:
-            raise ValueError(f"unknown Flat-LoRA variant {variant!r}")
-        steps["flat_" + variant] = TrainStep(models, optimizer, params, acc, options, flat=other)
     batch = make_batch(arch, bs, device, tiny, with_te)
     result = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt, "flat_layers": len(flat.layers),
               "trained_params": sum(p.numel() for p in params)}
@@ -450,7 +437,7 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
 
     def caller(step):
         def fn(name=None):
-            key = "lora" if step.flat is None else "flat"
+            key = "flat" if step.flat is not None else "lora"
             counters[key] += 1
             return step(batch, counters[key])
         return fn
@@ -496,10 +483,6 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
             for k in fns:
                 out["graph"][k]["kernel_ms"] = kernel_time_ms(fns[k])
             out["graph"]["memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-            eng = flat.fast_engine()
-            if eng is not None:
-                out["graph"]["flat_prefetch_hits"] = eng.prefetch_hits
-                out["graph"]["flat_generations"] = eng.generations
             del graphed, fns
         except Exception as exc:
             traceback.print_exc()
@@ -565,8 +548,8 @@ def check_frozen(tag, models, snap):
 
 
 def kernel_microbench(tag, unet, device):
-    """Flat-LoRA's own GPU work per step, alone, over all UNet layers: the noise scales (one launch per chunk),
-    and one noise pass (W + eps for every layer, one launch per chunk); ms and effective bandwidth."""
+    """Flat-LoRA's own GPU work per step, alone, over all UNet layers: the noise-scale launch, and one noise
+    pass (W + eps for every layer, one launch per chunk); ms and effective bandwidth."""
     out = {}
     for rounds in (10, 7):
         flat = FlatLoRA(unet, sigma=0.1, schedule="constant", seed=0)
@@ -579,12 +562,7 @@ def kernel_microbench(tag, unet, device):
             for c, b in zip(eng.chunks, bufs):
                 eng._generate(c, b, add_w=True)
 
-        def norms():
-            eng._norms_done.clear()
-            for c in eng.chunks:
-                eng._ensure_norms(c)
-
-        for name, fn, nbytes in (("norms", norms, n_el * 2), ("noise", noise_pass, n_el * 4)):
+        for name, fn, nbytes in (("norms", eng._compute_norms, n_el * 2), ("noise", noise_pass, n_el * 4)):
             for _ in range(3):
                 fn()
             torch.cuda.synchronize()
@@ -611,7 +589,6 @@ def kernel_microbench(tag, unet, device):
 
 def table(results: list[dict]) -> str:
     head = ("| model | trained | batch | ckpt | mode | LoRA ms | Flat ms | Flat/LoRA (paired median) | "
-            "other engine settings: Flat/LoRA | "
             "LoRA kernel ms | Flat kernel ms | kernel ratio | wall/kernel (LoRA) | LoRA peak GiB | Flat peak GiB | "
             "mem ratio | MFU (LoRA) |")
     lines = [head, "|" + "---|" * head.count("|")[:-1] if False else "|" + "---|" * (head.count("|") - 1)]
@@ -626,8 +603,6 @@ def table(results: list[dict]) -> str:
                 continue
             lo, fl = m["lora"], m["flat"]
             lk, fk = lo.get("kernel_ms"), fl.get("kernel_ms")
-            others = ", ".join(f"{k[len('ratio_paired_median_flat_'):]} {v:.3f}" for k, v in m.items()
-                               if k.startswith("ratio_paired_median_flat_"))
             if "eager_peak_gib" in r["modes"]:
                 mem_l, mem_f = r["modes"]["eager_peak_gib"]["lora"], r["modes"]["eager_peak_gib"]["flat"]
             else:
@@ -640,8 +615,7 @@ def table(results: list[dict]) -> str:
 
             lines.append(
                 f"| {r['arch']} | {r['targets']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {mode} | "
-                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f} | "
-                f"{others or '-'} | {f(lk)} | {f(fk)} | "
+                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f} | {f(lk)} | {f(fk)} | "
                 f"{f(fk / lk if lk and fk else None, '{:.3f}')} | {f(lo['median_ms'] / lk if lk else None, '{:.2f}')} | "
                 f"{mem_l:.2f} | {mem_f:.2f} | {f(mem_f / mem_l if mem_l else None, '{:.4f}')} | {f(mfu * 100 if mfu else None, '{:.1f}%')} |")
     return "\n".join(lines)
@@ -659,9 +633,6 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warm", type=int, default=2)
     ap.add_argument("--skip-checks", action="store_true")
-    ap.add_argument("--flat-variants", default="",
-                    help="also time these settings of the fast engine, comma-separated: no_prefetch, sideN "
-                         "(side-stream launches of at most N programs; side0: no limit)")
     ap.add_argument("--no-timing", action="store_true", help="checks and kernel micro-benchmarks only")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
@@ -727,8 +698,7 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm,
-                                       [v for v in args.flat_variants.split(",") if v])
+                                       modes, args.n, args.warm)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

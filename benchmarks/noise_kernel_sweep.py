@@ -310,7 +310,7 @@ def sweep(arch, device):
         for add_w, rounds in variants:
             def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
                 for buf, p in zip(L.bufs, tabs):
-                    fc.flat_noise_kernel[(p.shape[0],)](p, p.shape[0], L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
+                    fc.flat_noise_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
                                                         ROUNDS=rounds, FAST=True, WHILE_LOOPS=False, num_warps=warps)
             name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
             record(name, rl, ref_holder if (add_w and rounds == 10) else None)
@@ -322,20 +322,22 @@ def sweep(arch, device):
                 interleaved_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10,
                                                   num_warps=warps)
         record(f"interleaved_bm{bm}_w{warps}", il)
-    # noise scales: one launch per chunk (as the engine runs them), program shapes
-    for bm, bk, warps in ((32, 128, 4), (16, 128, 4), (16, 256, 4), (16, 128, 2), (8, 256, 2)):
-        tabs = L.tables(bm)
+    # noise scales: one launch over all layers (as the engine runs them), program shapes and pipeline depths
+    for bm, bk, warps, stages in ((32, 128, 4, 3), (16, 256, 4, 3), (16, 256, 4, 2), (16, 256, 4, 4),
+                                  (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 3)):
+        p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
+                         dtype=torch.int32, device=device)
 
-        def nrm(tabs=tabs, bm=bm, bk=bk, warps=warps):
-            for p in tabs:
-                fc.flat_norm_kernel[(p.shape[0],)](p, p.shape[0], L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
-                                                   BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, num_warps=warps)
+        def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages):
+            fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32, BM=bm,
+                                               BK=bk, RP=16, WHILE_LOOPS=False, num_warps=warps, num_stages=stages)
+        name = f"norms_bm{bm}_bk{bk}_w{warps}_s{stages}"
         try:
             ms = time_graphed(nrm)
-            res[f"norms_bm{bm}_bk{bk}_w{warps}"] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3)}
+            res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3)}
         except Exception as exc:
-            res[f"norms_bm{bm}_bk{bk}_w{warps}"] = {"error": repr(exc)[:300]}
-        print(arch, f"norms_bm{bm}_bk{bk}_w{warps}", res[f"norms_bm{bm}_bk{bk}_w{warps}"], flush=True)
+            res[name] = {"error": repr(exc)[:300]}
+        print(arch, name, res[name], flush=True)
     for bm, bk, warps in ((16, 128, 4),):
         tabs = L.tables(bm)
 

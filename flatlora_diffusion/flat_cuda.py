@@ -213,7 +213,7 @@ if triton is not None:
     def _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base,
                     ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
         """Columns c0 .. c0 + 255 of the program's rows: one Philox call per 4 elements (see the layout above).
-        W is loaded before the Philox rounds, so its latency hides behind the arithmetic."""
+        W is loaded before the Philox rounds, so its latency hides behind the arithmetic (-20 % on an H200)."""
         off = rows64[:, None] * K + (c0 + t)[None, :]
         cols = c0 + t
         m1 = rmask[:, None] & (cols < K)[None, :]
@@ -239,8 +239,24 @@ if triton is not None:
         tl.store(out_base + off + 192, v4.to(ty), mask=m4)
 
     @triton.jit
-    def _noise_program(pid, prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, ADD_W: tl.constexpr,
-                       BM: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr, WHILE_LOOPS: tl.constexpr):
+    def flat_noise_kernel(
+        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
+        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
+        keys_ptr,  # int64 [n layers of the engine]
+        std_ptr,  # fp32 [total rows]
+        out_ptr,  # the chunk's output buffer (compute dtype)
+        W_T: tl.constexpr,
+        ADD_W: tl.constexpr,
+        BM: tl.constexpr,
+        ROUNDS: tl.constexpr,
+        FAST: tl.constexpr,
+        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+    ):
+        """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
+        Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
+        memory system busy while others run Philox rounds (4 rows: 2.2x faster on an H200 than the first
+        version's 16 rows x 256 columns per program; benchmarks/noise_kernel_sweep.py)."""
+        pid = tl.program_id(0)
         lay = tl.load(prog_ptr + 2 * pid)
         r0 = tl.load(prog_ptr + 2 * pid + 1)
         m = meta_ptr + lay.to(tl.int64) * 9
@@ -266,36 +282,6 @@ if triton is not None:
                 _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
 
     @triton.jit
-    def flat_noise_kernel(
-        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
-        n_progs,  # P: the grid may be smaller (each program then runs several table rows)
-        meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
-        keys_ptr,  # int64 [n layers of the engine]
-        std_ptr,  # fp32 [total rows]
-        out_ptr,  # the chunk's output buffer (compute dtype)
-        W_T: tl.constexpr,
-        ADD_W: tl.constexpr,
-        BM: tl.constexpr,
-        ROUNDS: tl.constexpr,
-        FAST: tl.constexpr,
-        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
-    ):
-        """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns, per
-        table row. Few rows per program and a loop over the columns: many small programs per multiprocessor keep
-        the memory system busy while others run Philox rounds (4 rows: 2.2x faster than 16 rows x 256 columns).
-        A grid smaller than the table (the side-stream prefetch) leaves multiprocessors to the main stream."""
-        pid = tl.program_id(0)
-        if WHILE_LOOPS:
-            while pid < n_progs:
-                _noise_program(pid, prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, ADD_W, BM, ROUNDS, FAST,
-                               WHILE_LOOPS)
-                pid += tl.num_programs(0)
-        else:
-            for p in range(pid, n_progs, tl.num_programs(0)):
-                _noise_program(p, prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, ADD_W, BM, ROUNDS, FAST,
-                               WHILE_LOOPS)
-
-    @triton.jit
     def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
@@ -306,8 +292,21 @@ if triton is not None:
         return tl.sum(v * v, axis=1)
 
     @triton.jit
-    def _norm_program(pid, prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
-                      BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr):
+    def flat_norm_kernel(
+        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
+        meta_ptr,  # int64 [L, 9] as above
+        scale_ptr,  # fp32 [L]: LoRA scaling s
+        sigma_ptr,  # fp32 [1]: sigma_t
+        std_ptr,  # fp32 [total rows], written
+        W_T: tl.constexpr,
+        AB_T: tl.constexpr,
+        BM: tl.constexpr,
+        BK: tl.constexpr,
+        RP: tl.constexpr,
+        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+    ):
+        """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
+        pid = tl.program_id(0)
         lay = tl.load(prog_ptr + 2 * pid)
         r0 = tl.load(prog_ptr + 2 * pid + 1)
         m = meta_ptr + lay.to(tl.int64) * 9
@@ -337,34 +336,6 @@ if triton is not None:
         std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
         tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
-    @triton.jit
-    def flat_norm_kernel(
-        prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
-        n_progs,  # P (the grid may be smaller)
-        meta_ptr,  # int64 [L, 9] as above
-        scale_ptr,  # fp32 [L]: LoRA scaling s
-        sigma_ptr,  # fp32 [1]: sigma_t
-        std_ptr,  # fp32 [total rows], written
-        W_T: tl.constexpr,
-        AB_T: tl.constexpr,
-        BM: tl.constexpr,
-        BK: tl.constexpr,
-        RP: tl.constexpr,
-        WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
-    ):
-        """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer per table row; B A formed
-        tile by tile."""
-        pid = tl.program_id(0)
-        if WHILE_LOOPS:
-            while pid < n_progs:
-                _norm_program(pid, prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T, AB_T, BM, BK, RP,
-                              WHILE_LOOPS)
-                pid += tl.num_programs(0)
-        else:
-            for p in range(pid, n_progs, tl.num_programs(0)):
-                _norm_program(p, prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T, AB_T, BM, BK, RP,
-                              WHILE_LOOPS)
-
 
 def _tl_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
@@ -374,9 +345,9 @@ def _tl_dtype(dtype: torch.dtype):
 # layers and chunks
 # ---------------------------------------------------------------------------------------------------------
 
+# program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200
 _NOISE_ROWS, _NOISE_WARPS = 4, 4  # a noise program: 4 rows, all columns in steps of 256
 _NORM_ROWS, _NORM_COLS = 16, 256  # a noise-scale program: 16 rows, the fan-in in steps of 256
-_SIDE_PROGRAMS = 264  # programs of a side-stream (prefetch) launch: 2 per multiprocessor of an H100 / H200
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -450,50 +421,29 @@ class _Chunk:
         self.numel = offset
         self.w_dtype = layers[0].weight.dtype
         self.programs: dict = {}  # subset of local layers (None: all) -> int32 [P, 2] device table
-        self.norm_groups: list = []  # (dtypes, int32 [P, 2] table, programs, padded rank) of its plain layers
 
 
 class FastFlat:
     """The fast engine behind a FlatLoRA (its settings and layers are the FlatLoRA's).
 
     kernels: "triton" (CUDA), "torch" (any device; the CPU tests and the GPU comparison use it) or "auto".
-    prefetch: generate the next block's W + eps ahead; on CUDA on a side stream while the current block computes
-    (elsewhere right away, which only the tests of this logic use).
-
-    Per step: begin_step computes the keys and sigma_t (tiny device ops). A chunk's noise scales are computed
-    by one launch right before its first generation in the step; then one launch per chunk writes W + eps of
-    its layers when a layer of the chunk runs and the chunk is not the live one.
-
-    Prefetch: the chunks a step asks for come in the same order every step (the blocks' forward, then their
-    backward), so the engine records that order and, when a request matches it, already writes the next
-    request's W + eps (and noise scales) into a second buffer on a side stream. The side stream waits for
-    everything the main stream enqueued before (the other buffer's readers included), and the main stream
-    waits for the side stream's work before it reads the prefetched buffer, so the numbers are those of the
-    synchronous path, bit for bit. A request that does not match (another order, the first step) is generated
-    on the main stream, as without prefetch. Extra memory: a second chunk buffer.
+    Per step: one launch computes the noise scales of all layers (begin_step); then one launch per chunk
+    writes W + eps of its layers when a layer of the chunk runs and the chunk is not the live one.
     """
 
     def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
-                 max_chunk_numel: int = 1 << 24, prefetch: bool = True, side_programs: int | None = None):
+                 max_chunk_numel: int = 1 << 24):
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
         self.flat = flat
         self.kernels = kernels
         self.rounds = int(rounds)
         self.max_chunk_numel = int(max_chunk_numel)
-        self.prefetch = bool(prefetch) and os.environ.get("FLATLORA_PREFETCH", "1") != "0"
-        self.side_programs = _SIDE_PROGRAMS if side_programs is None else int(side_programs)  # 0: no limit
         self.device = None
         self.generations = 0  # chunk generations since construction (the tests and the benchmark count them)
-        self.prefetch_hits = 0  # requests served from a prefetched buffer (the tests and the benchmark count them)
         self._live: dict[torch.dtype, tuple] = {}
         self._built = False
         self._signature = None
-        self._order: list = []  # (dtype, chunk, subset) of each generation of the last whole step
-        self._requests: list = []  # the same, of the step in progress
-        self._ahead = None  # (request, buffer, event) prefetched on the side stream
-        self._norms_done: set[int] = set()  # chunks whose noise scales this step has computed
-        self._side = None
 
     # --- setup ---------------------------------------------------------------------------------------------
     def _build(self) -> None:
@@ -508,7 +458,6 @@ class FastFlat:
         if kernels == "triton" and (triton is None or (self.device.type != "cuda" and not _interpreting())):
             raise RuntimeError("Triton kernels need Triton and CUDA tensors (or TRITON_INTERPRET=1)")
         self._use_triton = kernels == "triton"
-        self._streams = self.prefetch and self.device.type == "cuda"
         dev = self.device
         self.fast_layers: list[_FastLayer] = []
         total_rows = 0
@@ -564,7 +513,7 @@ class FastFlat:
         self._signature = sig
         for chunk in self.chunks:
             chunk.programs = {}
-            chunk.norm_groups = []
+        self._norm_groups = None
         if not self._use_triton:
             return
         meta, scales = [], []
@@ -575,17 +524,16 @@ class FastFlat:
             scales.append(scale)
         self._meta = torch.tensor(meta, dtype=torch.int64, device=self.device)
         self._scales = torch.tensor(scales, dtype=torch.float32, device=self.device)
-        for chunk in self.chunks:
-            groups: dict = {}
-            for fl in chunk.layers:
-                if fl.simple is not None:
-                    key = (fl.weight.dtype, fl.simple[0].dtype)
-                    rp = max(16, 1 << max(fl.simple[0].shape[0] - 1, 0).bit_length())
-                    g = groups.setdefault(key, [[], 16])
-                    g[1] = max(g[1], rp)
-                    g[0].extend([fl.index, r0] for r0 in range(0, fl.rows, _NORM_ROWS))
-            chunk.norm_groups = [(k, torch.tensor(v[0], dtype=torch.int32, device=self.device), len(v[0]), v[1])
-                                 for k, v in groups.items()]
+        groups: dict = {}
+        for fl in self.fast_layers:
+            if fl.simple is not None:
+                key = (fl.weight.dtype, fl.simple[0].dtype)
+                rp = max(16, 1 << max(fl.simple[0].shape[0] - 1, 0).bit_length())
+                g = groups.setdefault(key, [[], 16])
+                g[1] = max(g[1], rp)
+                g[0].extend([fl.index, r0] for r0 in range(0, fl.rows, _NORM_ROWS))
+        self._norm_groups = [(k, torch.tensor(v[0], dtype=torch.int32, device=self.device), len(v[0]), v[1])
+                             for k, v in groups.items()]
 
     def _programs(self, chunk: _Chunk, subset):
         progs = chunk.programs.get(subset)
@@ -598,18 +546,14 @@ class FastFlat:
         return progs
 
     # --- per step ------------------------------------------------------------------------------------------
-    def begin_step(self, step, micro_step, prefetch: bool = True) -> None:
-        """Device state of a step: keys of all layers and sigma_t (the noise scales follow per chunk), and the
-        prefetch of the step's first chunk. `step` / `micro_step`: ints or 0-d int64 device tensors (then
-        nothing is read on the host)."""
+    def begin_step(self, step, micro_step) -> None:
+        """Device state of a step: keys of all layers, sigma_t and the noise scales of all layers.
+        `step` / `micro_step`: ints or 0-d int64 device tensors (then nothing is read on the host)."""
         flat = self.flat
         if not self._built:
             self._build()
         self._refresh()
         self._live.clear()
-        self._norms_done = set()
-        self._requests = []
-        self._ahead = None
         for t, v in ((self._step_t, step), (self._micro_t, micro_step)):
             if torch.is_tensor(v):
                 t.copy_(v.reshape(()))
@@ -618,22 +562,17 @@ class FastFlat:
         micro = self._micro_t if flat.per_microbatch else 0
         self._keys.copy_(device_noise_keys(self._seed_t, self._step_t, micro, self._layer_ids, flat.rank))
         self._sigma_t.copy_(device_sigma_at(self._step_t, flat.sigma, flat.schedule, flat.total_steps).reshape(1))
-        if self._order and prefetch:
-            self._prefetch(self._order[0])
+        self._compute_norms()
 
-    def _ensure_norms(self, chunk: _Chunk) -> None:
-        """The noise scales of the chunk's layers, once per step, on the current stream."""
-        if chunk.index in self._norms_done:
-            return
-        self._norms_done.add(chunk.index)
+    def _compute_norms(self) -> None:
         if self._use_triton:
-            for (w_dtype, ab_dtype), progs, n_prog, rp in chunk.norm_groups:
-                flat_norm_kernel[(self._grid(n_prog),)](
-                    progs, n_prog, self._meta, self._scales, self._sigma_t, self._std,
+            for (w_dtype, ab_dtype), progs, n_prog, rp in self._norm_groups:
+                flat_norm_kernel[(n_prog,)](
+                    progs, self._meta, self._scales, self._sigma_t, self._std,
                     W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
                     WHILE_LOOPS=_interpreting(), num_warps=4,
                 )
-        for fl in chunk.layers:
+        for fl in self.fast_layers:
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
             if fl.simple is None:  # several adapters, DoRA, ...: the reference formula
                 merged = fl.flat_layer.merged_weight()
@@ -644,16 +583,9 @@ class FastFlat:
                 v = w + s * (B.detach().reshape(fl.rows, -1).float() @ A.detach().reshape(-1, fl.cols).float())
                 std.copy_(self._sigma_t * torch.sqrt((v * v).sum(1) / fl.cols))
 
-    def end_step(self, keep_order: bool = True) -> None:
-        if self._ahead is not None or self._side is not None:
-            self._join_side()
-        self._ahead = None
+    def end_step(self) -> None:
         self._live.clear()
-        if keep_order and self._requests:
-            self._order = self._requests
-        self._requests = []
 
-    # --- W + eps -------------------------------------------------------------------------------------------
     def perturbed_weight(self, fl: _FastLayer, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
         """W + eps of one layer in `dtype`: a view of its chunk's buffer, generated if that is not live.
         In backward only the layers of the chunk whose input needs a gradient are generated."""
@@ -665,68 +597,18 @@ class FastFlat:
                 subset = frozenset(x.local for x in chunk.layers if x.bwd_needed or x is fl)
                 if len(subset) == len(chunk.layers):
                     subset = None
-            request = (dtype, fl.chunk, subset)
-            position = len(self._requests)
-            self._requests.append(request)
-            ahead, self._ahead = self._ahead, None
-            if ahead is not None and ahead[0] == request:
-                if ahead[2] is not None:
-                    torch.cuda.current_stream(self.device).wait_event(ahead[2])
-                buf = ahead[1]
-                self.prefetch_hits += 1
-            else:
-                if ahead is not None:  # an unused prefetch may still be writing its buffer
-                    self._join_side()
-                buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
-                self._generate(chunk, buf, add_w=True, subset=subset)
+            buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
+            self._generate(chunk, buf, add_w=True, subset=subset)
             live = (fl.chunk, buf, subset)
             self._live[dtype] = live
-            order = self._order
-            if position + 1 < len(order) and order[position] == request:
-                self._prefetch(order[position + 1])
         return live[1][fl.offset: fl.offset + fl.numel].view(fl.weight.shape)
-
-    def _prefetch(self, request) -> None:
-        """W + eps of a request expected next, into a new buffer: on CUDA on the side stream, so it overlaps the
-        main stream's work; elsewhere (the CPU tests of this logic) right away on the current stream."""
-        if not self.prefetch:
-            return
-        dtype, index, subset = request
-        chunk = self.chunks[index]
-        # the buffer is allocated on the main stream, so the caching allocator hands it out again only after
-        # the main stream's later work, which waits for the side stream's event before it reads the buffer
-        buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
-        if not self._streams:
-            self._generate(chunk, buf, add_w=True, subset=subset)
-            self._ahead = (request, buf, None)
-            return
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        self._side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self._side):
-            self._generate(chunk, buf, add_w=True, subset=subset)
-            done = torch.cuda.Event()
-            done.record(self._side)
-        self._ahead = (request, buf, done)
-
-    def _grid(self, n_programs: int) -> int:
-        """Programs of a launch: all table rows on the main stream; on the side stream at most side_programs,
-        so the prefetch runs beside the main stream's kernels instead of taking the whole GPU first."""
-        if self.side_programs and self._side is not None and torch.cuda.current_stream(self.device) == self._side:
-            return min(n_programs, self.side_programs)
-        return n_programs
-
-    def _join_side(self) -> None:
-        if self._side is not None:
-            torch.cuda.current_stream(self.device).wait_stream(self._side)
 
     def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool, subset=None) -> None:
         self.generations += 1
-        self._ensure_norms(chunk)
         if self._use_triton:
             progs = self._programs(chunk, subset)
-            flat_noise_kernel[(self._grid(progs.shape[0]),)](
-                progs, progs.shape[0], self._meta, self._keys, self._std, buf,
+            flat_noise_kernel[(progs.shape[0],)](
+                progs, self._meta, self._keys, self._std, buf,
                 W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, ROUNDS=self.rounds,
                 FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), num_warps=_NOISE_WARPS,
             )
@@ -744,8 +626,6 @@ class FastFlat:
     # --- inspection ----------------------------------------------------------------------------------------
     def row_std(self, fl: _FastLayer) -> torch.Tensor:
         """The noise scale of a layer at the current step (after begin_step)."""
-        self._join_side()
-        self._ensure_norms(self.chunks[fl.chunk])
         return self._std[fl.std_offset: fl.std_offset + fl.rows].clone()
 
     @torch.no_grad()
@@ -753,7 +633,7 @@ class FastFlat:
         """The eps (fp32, the weight's shape) the layer gets at `step`, exactly as the step computes it."""
         if self.flat.active:
             raise RuntimeError("FlatLoRA.noise() is for inspection outside perturb(): it would reset the step's state")
-        self.begin_step(step, micro_step, prefetch=False)
+        self.begin_step(step, micro_step)
         try:
             fl = self.fast_layers[next(i for i, lay in enumerate(self.flat.layers) if lay.name == layer.name)]
             chunk = self.chunks[fl.chunk]
@@ -761,7 +641,7 @@ class FastFlat:
             self._generate(chunk, buf, add_w=False, subset=frozenset([fl.local]))
             return buf[fl.offset: fl.offset + fl.numel].view(fl.weight.shape).clone()
         finally:
-            self.end_step(keep_order=False)
+            self.end_step()
 
     # --- the step --------------------------------------------------------------------------------------------
     @contextlib.contextmanager
