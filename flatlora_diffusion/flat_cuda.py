@@ -18,10 +18,10 @@ in the weight, Box-Muller), not from torch.Generator, so the draws are other num
 
 How it is fast:
 - Layers are grouped in chunks (one transformer block each: the layers whose names share the prefix before
-  "attn1.to_q", "self_attn.q_proj", ...). One Triton launch computes the noise scales of all rows of a chunk
-  (||W + sBA||^2 row by row, B A formed tile by tile, never out x in in memory) and writes W + eps for all
-  its layers into one temporary buffer in the compute dtype; the layers of the block then run cuBLAS on
-  views of it. The buffer of the last chunk used is kept until another chunk is asked for, so a block's
+  "attn1.to_q", "self_attn.q_proj", ...). At the start of a step one Triton launch computes the noise scales
+  of all rows of all layers (||W + sBA||^2 row by row, B A formed tile by tile, never out x in in memory).
+  Then one launch per chunk writes W + eps for all its layers into one temporary buffer in the compute dtype;
+  the layers of the block run cuBLAS on views of it. The buffer of the last chunk used is kept until another chunk is asked for, so a block's
   forward is one launch, its backward one launch, and the gradient-checkpoint recomputation of a block shares
   its launch with the block's backward. Extra memory: one chunk's temporary (<= max_chunk_numel elements).
 - Seed, step, micro-batch and sigma_t are device tensors; nothing in the step reads them on the host, so the
