@@ -144,6 +144,63 @@ def interleaved_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.c
 
 
 @triton.jit
+def _norm_tile_before(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
+    cols = k0 + tl.arange(0, BK)
+    cm = cols < K
+    w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+    a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :],
+                other=0.0)
+    v = w.to(tl.float32) + tl.dot(b, a.to(tl.float32), input_precision="tf32")
+    return tl.sum(v * v, axis=1)
+
+@triton.jit
+def norm_kernel_before(
+    prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
+    meta_ptr,  # int64 [L, 9] as above
+    scale_ptr,  # fp32 [L]: LoRA scaling s
+    sigma_ptr,  # fp32 [1]: sigma_t
+    std_ptr,  # fp32 [total rows], written
+    W_T: tl.constexpr,
+    AB_T: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+    RP: tl.constexpr,
+    WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+):
+    """The previous noise-scale kernel (B A formed tile by tile, then (W + s B A)^2 summed).
+    std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
+    pid = tl.program_id(0)
+    lay = tl.load(prog_ptr + 2 * pid)
+    r0 = tl.load(prog_ptr + 2 * pid + 1)
+    m = meta_ptr + lay.to(tl.int64) * 9
+    K = tl.load(m + 3)
+    n_rows = tl.load(m + 8)
+    R = tl.load(m + 4)
+    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+    a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+    b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
+    s = tl.load(scale_ptr + lay)
+    rows = r0 + tl.arange(0, BM)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    rr = tl.arange(0, RP)
+    rmask_r = rr < R
+    b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+    b = b.to(tl.float32) * s
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    if WHILE_LOOPS:
+        k0 = K * 0
+        while k0 < K:
+            acc += _norm_tile_before(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+            k0 += BK
+    else:
+        for k0 in range(0, K, BK):
+            acc += _norm_tile_before(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+    std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
+    tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
+
+
+@triton.jit
 def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, out_ptr, W_T: tl.constexpr,
                  AB_T: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr):
     """Noise scale of BM rows (||W + sBA|| over the fan-in), then W + eps of those rows: W read twice, the
@@ -170,7 +227,7 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
     b = b.to(tl.float32) * s
     acc = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc += fc._norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+        acc += _norm_tile_before(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
     std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
     tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
     t = tl.arange(0, 64)
@@ -254,7 +311,7 @@ def time_graphed(fn, reps=20):
     return times[len(times) // 2]
 
 
-def sweep(arch, device):
+def sweep(arch, device, parts=("noise", "norms")):
     L = Layers(arch, device)
     bf = tl.bfloat16
     res = {"elements": L.numel, "chunks": len(L.chunks)}
@@ -275,77 +332,90 @@ def sweep(arch, device):
         res[name] = {"ms": round(ms, 4), "TBps_rw": round(bytes_rw / ms / 1e9, 3), "same_output_as_before": same}
         print(arch, name, res[name], flush=True)
 
-    # the kernel before this session: programs of 16 rows x 256*TILES columns, W loaded after Philox
-    for tiles, warps in ((1, 4), (4, 8)):
-        tabs = L.tables(16, 256 * tiles)
+    if "noise" in parts:
+        # the kernel before this session: programs of 16 rows x 256*TILES columns, W loaded after Philox
+        for tiles, warps in ((1, 4), (4, 8)):
+            tabs = L.tables(16, 256 * tiles)
 
-        def old(tabs=tabs, tiles=tiles, warps=warps):
-            for buf, p in zip(L.bufs, tabs):
-                legacy_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=16, ROUNDS=10, TILES=tiles,
-                                             ROWLOOP=False, num_warps=warps)
-        record(f"before_bm16_tiles{tiles}_w{warps}", old, None if tiles == 1 else ref_holder)
-        if tiles == 1:
-            old()
-            torch.cuda.synchronize()
-            ref_holder[:] = [b.clone() for b in L.bufs]
-    for bm, warps in ((4, 4), (4, 2), (2, 2)):
-        tabs = L.tables(bm, 1 << 30)
-
-        def old_rl(tabs=tabs, bm=bm, warps=warps):
-            for buf, p in zip(L.bufs, tabs):
-                legacy_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10, TILES=1,
-                                             ROWLOOP=True, num_warps=warps)
-        record(f"rowloop_late_load_bm{bm}_w{warps}", old_rl, ref_holder)
-    for bm, bn, warps in ((8, 512, 4), (4, 256, 2), (16, 256, 4)):
-        tabs = L.tables(bm)
-
-        def cp(tabs=tabs, bm=bm, bn=bn, warps=warps):
-            for buf, p in zip(L.bufs, tabs):
-                copy_kernel[(p.shape[0],)](p, L.meta, buf, W_T=bf, BM=bm, BN=bn, num_warps=warps)
-        record(f"copy_floor_bm{bm}_bn{bn}_w{warps}", cp)
-    # flat_cuda.flat_noise_kernel (W loaded before the Philox rounds), all columns per program
-    for bm, warps in ((4, 4), (4, 2), (2, 2), (2, 1), (8, 4), (8, 8), (16, 8)):
-        tabs = L.tables(bm)
-        variants = [(True, 10)] + ([(False, 10), (True, 7)] if (bm, warps) == (4, 4) else [])
-        for add_w, rounds in variants:
-            def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
+            def old(tabs=tabs, tiles=tiles, warps=warps):
                 for buf, p in zip(L.bufs, tabs):
-                    fc.flat_noise_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
-                                                        ROUNDS=rounds, FAST=True, WHILE_LOOPS=False, num_warps=warps)
-            name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
-            record(name, rl, ref_holder if (add_w and rounds == 10) else None)
-    for bm, warps in ((8, 4), (16, 4), (16, 8)):
-        tabs = L.tables(bm)
+                    legacy_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=16, ROUNDS=10, TILES=tiles,
+                                                 ROWLOOP=False, num_warps=warps)
+            record(f"before_bm16_tiles{tiles}_w{warps}", old, None if tiles == 1 else ref_holder)
+            if tiles == 1:
+                old()
+                torch.cuda.synchronize()
+                ref_holder[:] = [b.clone() for b in L.bufs]
+        for bm, warps in ((4, 4), (4, 2), (2, 2)):
+            tabs = L.tables(bm, 1 << 30)
 
-        def il(tabs=tabs, bm=bm, warps=warps):
-            for buf, p in zip(L.bufs, tabs):
-                interleaved_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10,
-                                                  num_warps=warps)
-        record(f"interleaved_bm{bm}_w{warps}", il)
-    # noise scales: one launch over all layers (as the engine runs them), program shapes and pipeline depths
-    for bm, bk, warps, stages in ((32, 128, 4, 3), (16, 256, 4, 3), (16, 256, 4, 2), (16, 256, 4, 4),
-                                  (16, 256, 8, 3), (32, 256, 8, 3), (16, 512, 8, 3)):
-        p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
-                         dtype=torch.int32, device=device)
+            def old_rl(tabs=tabs, bm=bm, warps=warps):
+                for buf, p in zip(L.bufs, tabs):
+                    legacy_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10, TILES=1,
+                                                 ROWLOOP=True, num_warps=warps)
+            record(f"rowloop_late_load_bm{bm}_w{warps}", old_rl, ref_holder)
+        for bm, bn, warps in ((8, 512, 4), (4, 256, 2), (16, 256, 4)):
+            tabs = L.tables(bm)
 
-        def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages):
-            fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32, BM=bm,
-                                               BK=bk, RP=16, WHILE_LOOPS=False, num_warps=warps, num_stages=stages)
-        name = f"norms_bm{bm}_bk{bk}_w{warps}_s{stages}"
-        try:
-            ms = time_graphed(nrm)
-            res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3)}
-        except Exception as exc:
-            res[name] = {"error": repr(exc)[:300]}
-        print(arch, name, res[name], flush=True)
-    for bm, bk, warps in ((16, 128, 4),):
-        tabs = L.tables(bm)
+            def cp(tabs=tabs, bm=bm, bn=bn, warps=warps):
+                for buf, p in zip(L.bufs, tabs):
+                    copy_kernel[(p.shape[0],)](p, L.meta, buf, W_T=bf, BM=bm, BN=bn, num_warps=warps)
+            record(f"copy_floor_bm{bm}_bn{bn}_w{warps}", cp)
+        # flat_cuda.flat_noise_kernel (W loaded before the Philox rounds), all columns per program
+        for bm, warps in ((4, 4), (4, 2), (2, 2), (2, 1), (8, 4), (8, 8), (16, 8)):
+            tabs = L.tables(bm)
+            variants = [(True, 10)] + ([(False, 10), (True, 7)] if (bm, warps) == (4, 4) else [])
+            for add_w, rounds in variants:
+                def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
+                    for buf, p in zip(L.bufs, tabs):
+                        fc.flat_noise_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
+                                                            ROUNDS=rounds, FAST=True, WHILE_LOOPS=False, num_warps=warps)
+                name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
+                record(name, rl, ref_holder if (add_w and rounds == 10) else None)
+        for bm, warps in ((8, 4), (16, 4), (16, 8)):
+            tabs = L.tables(bm)
 
-        def fu(tabs=tabs, bm=bm, bk=bk, warps=warps):
-            for buf, p in zip(L.bufs, tabs):
-                fused_kernel[(p.shape[0],)](p, L.meta, L.keys, L.scales, L.sigma, L.std, buf, W_T=bf,
-                                            AB_T=tl.float32, BM=bm, BK=bk, RP=16, ROUNDS=10, num_warps=warps)
-        record(f"fused_norm_noise_bm{bm}_bk{bk}_w{warps}", fu)
+            def il(tabs=tabs, bm=bm, warps=warps):
+                for buf, p in zip(L.bufs, tabs):
+                    interleaved_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ROUNDS=10,
+                                                      num_warps=warps)
+            record(f"interleaved_bm{bm}_w{warps}", il)
+    if "norms" in parts:
+        # noise scales: one launch over all layers (as the engine runs them): the previous kernel, then
+        # flat_cuda.flat_norm_kernel (the expansion ||W||^2 + 2 sb.(A W^T) + sb (A A^T) sb^T) in several shapes
+        ref_std = None
+        for kind, bm, bk, warps in (("before", 16, 256, 4), ("expansion", 64, 128, 4), ("expansion", 32, 256, 4),
+                                    ("expansion", 128, 64, 4), ("expansion", 64, 128, 8), ("expansion", 128, 128, 8),
+                                    ("expansion", 64, 256, 8)):
+            p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
+                             dtype=torch.int32, device=device)
+            kernel = norm_kernel_before if kind == "before" else fc.flat_norm_kernel
+
+            def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel):
+                kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32, BM=bm, BK=bk, RP=16,
+                                      WHILE_LOOPS=False, num_warps=warps)
+            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}"
+            try:
+                ms = time_graphed(nrm)
+                nrm()
+                torch.cuda.synchronize()
+                if ref_std is None:
+                    ref_std = L.std.clone()
+                rel = ((L.std - ref_std).abs() / ref_std).max().item()
+                res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
+                             "max_rel_diff_vs_before": rel}
+            except Exception as exc:
+                res[name] = {"error": repr(exc)[:300]}
+            print(arch, name, res[name], flush=True)
+    if "noise" in parts:
+        for bm, bk, warps in ((16, 128, 4),):
+            tabs = L.tables(bm)
+
+            def fu(tabs=tabs, bm=bm, bk=bk, warps=warps):
+                for buf, p in zip(L.bufs, tabs):
+                    fused_kernel[(p.shape[0],)](p, L.meta, L.keys, L.scales, L.sigma, L.std, buf, W_T=bf,
+                                                AB_T=tl.float32, BM=bm, BK=bk, RP=16, ROUNDS=10, num_warps=warps)
+            record(f"fused_norm_noise_bm{bm}_bk{bk}_w{warps}", fu)
     return res
 
 
@@ -353,13 +423,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--archs", default="sdxl,sd15")
+    ap.add_argument("--parts", default="noise,norms", help="which launches to time: noise, norms or both")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda")
     res = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     for arch in args.archs.split(","):
-        res[arch] = sweep(arch, device)
+        res[arch] = sweep(arch, device, args.parts.split(","))
         (out / "noise_kernel_sweep.json").write_text(json.dumps(res, indent=1))
     return 0
 
