@@ -3,10 +3,17 @@
 
     python benchmarks/noise_kernel_sweep.py --out results/      # H200: ~1 min; no diffusers needed
 
+    python benchmarks/noise_kernel_sweep.py --out results/ --parts norms   # the noise-scale kernels only
+
 One "pass" = W + eps for every perturbed layer, one launch per transformer block (the chunks of flat_cuda), the
-launches captured in a CUDA graph as in the graphed training step. Each variant's output is compared bitwise
-with the kernel of the same layout. Floors: a copy kernel with the same program grid (reads W, writes the
-buffer) and a store-only variant (no W read). Prints and writes JSON.
+launches captured in a CUDA graph as in the graphed training step. Timed:
+- noise: the first kernel of the project (16 rows x 256 columns per program, W loaded after the Philox rounds;
+  kept here as `legacy_kernel`), flat_cuda.flat_noise_kernel in several program shapes, another column layout,
+  a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is
+  the same. Floors: a copy kernel with the same grid (reads W, writes the buffer) and a store-only variant.
+- norms: flat_cuda.flat_norm_kernel (all layers in one launch) and the expansion variant that was tried
+  (`norm_kernel_expansion`), with the largest relative difference of their noise scales.
+Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*.
 """
 
 from __future__ import annotations
