@@ -93,18 +93,9 @@ def legacy_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.conste
     """The kernel before this sweep: programs of BM rows x 256 * TILES columns (ROWLOOP: all columns), W loaded
     after the Philox rounds."""
     pid = tl.program_id(0)
-    lay = tl.load(prog_ptr + 3 * pid)
-    r0 = tl.load(prog_ptr + 3 * pid + 1)
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, pid, 3, meta_ptr, keys_ptr,
+                                                                         out_ptr, W_T, BM)
     c_start = tl.load(prog_ptr + 3 * pid + 2)
-    m = meta_ptr + lay.to(tl.int64) * 9
-    K = tl.load(m + 3)
-    n_rows = tl.load(m + 8)
-    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-    out_base = out_ptr + tl.load(m + 5)
-    key = tl.load(keys_ptr + tl.load(m + 7))
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
     std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
     t = tl.arange(0, 64)
     zero = tl.zeros((BM, 64), dtype=tl.uint32)
@@ -121,18 +112,8 @@ def legacy_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.conste
 def interleaved_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
                        ROUNDS: tl.constexpr):
     """Another layout: one Philox call -> 4 consecutive columns (vector loads/stores of 4 elements per call)."""
-    pid = tl.program_id(0)
-    lay = tl.load(prog_ptr + 2 * pid)
-    r0 = tl.load(prog_ptr + 2 * pid + 1)
-    m = meta_ptr + lay.to(tl.int64) * 9
-    K = tl.load(m + 3)
-    n_rows = tl.load(m + 8)
-    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-    out_base = out_ptr + tl.load(m + 5)
-    key = tl.load(keys_ptr + tl.load(m + 7))
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, tl.program_id(0), 2, meta_ptr,
+                                                                         keys_ptr, out_ptr, W_T, BM)
     std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
     t = tl.arange(0, 64)
     zero = tl.zeros((BM, 64), dtype=tl.uint32)
@@ -222,21 +203,12 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
     """Noise scale of BM rows (||W + sBA|| over the fan-in), then W + eps of those rows: W read twice, the
     second time from L2."""
     pid = tl.program_id(0)
-    lay = tl.load(prog_ptr + 2 * pid)
-    r0 = tl.load(prog_ptr + 2 * pid + 1)
-    m = meta_ptr + lay.to(tl.int64) * 9
-    K = tl.load(m + 3)
-    n_rows = tl.load(m + 8)
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, pid, 2, meta_ptr, keys_ptr,
+                                                                         out_ptr, W_T, BM)
     R = tl.load(m + 4)
-    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
     a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
     b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
-    out_base = out_ptr + tl.load(m + 5)
-    key = tl.load(keys_ptr + tl.load(m + 7))
-    s = tl.load(scale_ptr + lay)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
+    s = tl.load(scale_ptr + tl.load(prog_ptr + 2 * pid))
     rr = tl.arange(0, RP)
     rmask_r = rr < R
     b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)

@@ -239,6 +239,24 @@ if triton is not None:
         tl.store(out_base + off + 192, v4.to(ty), mask=m4)
 
     @triton.jit
+    def _program_rows(prog_ptr, pid, PROG_COLS: tl.constexpr, meta_ptr, keys_ptr, out_ptr, W_T: tl.constexpr,
+                      BM: tl.constexpr):
+        """What a noise program reads from its row of the program table (layer, first row, ...) and the
+        layer's row of the meta table: the meta row, fan-in K, W and output bases, noise key, and its BM rows
+        (with the mask of those inside the layer)."""
+        lay = tl.load(prog_ptr + PROG_COLS * pid)
+        r0 = tl.load(prog_ptr + PROG_COLS * pid + 1)
+        m = meta_ptr + lay.to(tl.int64) * 9
+        K = tl.load(m + 3)
+        n_rows = tl.load(m + 8)
+        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+        out_base = out_ptr + tl.load(m + 5)
+        key = tl.load(keys_ptr + tl.load(m + 7))
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < n_rows
+        return m, K, w_base, out_base, key, rows, rmask, rows.to(tl.int64)
+
+    @triton.jit
     def flat_noise_kernel(
         prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
         meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
@@ -256,18 +274,8 @@ if triton is not None:
         Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
         memory system busy while others run Philox rounds (4 rows: 2.2x faster on an H200 than the first
         version's 16 rows x 256 columns per program; benchmarks/noise_kernel_sweep.py)."""
-        pid = tl.program_id(0)
-        lay = tl.load(prog_ptr + 2 * pid)
-        r0 = tl.load(prog_ptr + 2 * pid + 1)
-        m = meta_ptr + lay.to(tl.int64) * 9
-        K = tl.load(m + 3)
-        n_rows = tl.load(m + 8)
-        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-        out_base = out_ptr + tl.load(m + 5)
-        key = tl.load(keys_ptr + tl.load(m + 7))
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < n_rows
-        rows64 = rows.to(tl.int64)
+        m, K, w_base, out_base, key, rows, rmask, rows64 = _program_rows(
+            prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, out_ptr, W_T, BM)
         std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
         t = tl.arange(0, 64)
         zero = tl.zeros((BM, 64), dtype=tl.uint32)
