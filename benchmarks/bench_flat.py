@@ -26,10 +26,8 @@ makes the exit status 1 (after the results are written) and is printed as FAIL.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
-import os
 import platform
 import statistics
 import sys

@@ -162,22 +162,8 @@ def norm_kernel_expansion(
     """Tried (8x slower on an H200 than flat_cuda.flat_norm_kernel): std_row from the expansion
     ||W_i||^2 + 2 (s b_i) . (A W_i^T) + (s b_i) (A A^T) (s b_i)^T: the loop keeps only BM x R and R x R
     accumulators (never B A), so a program can take many rows and A is read once per BM rows of W."""
-    pid = tl.program_id(0)
-    lay = tl.load(prog_ptr + 2 * pid)
-    r0 = tl.load(prog_ptr + 2 * pid + 1)
-    m = meta_ptr + lay.to(tl.int64) * 9
-    K = tl.load(m + 3)
-    n_rows = tl.load(m + 8)
-    R = tl.load(m + 4)
-    w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-    a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
-    b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
-    s = tl.load(scale_ptr + lay)
-    rows = r0 + tl.arange(0, BM)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    rr = tl.arange(0, RP)
-    rmask_r = rr < R
+    m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
+        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
     ww = tl.zeros((BM,), dtype=tl.float32)
     wa = tl.zeros((BM, RP), dtype=tl.float32)
     g = tl.zeros((RP, RP), dtype=tl.float32)

@@ -300,6 +300,22 @@ if triton is not None:
         return tl.sum(v * v, axis=1)
 
     @triton.jit
+    def _norm_program_rows(prog_ptr, meta_ptr, scale_ptr, W_T: tl.constexpr, AB_T: tl.constexpr, BM: tl.constexpr,
+                           RP: tl.constexpr):
+        """What a noise-scale program reads from its row of the program table (layer, first row) and the layer's
+        meta row: fan-in K, rank R, W / A / B bases, scaling s, its BM rows and the RP-padded rank index, with
+        masks."""
+        pid = tl.program_id(0)
+        lay = tl.load(prog_ptr + 2 * pid)
+        m = meta_ptr + lay.to(tl.int64) * 9
+        R = tl.load(m + 4)
+        rows = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, BM)
+        rr = tl.arange(0, RP)
+        return (m, tl.load(m + 3), R, tl.load(m + 0).to(tl.pointer_type(W_T)), tl.load(m + 1).to(tl.pointer_type(AB_T)),
+                tl.load(m + 2).to(tl.pointer_type(AB_T)), tl.load(scale_ptr + lay), rows.to(tl.int64),
+                rows < tl.load(m + 8), rr, rr < R)
+
+    @triton.jit
     def flat_norm_kernel(
         prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
         meta_ptr,  # int64 [L, 9] as above
@@ -314,22 +330,8 @@ if triton is not None:
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
     ):
         """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
-        pid = tl.program_id(0)
-        lay = tl.load(prog_ptr + 2 * pid)
-        r0 = tl.load(prog_ptr + 2 * pid + 1)
-        m = meta_ptr + lay.to(tl.int64) * 9
-        K = tl.load(m + 3)
-        n_rows = tl.load(m + 8)
-        R = tl.load(m + 4)
-        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-        a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
-        b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
-        s = tl.load(scale_ptr + lay)
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < n_rows
-        rows64 = rows.to(tl.int64)
-        rr = tl.arange(0, RP)
-        rmask_r = rr < R
+        m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = _norm_program_rows(
+            prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
         b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
         b = b.to(tl.float32) * s
         acc = tl.zeros((BM,), dtype=tl.float32)
