@@ -521,6 +521,7 @@ class FastFlat:
         if any(s[1] != self.device for s in sig):
             raise RuntimeError("a perturbed layer moved to another device after Flat-LoRA was set up")
         self._signature = sig
+        self._torch_norm_layers = [fl for fl in self.fast_layers if fl.simple is None or not self._use_triton]
         for chunk in self.chunks:
             chunk.programs = {}
         self._norm_groups = None
@@ -582,7 +583,7 @@ class FastFlat:
                     W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
                     WHILE_LOOPS=_interpreting(), num_warps=4,
                 )
-        for fl in self.fast_layers:
+        for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
             if fl.simple is None:  # several adapters, DoRA, ...: the reference formula
                 merged = fl.flat_layer.merged_weight()
@@ -609,9 +610,13 @@ class FastFlat:
                     subset = None
             buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
             self._generate(chunk, buf, add_w=True, subset=subset)
-            live = (fl.chunk, buf, subset)
+            live = (fl.chunk, buf, subset, {})
             self._live[dtype] = live
-        return live[1][fl.offset: fl.offset + fl.numel].view(fl.weight.shape)
+        views = live[3]  # a layer asks again in backward: its view of the buffer is made once per generation
+        view = views.get(fl.local)
+        if view is None:
+            view = views[fl.local] = live[1][fl.offset: fl.offset + fl.numel].view(fl.weight.shape)
+        return view
 
     def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool, subset=None) -> None:
         self.generations += 1
