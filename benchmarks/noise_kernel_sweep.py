@@ -81,10 +81,14 @@ def _noise_tile_late(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_
     m3 = rmask[:, None] & (cols + 128 < K)[None, :]
     m4 = rmask[:, None] & (cols + 192 < K)[None, :]
     ty = out_base.dtype.element_ty
-    tl.store(out_base + off, (std[:, None] * z1 + tl.load(w_base + off, mask=m1, other=0.0).to(tl.float32)).to(ty), mask=m1)
-    tl.store(out_base + off + 64, (std[:, None] * z2 + tl.load(w_base + off + 64, mask=m2, other=0.0).to(tl.float32)).to(ty), mask=m2)
-    tl.store(out_base + off + 128, (std[:, None] * z3 + tl.load(w_base + off + 128, mask=m3, other=0.0).to(tl.float32)).to(ty), mask=m3)
-    tl.store(out_base + off + 192, (std[:, None] * z4 + tl.load(w_base + off + 192, mask=m4, other=0.0).to(tl.float32)).to(ty), mask=m4)
+    w1 = tl.load(w_base + off, mask=m1, other=0.0).to(tl.float32)
+    tl.store(out_base + off, (std[:, None] * z1 + w1).to(ty), mask=m1)
+    w2 = tl.load(w_base + off + 64, mask=m2, other=0.0).to(tl.float32)
+    tl.store(out_base + off + 64, (std[:, None] * z2 + w2).to(ty), mask=m2)
+    w3 = tl.load(w_base + off + 128, mask=m3, other=0.0).to(tl.float32)
+    tl.store(out_base + off + 128, (std[:, None] * z3 + w3).to(ty), mask=m3)
+    w4 = tl.load(w_base + off + 192, mask=m4, other=0.0).to(tl.float32)
+    tl.store(out_base + off + 192, (std[:, None] * z4 + w4).to(ty), mask=m4)
 
 
 @triton.jit
@@ -342,8 +346,9 @@ def sweep(arch, device, parts=("noise", "norms")):
             for add_w, rounds in variants:
                 def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
                     for buf, p in zip(L.bufs, tabs):
-                        fc.flat_noise_kernel[(p.shape[0],)](p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
-                                                            ROUNDS=rounds, FAST=True, WHILE_LOOPS=False, num_warps=warps)
+                        fc.flat_noise_kernel[(p.shape[0],)](
+                            p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm, ROUNDS=rounds, FAST=True,
+                            WHILE_LOOPS=False, num_warps=warps)
                 name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
                 record(name, rl, ref_holder if (add_w and rounds == 10) else None)
         for bm, warps in ((8, 4), (16, 4), (16, 8)):

@@ -21,9 +21,10 @@ How it is fast:
   "attn1.to_q", "self_attn.q_proj", ...). At the start of a step one Triton launch computes the noise scales
   of all rows of all layers (||W + sBA||^2 row by row, B A formed tile by tile, never out x in in memory).
   Then one launch per chunk writes W + eps for all its layers into one temporary buffer in the compute dtype;
-  the layers of the block run cuBLAS on views of it. The buffer of the last chunk used is kept until another chunk is asked for, so a block's
-  forward is one launch, its backward one launch, and the gradient-checkpoint recomputation of a block shares
-  its launch with the block's backward. Extra memory: one chunk's temporary (<= max_chunk_numel elements).
+  the layers of the block run cuBLAS on views of it. The buffer of the last chunk used is kept until another
+  chunk is asked for, so a block's forward is one launch, its backward one launch, and the gradient-checkpoint
+  recomputation of a block shares its launch with the block's backward. Extra memory: one chunk's temporary
+  (<= max_chunk_numel elements).
 - Seed, step, micro-batch and sigma_t are device tensors; nothing in the step reads them on the host, so the
   step can be captured in a CUDA graph (`GraphedTrainStep`) with Flat-LoRA inside.
 
@@ -311,8 +312,10 @@ if triton is not None:
         R = tl.load(m + 4)
         rows = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, BM)
         rr = tl.arange(0, RP)
-        return (m, tl.load(m + 3), R, tl.load(m + 0).to(tl.pointer_type(W_T)), tl.load(m + 1).to(tl.pointer_type(AB_T)),
-                tl.load(m + 2).to(tl.pointer_type(AB_T)), tl.load(scale_ptr + lay), rows.to(tl.int64),
+        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
+        a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+        b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
+        return (m, tl.load(m + 3), R, w_base, a_base, b_base, tl.load(scale_ptr + lay), rows.to(tl.int64),
                 rows < tl.load(m + 8), rr, rr < R)
 
     @triton.jit

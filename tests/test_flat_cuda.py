@@ -254,4 +254,3 @@ def test_backward_generates_only_layers_that_need_an_input_gradient():
         assert subset is not None
         kept = {".".join(names[i]) for i in subset}
         assert not kept & {"attn2.to_k", "attn2.to_v"}, kept
-
