@@ -122,17 +122,27 @@ class ReferenceNoise:
         return _perturbed_weight(self.weight_tensor, self.row_std, self.key, dtype)
 
 
+def _start_forward(ctx, x: torch.Tensor, source):
+    """The compute dtype of a perturbed layer's forward and its W + eps in it. Every operand is then in the compute
+    dtype (autocast's, when it is on), so autocast's casts are no-ops and need no `autocast(enabled=False)` block
+    (which costs host time on each of ~600 layers)."""
+    dtype = _compute_dtype(x)
+    source.forward_seen(ctx.needs_input_grad[0])
+    return dtype, source.weight(dtype)
+
+
+def _check_frozen(ctx) -> None:
+    if ctx.needs_input_grad[1]:
+        raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
+
+
 class _NoisyLinear(torch.autograd.Function):
     """y = x (W + eps)^T + b. Keeps only the noise source (W is referenced, never copied); backward asks it for
     W + eps again, regenerated from the same key."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, source):
-        dtype = _compute_dtype(x)
-        source.forward_seen(ctx.needs_input_grad[0])
-        # every operand is already in the compute dtype (autocast's, when it is on), so autocast's casts are
-        # no-ops here and need no `autocast(enabled=False)` block (which costs host time on each of ~600 layers)
-        w = source.weight(dtype)
+        dtype, w = _start_forward(ctx, x, source)
         out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
         ctx.source, ctx.dtype, ctx.x_dtype = source, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -140,8 +150,7 @@ class _NoisyLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
+        _check_frozen(ctx)
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             w = ctx.source.weight(ctx.dtype, backward=True)
@@ -157,9 +166,7 @@ class _NoisyConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, source, conv_args):
         stride, padding, dilation, groups = conv_args
-        dtype = _compute_dtype(x)
-        source.forward_seen(ctx.needs_input_grad[0])
-        w = source.weight(dtype)  # operands in the compute dtype: autocast's casts are no-ops (see _NoisyLinear)
+        dtype, w = _start_forward(ctx, x, source)
         out = F.conv2d(x.to(dtype), w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
         ctx.source, ctx.dtype, ctx.x_dtype, ctx.x_shape, ctx.conv_args = source, dtype, x.dtype, x.shape, conv_args
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -167,8 +174,7 @@ class _NoisyConv2d(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.needs_input_grad[1]:
-            raise RuntimeError("Flat-LoRA perturbs frozen weights only; this layer's base weight requires grad")
+        _check_frozen(ctx)
         stride, padding, dilation, groups = ctx.conv_args
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
