@@ -11,8 +11,10 @@ launches captured in a CUDA graph as in the graphed training step. Timed:
   kept here as `legacy_kernel`), flat_cuda.flat_noise_kernel in several program shapes, another column layout,
   a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is
   the same. Floors: a copy kernel with the same grid (reads W, writes the buffer) and a store-only variant.
-- norms: flat_cuda.flat_norm_kernel (all layers in one launch) and the expansion variant that was tried
-  (`norm_kernel_expansion`), with the largest relative difference of their noise scales.
+- norms: flat_cuda.flat_norm_kernel (all layers in one launch) in several program shapes and the expansion
+  variant that was tried (`norm_kernel_expansion`), with the largest relative difference of their noise scales.
+- merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
+  engine's chunks do now (one chunk per block family, up to 2^24 elements).
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*.
 """
 
@@ -218,14 +220,19 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
 class Layers:
     """Random layers of one architecture, in chunks, with the meta table of flat_cuda."""
 
-    def __init__(self, arch, device, rank=16):
+    def __init__(self, arch, device, rank=16, merge=False):
+        """merge: consecutive blocks of one width share a chunk up to 2^24 elements, as the engine's chunks of
+        one family do (SDXL: 70 -> 63 launches per pass; SD 1.5: 16 -> 9); else one chunk per block."""
         torch.manual_seed(0)
         self.chunks = []  # list of list of layer indices
         self.W, meta, scales, self.A, self.B = [], [], [], [], []
         std_off = 0
         for layers, n in block_shapes(arch):
-            for _ in range(n):
-                idx, off = [], 0
+            block_numel = sum(r * c for r, c in layers)
+            per_chunk = max(1, (1 << 24) // block_numel) if merge else 1
+            for b in range(n):
+                if b % per_chunk == 0:
+                    idx, off = [], 0
                 for rows, cols in layers:
                     i = len(self.W)
                     w = torch.randn(rows, cols, device=device, dtype=torch.bfloat16) * 0.02
@@ -239,7 +246,8 @@ class Layers:
                     idx.append(i)
                     off += rows * cols
                     std_off += rows
-                self.chunks.append((idx, off))
+                if b % per_chunk == per_chunk - 1 or b == n - 1:
+                    self.chunks.append((idx, off))
         self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
         self.scales = torch.tensor(scales, dtype=torch.float32, device=device)
         self.keys = torch.randint(0, 2 ** 62, (len(self.W),), dtype=torch.int64, device=device)
@@ -363,17 +371,22 @@ def sweep(arch, device, parts=("noise", "norms")):
         # noise scales: one launch over all layers (as the engine runs them): the previous kernel, then
         # flat_cuda.flat_norm_kernel (the expansion ||W||^2 + 2 sb.(A W^T) + sb (A A^T) sb^T) in several shapes
         ref_std = None
-        for kind, bm, bk, warps in (("before", 16, 256, 4), ("expansion", 64, 128, 4), ("expansion", 32, 256, 4),
-                                    ("expansion", 128, 64, 4), ("expansion", 64, 128, 8), ("expansion", 128, 128, 8),
-                                    ("expansion", 64, 256, 8)):
+        # (the expansion variant's other shapes, all slower still, are in h200_norm_kernel_expansion.json)
+        for kind, bm, bk, warps, stages in (("before", 16, 256, 4, 3), ("expansion", 64, 128, 4, 3),
+                                            ("before", 32, 64, 4, 3), ("before", 32, 128, 4, 2),
+                                            ("before", 64, 64, 4, 2), ("before", 64, 64, 4, 3),
+                                            ("before", 64, 128, 4, 2), ("before", 64, 64, 8, 3),
+                                            ("before", 64, 128, 8, 2), ("before", 128, 64, 8, 2),
+                                            ("before", 16, 128, 4, 3), ("before", 16, 256, 2, 3),
+                                            ("before", 8, 256, 1, 3), ("before", 16, 64, 4, 3)):
             p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
                              dtype=torch.int32, device=device)
             kernel = fc.flat_norm_kernel if kind == "before" else norm_kernel_expansion
 
-            def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel):
+            def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel, stages=stages):
                 kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32, BM=bm, BK=bk, RP=16,
-                                      WHILE_LOOPS=False, num_warps=warps)
-            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}"
+                                      WHILE_LOOPS=False, num_warps=warps, num_stages=stages)
+            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}_s{stages}"
             try:
                 ms = time_graphed(nrm)
                 nrm()
@@ -386,6 +399,20 @@ def sweep(arch, device, parts=("noise", "norms")):
             except Exception as exc:
                 res[name] = {"error": repr(exc)[:300]}
             print(arch, name, res[name], flush=True)
+    if "merged" in parts:
+        # the engine's chunks since blocks of one family share one (fewer, larger launches): floor and kernel
+        M = Layers(arch, device, merge=True)
+        res["merged_chunks"] = len(M.chunks)
+        for name, kernel, kw in (("copy_floor_bm8_bn512_w4", copy_kernel, dict(BM=8, BN=512, num_warps=4)),
+                                 ("flat_noise_kernel_bm4_w4", fc.flat_noise_kernel,
+                                  dict(ADD_W=True, BM=4, ROUNDS=10, FAST=True, WHILE_LOOPS=False, num_warps=4))):
+            tabs = M.tables(kw["BM"])
+            args = (M.meta,) if kernel is copy_kernel else (M.meta, M.keys, M.std)
+
+            def run(tabs=tabs, kernel=kernel, kw=kw, args=args):
+                for buf, p in zip(M.bufs, tabs):
+                    kernel[(p.shape[0],)](p, *args, buf, W_T=bf, **kw)
+            record(f"merged_{len(M.chunks)}_launches_{name}", run)
     if "noise" in parts:
         for bm, bk, warps in ((16, 128, 4),):
             tabs = L.tables(bm)
@@ -402,7 +429,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--archs", default="sdxl,sd15")
-    ap.add_argument("--parts", default="noise,norms", help="which launches to time: noise, norms or both")
+    ap.add_argument("--parts", default="noise,norms,merged",
+                    help="which launches to time: noise, norms, merged (the noise pass with the engine's merged chunks)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -17,14 +17,16 @@ What differs: z comes from a counter-based generator (Philox-4x32 keyed by the l
 in the weight, Box-Muller), not from torch.Generator, so the draws are other numbers of the same law.
 
 How it is fast:
-- Layers are grouped in chunks (one transformer block each: the layers whose names share the prefix before
-  "attn1.to_q", "self_attn.q_proj", ...). At the start of a step one Triton launch computes the noise scales
-  of all rows of all layers (||W + sBA||^2 row by row, B A formed tile by tile, never out x in in memory).
-  Then one launch per chunk writes W + eps for all its layers into one temporary buffer in the compute dtype;
-  the layers of the block run cuBLAS on views of it. The buffer of the last chunk used is kept until another
-  chunk is asked for, so a block's forward is one launch, its backward one launch, and the gradient-checkpoint
-  recomputation of a block shares its launch with the block's backward. Extra memory: one chunk's temporary
-  (<= max_chunk_numel elements).
+- Layers are grouped in chunks: consecutive transformer blocks (the layers whose names share the prefix before
+  "attn1.to_q", "self_attn.q_proj", ...) of one family (names equal but for their numbers: the blocks of the
+  down path, of the up path, the layers of a text encoder), up to max_chunk_numel elements; an SDXL 1280-wide
+  block is a chunk of its own, four 640-wide ones share one. At the start of a step one Triton launch computes
+  the keys of all layers and one the noise scales of all rows of all layers (||W + sBA||^2 row by row, B A
+  formed tile by tile, never out x in in memory). Then one launch per chunk writes W + eps for all its layers
+  into one temporary buffer in the compute dtype; the layers run cuBLAS on views of it. The buffer of the last
+  chunk used is kept until another chunk is asked for, so a chunk's forward is one launch, its backward one
+  launch, and the gradient-checkpoint recomputation of its blocks shares its launch with their backward.
+  Extra memory: one chunk's temporary (<= max_chunk_numel elements).
 - Seed, step, micro-batch and sigma_t are device tensors; nothing in the step reads them on the host, so the
   step can be captured in a CUDA graph (`GraphedTrainStep`) with Flat-LoRA inside.
 
@@ -350,6 +352,34 @@ if triton is not None:
         tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
 
+    @triton.jit
+    def _splitmix64_tl(x):
+        """flat._splitmix64 on uint64 (wrapping arithmetic, logical shifts)."""
+        x = x + 0x9E3779B97F4A7C15
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+        return x ^ (x >> 31)
+
+    @triton.jit
+    def flat_keys_kernel(ids_ptr, seed_ptr, step_ptr, micro_ptr, rank_ptr, keys_ptr, n, USE_MICRO: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        """keys[i] = flat.noise_key(seed, step, micro or 0, ids[i], rank) for all layers in one launch (the torch
+        version, device_noise_keys, is some 65 elementwise kernels: ~0.15 ms of a CUDA-graph step on an H200)."""
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        key = _splitmix64_tl(tl.load(seed_ptr).to(tl.uint64, bitcast=True))
+        key = _splitmix64_tl(key ^ tl.load(step_ptr).to(tl.uint64, bitcast=True))
+        if USE_MICRO:
+            key = _splitmix64_tl(key ^ tl.load(micro_ptr).to(tl.uint64, bitcast=True))
+        else:
+            key = _splitmix64_tl(key)
+        ids = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.uint64, bitcast=True)
+        key = _splitmix64_tl(key ^ ids)
+        key = _splitmix64_tl(key ^ tl.load(rank_ptr).to(tl.uint64, bitcast=True))
+        key = (key << 1) >> 1  # 63 bits, as noise_key
+        tl.store(keys_ptr + offs, key.to(tl.int64, bitcast=True), mask=mask)
+
+
 def _tl_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
@@ -373,6 +403,13 @@ def chunk_prefix(name: str) -> str:
         if not parts.pop().isdigit():
             removed += 1
     return ".".join(parts)
+
+
+def chunk_family(name: str) -> str:
+    """Blocks whose prefixes differ only in their numbers ("down_blocks.1.attentions.0.transformer_blocks.1",
+    "down_blocks.2.attentions.1.transformer_blocks.0"; "text_model.encoder.layers.3", "...layers.4") run one
+    after the other, so consecutive ones can share a chunk: fewer, larger launches."""
+    return ".".join(p for p in chunk_prefix(name).split(".") if not p.isdigit())
 
 
 def _simple_adapter(layer: nn.Module, base: nn.Module, fan_in: int):
@@ -488,11 +525,14 @@ class FastFlat:
         self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self._micro_t = torch.zeros((), dtype=torch.int64, device=dev)
         self._seed_t = torch.tensor(_i64(self.flat.seed), dtype=torch.int64, device=dev)
-        # chunks: consecutive layers of one block, one weight dtype, at most max_chunk_numel elements
+        self._rank = int(self.flat.rank)
+        self._rank_t = torch.tensor(self._rank, dtype=torch.int64, device=dev)
+        # chunks: consecutive layers of blocks of one family (chunk_family), one weight dtype, at most
+        # max_chunk_numel elements; a layer order that is not the execution order costs regenerations, not results
         self.chunks: list[_Chunk] = []
         run: list[_FastLayer] = []
         for fl in self.fast_layers:
-            if run and (chunk_prefix(run[-1].flat_layer.name) != chunk_prefix(fl.flat_layer.name)
+            if run and (chunk_family(run[-1].flat_layer.name) != chunk_family(fl.flat_layer.name)
                         or run[-1].weight.dtype != fl.weight.dtype
                         or sum(x.numel for x in run) + fl.numel > self.max_chunk_numel):
                 self.chunks.append(_Chunk(run, len(self.chunks)))
@@ -573,9 +613,21 @@ class FastFlat:
                 t.copy_(v.reshape(()))
             else:
                 t.fill_(int(v))
-        micro = self._micro_t if flat.per_microbatch else 0
-        self._keys.copy_(device_noise_keys(self._seed_t, self._step_t, micro, self._layer_ids, flat.rank))
-        self._sigma_t.copy_(device_sigma_at(self._step_t, flat.sigma, flat.schedule, flat.total_steps).reshape(1))
+        if self._use_triton:
+            if int(flat.rank) != self._rank:  # the process group came up after setup
+                self._rank = int(flat.rank)
+                self._rank_t.fill_(self._rank)
+            n = len(self.fast_layers)
+            flat_keys_kernel[(triton.cdiv(n, 1024),)](
+                self._layer_ids, self._seed_t, self._step_t, self._micro_t, self._rank_t, self._keys, n,
+                USE_MICRO=bool(flat.per_microbatch), BLOCK=1024)
+        else:
+            micro = self._micro_t if flat.per_microbatch else 0
+            self._keys.copy_(device_noise_keys(self._seed_t, self._step_t, micro, self._layer_ids, flat.rank))
+        if flat.schedule == "constant" or flat.sigma == 0.0:  # one fill instead of a few kernels
+            self._sigma_t.fill_(float(flat.sigma) if flat.schedule == "constant" else 0.0)
+        else:
+            self._sigma_t.copy_(device_sigma_at(self._step_t, flat.sigma, flat.schedule, flat.total_steps).reshape(1))
         self._compute_norms()
 
     def _compute_norms(self) -> None:

@@ -93,6 +93,10 @@ def test_chunk_prefix():
     assert fc.chunk_prefix("0.down_blocks.1.attentions.0.transformer_blocks.3.attn2.to_out.0") == \
         "0.down_blocks.1.attentions.0.transformer_blocks.3"
     assert fc.chunk_prefix("1.text_model.encoder.layers.7.self_attn.q_proj") == "1.text_model.encoder.layers.7"
+    assert fc.chunk_family("0.down_blocks.1.attentions.0.transformer_blocks.3.attn1.to_q") == \
+        fc.chunk_family("0.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k") == \
+        "down_blocks.attentions.transformer_blocks"
+    assert fc.chunk_family("1.text_model.encoder.layers.7.self_attn.q_proj") == "text_model.encoder.layers"
 
 
 # --- the fast engine's own parts of the specification's cases ------------------------------------------------------
@@ -164,21 +168,27 @@ def test_backward_regenerates_the_forward_eps_when_its_chunk_is_gone(kind):
         torch.testing.assert_close(per_layer[name], one[name], rtol=0, atol=0)
 
 
-def test_unet_chunks_and_one_generation_per_block_and_pass():
-    unet = tiny_unet()
-    flat = attach_fast(FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4))
-    eng = flat._fast
-    counts = []
-    for checkpointing in (False, True):
-        before = eng.generations
-        unet_grads(unet, flat, 9, checkpointing)
-        counts.append(eng.generations - before)
-    n_plain, n_ckpt = counts
-    n_blocks = 6  # transformer blocks: one chunk each (8 layers)
-    assert len(eng.chunks) == n_blocks and all(len(c.layers) == 8 for c in eng.chunks)
-    # one launch per block in forward and one in backward (the last block's is shared by both); with
-    # checkpointing the recomputation shares its launch with the block's backward
-    assert n_plain <= 2 * n_blocks and n_ckpt <= 2 * n_blocks, (n_plain, n_ckpt)
+def test_unet_chunks_and_one_generation_per_chunk_and_pass():
+    """Consecutive transformer blocks of one family share a chunk (the tiny UNet: its down path's 2 blocks, its
+    mid block, its up path's 3), up to max_chunk_numel elements: one block per chunk when one block fills it."""
+    block_numel = 28672  # 8 layers of one tiny transformer block
+    for max_chunk_numel, expect in ((1 << 24, [["down", 2], ["up", 3], ["mid", 1]]),
+                                    (block_numel, [["down", 1]] * 2 + [["up", 1]] * 3 + [["mid", 1]])):
+        unet = tiny_unet()
+        flat = attach_fast(FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4), max_chunk_numel=max_chunk_numel)
+        eng = flat._fast
+        counts = []
+        for checkpointing in (False, True):
+            before = eng.generations
+            unet_grads(unet, flat, 9, checkpointing)
+            counts.append(eng.generations - before)
+        got = [[c.layers[0].flat_layer.name.split(".")[1].split("_")[0],
+                len({fc.chunk_prefix(fl.flat_layer.name) for fl in c.layers})] for c in eng.chunks]
+        assert got == expect
+        assert all(len(c.layers) == 8 * n for c, (_, n) in zip(eng.chunks, expect))
+        # one launch per chunk in forward and one in backward (the last chunk's is shared by both); with
+        # checkpointing the recomputation shares its launch with the backward
+        assert counts == [2 * len(expect) - 1] * 2, counts
 
 
 def test_backend_selection_on_cpu():
@@ -192,7 +202,7 @@ def test_backend_selection_on_cpu():
 
 
 def test_triton_kernel_in_the_interpreter_equals_the_torch_emulation(monkeypatch):
-    """Needs Triton (not a CI dependency); on the GPU the benchmark runs the same comparison compiled."""
+    """The noise-scale, noise and keys kernels. Needs Triton (not a CI dependency); on the GPU the benchmark runs the same comparison compiled."""
     import importlib.util
     import subprocess
     import sys
@@ -224,6 +234,17 @@ for k in ("torch", "triton"):
                                                              for fl in eng.fast_layers]
 for a, b in zip(outs["torch"], outs["triton"]):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+# the one-launch keys kernel against flat.noise_key, with and without the micro-batch
+import random
+from flatlora_diffusion.flat import noise_key
+rng = random.Random(1)
+ids = [rng.getrandbits(64) for _ in range(1100)]  # more than one program of 1024
+for seed, step, micro, rank, use_micro in ((-(2**63), 0, 3, 0, True), (2**63 - 1, 10**7, 2, 7, False), (5, 1, 1, 1, True)):
+    t = lambda v: torch.tensor(v, dtype=torch.int64)
+    keys = torch.zeros(len(ids), dtype=torch.int64)
+    fc.flat_keys_kernel[(2,)](torch.tensor([fc._i64(i) for i in ids]), t(seed), t(step), t(micro), t(rank), keys,
+                              len(ids), USE_MICRO=use_micro, BLOCK=1024)
+    assert keys.tolist() == [noise_key(seed, step, micro if use_micro else 0, i, rank) for i in ids]
 print("OK")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
