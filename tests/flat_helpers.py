@@ -124,16 +124,19 @@ def train(model, flat, steps, dtype, tensor_step=False):
     return model
 
 
-def tiny_unet():
+def tiny_unet(attention_at_both_widths: bool = False):
+    """A tiny SD-like UNet with LoRA on its attention layers: transformer blocks 64 wide (down, mid, up), and
+    with attention_at_both_widths also 32 wide (blocks of two sizes in the down and up paths)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    first = "CrossAttn" if attention_at_both_widths else ""
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 64),
         layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=(first + "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", first + "UpBlock2D"),
         cross_attention_dim=32,
         norm_num_groups=32,
     )

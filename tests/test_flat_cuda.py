@@ -168,27 +168,42 @@ def test_backward_regenerates_the_forward_eps_when_its_chunk_is_gone(kind):
         torch.testing.assert_close(per_layer[name], one[name], rtol=0, atol=0)
 
 
+def _chunk_blocks(eng):
+    """Per chunk: (path, number of blocks, elements)."""
+    return [(c.layers[0].flat_layer.name.split(".")[1].split("_")[0],
+             len({fc.chunk_prefix(fl.flat_layer.name) for fl in c.layers}), c.numel) for c in eng.chunks]
+
+
 def test_unet_chunks_and_one_generation_per_chunk_and_pass():
-    """Consecutive transformer blocks of one family share a chunk (the tiny UNet: its down path's 2 blocks, its
-    mid block, its up path's 3), up to max_chunk_numel elements: one block per chunk when one block fills it."""
-    block_numel = 28672  # 8 layers of one tiny transformer block
-    for max_chunk_numel, expect in ((1 << 24, [["down", 2], ["up", 3], ["mid", 1]]),
-                                    (block_numel, [["down", 1]] * 2 + [["up", 1]] * 3 + [["mid", 1]])):
-        unet = tiny_unet()
-        flat = attach_fast(FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4), max_chunk_numel=max_chunk_numel)
-        eng = flat._fast
-        counts = []
-        for checkpointing in (False, True):
-            before = eng.generations
-            unet_grads(unet, flat, 9, checkpointing)
-            counts.append(eng.generations - before)
-        got = [[c.layers[0].flat_layer.name.split(".")[1].split("_")[0],
-                len({fc.chunk_prefix(fl.flat_layer.name) for fl in c.layers})] for c in eng.chunks]
-        assert got == expect
-        assert all(len(c.layers) == 8 * n for c, (_, n) in zip(eng.chunks, expect))
-        # one launch per chunk in forward and one in backward (the last chunk's is shared by both); with
-        # checkpointing the recomputation shares its launch with the backward
-        assert counts == [2 * len(expect) - 1] * 2, counts
+    """Consecutive transformer blocks of one family (down path, mid, up path) share a chunk up to the size of the
+    largest block: with blocks 32 and 64 wide (8192 and 28672 weights), the two 32-wide blocks of the down path
+    share one, the three of the up path another; the 64-wide blocks stay alone."""
+    unet = tiny_unet(attention_at_both_widths=True)
+    flat = attach_fast(FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4))
+    eng = flat._fast
+    counts = []
+    for checkpointing in (False, True):
+        before = eng.generations
+        unet_grads(unet, flat, 9, checkpointing)
+        counts.append(eng.generations - before)
+    small, large = 8192, 28672
+    assert _chunk_blocks(eng) == [("down", 2, 2 * small), ("down", 1, large), ("down", 1, large)] + \
+        [("up", 1, large)] * 3 + [("up", 3, 3 * small), ("mid", 1, large)]
+    # one launch per chunk in forward and one in backward (the last chunk's is shared by both); with
+    # checkpointing the recomputation shares its launch with the backward
+    assert counts == [2 * len(eng.chunks) - 1] * 2, counts
+
+
+def test_max_chunk_numel_bounds_the_chunks():
+    """A cap below the largest block: no blocks merged, the larger blocks split between their layers."""
+    unet = tiny_unet(attention_at_both_widths=True)
+    flat = attach_fast(FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4), max_chunk_numel=8192)
+    eng = flat._fast
+    unet_grads(unet, flat, 9, False)
+    chunks = _chunk_blocks(eng)
+    assert all(n == 1 and numel <= 8192 for _, n, numel in chunks)
+    assert sum(numel == 8192 and len(c.layers) == 8 for (_, _, numel), c in zip(chunks, eng.chunks)) == 5
+    assert sum(numel for _, _, numel in chunks) == 5 * 8192 + 6 * 28672
 
 
 def test_backend_selection_on_cpu():
