@@ -231,8 +231,8 @@ class Layers:
         for layers, n in block_shapes(arch):
             block_numel = sum(r * c for r, c in layers)
             per_chunk = max(1, largest // block_numel) if merge else 1
-            for b in range(n):
-                if b % per_chunk == 0:
+            for blk in range(n):
+                if blk % per_chunk == 0:
                     idx, off = [], 0
                 for rows, cols in layers:
                     i = len(self.W)
@@ -247,7 +247,7 @@ class Layers:
                     idx.append(i)
                     off += rows * cols
                     std_off += rows
-                if b % per_chunk == per_chunk - 1 or b == n - 1:
+                if blk % per_chunk == per_chunk - 1 or blk == n - 1:
                     self.chunks.append((idx, off))
         self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
         self.scales = torch.tensor(scales, dtype=torch.float32, device=device)
