@@ -412,7 +412,7 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
     return out
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, defer_norms=True):
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -426,8 +426,6 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
     options = StepOptions(seed=0, max_grad_norm=1.0, train_text_encoder=with_te)
     models = StepModels(unet=unet, text_encoders=list(tes), noise_scheduler=sched, arch=arch)
     flat = attach_engine(FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0), device)
-    if flat.fast_engine() is not None:
-        flat.fast_engine().defer_norms = defer_norms
     steps = {"lora": TrainStep(models, optimizer, params, acc, options, flat=None),
              "flat": TrainStep(models, optimizer, params, acc, options, flat=flat)}
     batch = make_batch(arch, bs, device, tiny, with_te)
@@ -637,8 +635,6 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--merge", nargs="*", help="JSON files of earlier runs to merge into one table")
-    ap.add_argument("--defer-norms", default="on", choices=["on", "off"],
-                    help="off: every noise scale at the start of the step (FastFlat(defer_norms=False))")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -700,7 +696,7 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm, defer_norms=args.defer_norms == "on")
+                                       modes, args.n, args.warm)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

@@ -492,7 +492,7 @@ class _FastLayer:
     simple: tuple | None = None  # (A, B, scaling) of this step, or None
     bwd_needed: bool = True  # the last forward's input required grad: backward will ask for W + eps
     state: tuple | None = None  # the adapter state `simple` was derived from
-    model: str = ""  # layer_model(name): noise scales are scheduled per model
+    model: str = ""  # layer_model(name): chunks never span models
 
     @property
     def numel(self) -> int:
@@ -513,7 +513,6 @@ class _Chunk:
             offset += fl.numel
         self.numel = offset
         self.w_dtype = layers[0].weight.dtype
-        self.model = layers[0].model  # chunks never span models (chunk_family starts with the model)
         self.programs: dict = {}  # subset of local layers (None: all) -> int32 [P, 2] device table
 
 
@@ -526,20 +525,13 @@ class FastFlat:
     """
 
     def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
-                 max_chunk_numel: int = 1 << 24, defer_norms: bool = True):
+                 max_chunk_numel: int = 1 << 24):
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
         self.flat = flat
         self.kernels = kernels
         self.rounds = int(rounds)
         self.max_chunk_numel = int(max_chunk_numel)
-        # noise scales of the models that do not run first: on a side stream, while the first one computes
-        self.defer_norms = bool(defer_norms)
-        self.model_order: list[str] = []  # models in the order the last step first generated W + eps for them
-        self._step_models: list[str] = []
-        self._pending: dict[str, object] = {}  # model -> event of its deferred noise scales, until awaited
-        self._events: dict[str, object] = {}
-        self._side = None
         self.device = None
         self.generations = 0  # chunk generations since construction (the tests and the benchmark count them)
         self._live: dict[torch.dtype, tuple] = {}
@@ -620,7 +612,7 @@ class FastFlat:
         groups: dict = {}
         for fl in self.fast_layers:
             if fl.simple is not None:
-                key = (fl.model, fl.weight.dtype, fl.simple[0].dtype)
+                key = (fl.weight.dtype, fl.simple[0].dtype)
                 rp = max(16, 1 << max(fl.simple[0].shape[0] - 1, 0).bit_length())
                 g = groups.setdefault(key, [[], 16])
                 g[1] = max(g[1], rp)
@@ -670,78 +662,25 @@ class FastFlat:
         self._compute_norms()
 
     def _compute_norms(self) -> None:
-        """The noise scales of all layers. Those of the model that ran first in the last step now, on this
-        stream; those of the other models on a side stream, each awaited by its model's first generation
-        (`_await_norms`): their W is read while the first model computes, e.g. the UNet's while the text
-        encoders run, whose small GEMMs leave most of the GPU idle. The first step (order not known yet), a
-        single model, or defer_norms=False: everything now, in order."""
-        models = list(dict.fromkeys(self.model_order + [fl.model for fl in self.fast_layers]))
-        deferred = models[1:] if (self.defer_norms and self.model_order) else []
-        for model in models[: len(models) - len(deferred)]:
-            self._norms_of(model)
-        self._pending = {}
-        if not deferred:
-            return
-        side = self._side_stream()
-        if side is None:  # no streams (CPU): computed when awaited, so a generation that forgot to await
-            for model in deferred:  # would use stale scales (the tests compare with defer_norms=False)
-                self._pending[model] = None
-            return
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for model in deferred:
-                self._norms_of(model)
-                event = self._events.get(model)
-                if event is None:
-                    event = self._events[model] = torch.cuda.Event()
-                event.record(side)
-                self._pending[model] = event
-
-    def _side_stream(self):
-        if self.device.type != "cuda":
-            return None
-        if self._side is None:
-            self._side = torch.cuda.Stream(self.device)
-        return self._side
-
-    def _await_norms(self, model: str | None = None) -> None:
-        """This stream waits for the deferred noise scales of `model` (None: of every model)."""
-        for m in ([model] if model is not None else list(self._pending)):
-            if m in self._pending:
-                event = self._pending.pop(m)
-                if event is None:
-                    self._norms_of(m)
-                else:
-                    torch.cuda.current_stream(self.device).wait_event(event)
-
-    def _norms_of(self, model: str) -> None:
         if self._use_triton:
-            for (m, w_dtype, ab_dtype), progs, n_prog, rp in self._norm_groups:
-                if m != model:
-                    continue
+            for (w_dtype, ab_dtype), progs, n_prog, rp in self._norm_groups:
                 flat_norm_kernel[(n_prog,)](
                     progs, self._meta, self._scales, self._sigma_t, self._std,
                     W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
                     WHILE_LOOPS=_interpreting(), num_warps=4,
                 )
         for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
-            if fl.model != model:
-                continue
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
             if fl.simple is None:  # several adapters, DoRA, ...: the reference formula
                 merged = fl.flat_layer.merged_weight()
                 std.copy_(merged.reshape(fl.rows, -1).norm(dim=1) * (self._sigma_t / math.sqrt(fl.cols)))
-            else:
+            elif not self._use_triton:
                 A, B, s = fl.simple
                 w = fl.weight.detach().reshape(fl.rows, fl.cols).float()
                 v = w + s * (B.detach().reshape(fl.rows, -1).float() @ A.detach().reshape(-1, fl.cols).float())
                 std.copy_(self._sigma_t * torch.sqrt((v * v).sum(1) / fl.cols))
 
     def end_step(self) -> None:
-        self._await_norms()  # a model that did not run this step: its side work joins here (graph capture needs it)
-        if self._step_models:
-            self.model_order = list(self._step_models)
-        self._step_models = []
         self._live.clear()
 
     def perturbed_weight(self, fl: _FastLayer, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
@@ -768,9 +707,6 @@ class FastFlat:
 
     def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool, subset=None) -> None:
         self.generations += 1
-        if chunk.model not in self._step_models:
-            self._step_models.append(chunk.model)
-        self._await_norms(chunk.model)
         if self._use_triton:
             progs = self._programs(chunk, subset)
             flat_noise_kernel[(progs.shape[0],)](
@@ -792,7 +728,6 @@ class FastFlat:
     # --- inspection ----------------------------------------------------------------------------------------
     def row_std(self, fl: _FastLayer) -> torch.Tensor:
         """The noise scale of a layer at the current step (after begin_step)."""
-        self._await_norms(fl.model)
         return self._std[fl.std_offset: fl.std_offset + fl.rows].clone()
 
     @torch.no_grad()
@@ -800,7 +735,6 @@ class FastFlat:
         """The eps (fp32, the weight's shape) the layer gets at `step`, exactly as the step computes it."""
         if self.flat.active:
             raise RuntimeError("FlatLoRA.noise() is for inspection outside perturb(): it would reset the step's state")
-        order = self.model_order  # an inspection is not a step: the learned model order stays
         self.begin_step(step, micro_step)
         try:
             fl = self.fast_layers[next(i for i, lay in enumerate(self.flat.layers) if lay.name == layer.name)]
@@ -810,7 +744,6 @@ class FastFlat:
             return buf[fl.offset: fl.offset + fl.numel].view(fl.weight.shape).clone()
         finally:
             self.end_step()
-            self.model_order = order
 
     # --- the step --------------------------------------------------------------------------------------------
     @contextlib.contextmanager

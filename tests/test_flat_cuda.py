@@ -102,6 +102,14 @@ def test_chunk_prefix():
     assert fc.layer_model("2.text_model.encoder.layers.0.self_attn.q_proj") == "2"
 
 
+def test_chunks_never_span_models():
+    """Layers named "0.0", "1.0" (Sequentials) have no block prefix; the model index still separates them."""
+    nets = [two_layer_net("linear")[0] for _ in range(2)]
+    flat = attach_fast(FlatLoRA(nets, sigma=0.3, schedule="constant", seed=3))
+    flat._fast._build()
+    assert [[fl.flat_layer.name for fl in c.layers] for c in flat._fast.chunks] == [["0.0", "0.2"], ["1.0", "1.2"]]
+
+
 # --- the fast engine's own parts of the specification's cases ------------------------------------------------------
 
 
@@ -293,55 +301,3 @@ def test_backward_generates_only_layers_that_need_an_input_gradient():
         assert subset is not None
         kept = {".".join(names[i]) for i in subset}
         assert not kept & {"attn2.to_k", "attn2.to_v"}, kept
-
-
-def _encoder_then_decoder():
-    """Two models, handed to FlatLoRA as [decoder, encoder] but run encoder first (as [unet, text encoder])."""
-    encoder, x = two_layer_net("linear")
-    torch.manual_seed(1)
-    decoder = lora(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 8)), ["0", "2"], r=2, alpha=4)
-    for n, p in decoder.named_parameters():
-        p.requires_grad_("lora_" in n)
-    return decoder, encoder, x
-
-
-@pytest.mark.parametrize("defer", [True, False])
-def test_noise_scales_of_later_models_are_deferred_to_their_first_generation(defer):
-    """After one step the engine knows which model runs first: from then on only that model's noise scales are
-    computed at the start of the step; the others' are pending (on the GPU: on a side stream) until their
-    model's first W + eps, and the step computes exactly what it computes without deferral."""
-    runs = {}
-    for deferral in (defer, not defer):
-        decoder, encoder, x = _encoder_then_decoder()
-        flat = attach_fast(FlatLoRA([decoder, encoder], sigma=0.3, schedule="constant", seed=3), defer_norms=deferral)
-        eng = flat._fast
-        pending_at_start, pending_between = [], []
-
-        def forward():
-            pending_at_start.append(set(eng._pending))
-            h = encoder(x)
-            pending_between.append(set(eng._pending))
-            return decoder(h).square().mean()
-
-        out = []
-        for step in range(3):
-            with flat.perturb(step):
-                loss = forward()
-                loss.backward()
-            out.append((loss.detach(), grads(encoder), grads(decoder)))
-            with torch.no_grad():  # an update, so each step's noise scales differ from the last step's
-                for m in (encoder, decoder):
-                    for p in m.parameters():
-                        if p.grad is not None:
-                            p -= 5.0 * p.grad
-                    m.zero_grad()
-            assert eng._pending == {}  # nothing left pending after a step
-        assert eng.model_order == ["1", "0"]  # the encoder (model 1) generated first
-        runs[deferral] = out
-        if deferral:
-            assert pending_at_start == [set(), {"0"}, {"0"}] and pending_between == [set(), {"0"}, {"0"}]
-        else:
-            assert pending_at_start == pending_between == [set()] * 3
-    for (l1, e1, d1), (l2, e2, d2) in zip(runs[True], runs[False]):
-        assert torch.equal(l1, l2)
-        assert all(torch.equal(e1[k], e2[k]) for k in e1) and all(torch.equal(d1[k], d2[k]) for k in d1)
