@@ -5,8 +5,9 @@
 
     python benchmarks/noise_kernel_sweep.py --out results/ --parts norms   # the noise-scale kernels only
 
-One "pass" = W + eps for every perturbed layer, one launch per transformer block (the chunks of flat_cuda), the
-launches captured in a CUDA graph as in the graphed training step. Timed:
+One "pass" = W + eps for every perturbed layer, one launch per transformer block (the engine's first
+chunking; the "merged" part times its current one), the launches captured in a CUDA graph as in the graphed
+training step. Timed:
 - noise: the first kernel of the project (16 rows x 256 columns per program, W loaded after the Philox rounds;
   kept here as `legacy_kernel`), flat_cuda.flat_noise_kernel in several program shapes, another column layout,
   a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is

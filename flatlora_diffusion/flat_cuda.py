@@ -520,8 +520,8 @@ class FastFlat:
     """The fast engine behind a FlatLoRA (its settings and layers are the FlatLoRA's).
 
     kernels: "triton" (CUDA), "torch" (any device; the CPU tests and the GPU comparison use it) or "auto".
-    Per step: one launch computes the noise scales of all layers (begin_step); then one launch per chunk
-    writes W + eps of its layers when a layer of the chunk runs and the chunk is not the live one.
+    Per step: one launch computes the keys and one the noise scales of all layers (begin_step); then one
+    launch per chunk writes W + eps of its layers when a layer of the chunk runs and the chunk is not the live one.
     """
 
     def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
