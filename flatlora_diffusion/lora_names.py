@@ -180,7 +180,9 @@ _LDM_LAYOUT = {
     SD2: {"levels": 4, "down_attn": {0, 1, 2}, "up_attn": {1, 2, 3}},
     SDXL: {"levels": 3, "down_attn": {1, 2}, "up_attn": {0, 1}},
 }
-_LDM_RESNET = {
+# original-SD (LDM) module names -> diffusers, inside a ResNet block and at the top of the UNet; tiny.py
+# writes single-file checkpoints with the inverse maps
+LDM_RESNET_TO_DIFFUSERS = {
     "in_layers.0": "norm1",
     "in_layers.2": "conv1",
     "emb_layers.1": "time_emb_proj",
@@ -188,7 +190,7 @@ _LDM_RESNET = {
     "out_layers.3": "conv2",
     "skip_connection": "conv_shortcut",
 }
-_LDM_TOP = {
+LDM_TOP_TO_DIFFUSERS = {
     "input_blocks.0.0": "conv_in",
     "time_embed.0": "time_embedding.linear_1",
     "time_embed.2": "time_embedding.linear_2",
@@ -205,13 +207,13 @@ def is_ldm_unet_path(path: str) -> bool:
 
 
 def _resnet(rest: str) -> str | None:
-    return _LDM_RESNET.get(rest)
+    return LDM_RESNET_TO_DIFFUSERS.get(rest)
 
 
 def ldm_to_diffusers_unet_path(path: str, arch: str) -> str | None:
     """Map an original-SD UNet module path to the diffusers path, or None if it has no counterpart."""
-    if path in _LDM_TOP:
-        return _LDM_TOP[path]
+    if path in LDM_TOP_TO_DIFFUSERS:
+        return LDM_TOP_TO_DIFFUSERS[path]
     layout = _LDM_LAYOUT[arch]
     m = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$", path)
     if m:

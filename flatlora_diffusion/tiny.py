@@ -23,6 +23,8 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from .lora_names import LDM_RESNET_TO_DIFFUSERS, LDM_TOP_TO_DIFFUSERS
+
 ARCHES = ("sd15", "sdxl")
 
 BOS_TOKEN = "<|startoftext|>"
@@ -484,14 +486,8 @@ def make_subject_images(out_dir, n: int = 4, size: int = 64, seed: int = 0, size
 # Single-file checkpoint in the original Stable Diffusion ("LDM") layout
 # ---------------------------------------------------------------------------------------------------
 
-_RESNET_TO_LDM = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
+_RESNET_TO_LDM = {diffusers: ldm for ldm, diffusers in LDM_RESNET_TO_DIFFUSERS.items()}
+_TOP_TO_LDM = {diffusers: ldm for ldm, diffusers in LDM_TOP_TO_DIFFUSERS.items()}
 
 
 def _unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
@@ -502,18 +498,9 @@ def _unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: 
     blocks (per level `layers_per_block + 1` resnet[+attention] blocks, the last with the upsampler).
     """
     per_level = layers_per_block + 1
-    fixed = {
-        "time_embedding.linear_1": "time_embed.0",
-        "time_embedding.linear_2": "time_embed.2",
-        "add_embedding.linear_1": "label_emb.0.0",
-        "add_embedding.linear_2": "label_emb.0.2",
-        "conv_in": "input_blocks.0.0",
-        "conv_norm_out": "out.0",
-        "conv_out": "out.2",
-    }
     module, _, param = key.rpartition(".")
-    if module in fixed:
-        return f"{fixed[module]}.{param}"
+    if module in _TOP_TO_LDM:
+        return f"{_TOP_TO_LDM[module]}.{param}"
 
     def resnet(rest: str) -> str:
         name, _, tail = rest.partition(".")
