@@ -12,11 +12,12 @@ training step. Timed:
   kept here as `legacy_kernel`), flat_cuda.flat_noise_kernel in several program shapes, another column layout,
   a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is
   the same. Floors: a copy kernel with the same grid (reads W, writes the buffer) and a store-only variant.
-- norms: flat_cuda.flat_norm_kernel (all layers in one launch) in several program shapes and the expansion
-  variant that was tried (`norm_kernel_expansion`), with the largest relative difference of their noise scales.
+- norms: flat_cuda.flat_norm_kernel (all layers in one launch) and the expansion variants that were tried
+  (`norm_kernel_expansion`, `norm_kernel_bf16x2`), with the largest relative difference of their noise scales.
 - merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
   engine's chunks do now (one chunk per block family, up to 2^24 elements).
-Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*.
+Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
+h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*.
 """
 
 from __future__ import annotations
@@ -185,6 +186,52 @@ def norm_kernel_expansion(
     b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
     b = b.to(tl.float32) * s
     bg = tl.dot(b, g, input_precision="ieee")
+    norm2 = ww + 2.0 * tl.sum(b * wa, axis=1) + tl.sum(bg * b, axis=1)
+    std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
+    tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
+
+
+@triton.jit
+def _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK: tl.constexpr):
+    """One BK-column slice for norm_kernel_bf16x2: ||W_i||^2 in fp32, W_i A^T as two bf16 tensor-core dots
+    (A = A_hi + A_lo, both bf16: ~16 mantissa bits, W exact in bf16), A A^T in tf32."""
+    cols = k0 + tl.arange(0, BK)
+    cm = cols < K
+    w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+    a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :],
+                other=0.0).to(tl.float32)
+    a_hi = a.to(tl.bfloat16)
+    a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+    wf = w.to(tl.float32)
+    ww += tl.sum(wf * wf, axis=1)
+    wa = tl.dot(w, tl.trans(a_hi), wa)
+    wa = tl.dot(w, tl.trans(a_lo), wa)
+    g = tl.dot(a, tl.trans(a), g, input_precision="tf32")
+    return ww, wa, g
+
+
+@triton.jit
+def norm_kernel_bf16x2(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr):
+    """Tried (3.7x-11x slower on an H200 than flat_cuda.flat_norm_kernel, as accurate): the expansion of
+    norm_kernel_expansion with W A^T on bf16 tensor cores (W must be bf16): many rows per program, A read once
+    per BM rows, W read once, no fp32 copy of the W tile. Triton's interpreter cannot run its bf16 dots."""
+    m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
+        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
+    ww = tl.zeros((BM,), dtype=tl.float32)
+    wa = tl.zeros((BM, RP), dtype=tl.float32)
+    g = tl.zeros((RP, RP), dtype=tl.float32)
+    if WHILE_LOOPS:
+        k0 = K * 0
+        while k0 < K:
+            ww, wa, g = _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
+            k0 += BK
+    else:
+        for k0 in range(0, K, BK):
+            ww, wa, g = _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
+    b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+    b = b.to(tl.float32) * s
+    bg = tl.dot(b, g, input_precision="tf32")
     norm2 = ww + 2.0 * tl.sum(b * wa, axis=1) + tl.sum(bg * b, axis=1)
     std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
     tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
@@ -374,16 +421,16 @@ def sweep(arch, device, parts=("noise", "norms")):
         # flat_cuda.flat_norm_kernel (the expansion ||W||^2 + 2 sb.(A W^T) + sb (A A^T) sb^T) in several shapes
         ref_std = None
         # (the expansion variant's other shapes, all slower still, are in h200_norm_kernel_expansion.json)
+        # (the shapes of the current kernel tried in this session are in h200_norm_shapes_and_merged_chunks.json)
         for kind, bm, bk, warps, stages in (("before", 16, 256, 4, 3), ("expansion", 64, 128, 4, 3),
-                                            ("before", 32, 64, 4, 3), ("before", 32, 128, 4, 2),
-                                            ("before", 64, 64, 4, 2), ("before", 64, 64, 4, 3),
-                                            ("before", 64, 128, 4, 2), ("before", 64, 64, 8, 3),
-                                            ("before", 64, 128, 8, 2), ("before", 128, 64, 8, 2),
-                                            ("before", 16, 128, 4, 3), ("before", 16, 256, 2, 3),
-                                            ("before", 8, 256, 1, 3), ("before", 16, 64, 4, 3)):
+                                            ("bf16x2", 64, 128, 4, 3), ("bf16x2", 64, 64, 4, 3),
+                                            ("bf16x2", 128, 64, 4, 3), ("bf16x2", 64, 256, 4, 3),
+                                            ("bf16x2", 128, 128, 8, 3), ("bf16x2", 64, 128, 4, 4),
+                                            ("bf16x2", 32, 128, 4, 3)):
             p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
                              dtype=torch.int32, device=device)
-            kernel = fc.flat_norm_kernel if kind == "before" else norm_kernel_expansion
+            kernel = {"before": fc.flat_norm_kernel, "expansion": norm_kernel_expansion,
+                      "bf16x2": norm_kernel_bf16x2}[kind]
 
             def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel, stages=stages):
                 kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32, BM=bm, BK=bk, RP=16,
