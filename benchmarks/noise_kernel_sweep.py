@@ -15,7 +15,7 @@ training step. Timed:
 - norms: flat_cuda.flat_norm_kernel (all layers in one launch) and the expansion variants that were tried
   (`norm_kernel_expansion`, `norm_kernel_bf16x2`), with the largest relative difference of their noise scales.
 - merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
-  engine's chunks do now (one chunk per block family, up to 2^24 elements).
+  engine's chunks do now (blocks of one family, up to the largest block's size).
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
 h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*.
 """
