@@ -479,7 +479,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--archs", default="sdxl,sd15")
     ap.add_argument("--parts", default="noise,norms,merged",
-                    help="which launches to time: noise, norms, merged (the noise pass with the engine's merged chunks)")
+                    help="which launches to time: noise, norms, merged (noise pass in the engine's merged chunks)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
