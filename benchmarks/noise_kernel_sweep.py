@@ -13,7 +13,7 @@ training step. Timed:
   a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is
   the same. Floors: a copy kernel with the same grid (reads W, writes the buffer) and a store-only variant.
 - norms: flat_cuda.flat_norm_kernel (all layers in one launch) and the expansion variants that were tried
-  (`norm_kernel_expansion`, `norm_kernel_bf16x2`), with the largest relative difference of their noise scales.
+  (`norm_kernel_expansion`, also with SPLIT_BF16), with the largest relative difference of their noise scales.
 - merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
   engine's chunks do now (blocks of one family, up to the largest block's size).
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
@@ -166,10 +166,13 @@ def norm_kernel_expansion(
     BK: tl.constexpr,
     RP: tl.constexpr,
     WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+    SPLIT_BF16: tl.constexpr = False,
 ):
     """Tried (8x slower on an H200 than flat_cuda.flat_norm_kernel): std_row from the expansion
     ||W_i||^2 + 2 (s b_i) . (A W_i^T) + (s b_i) (A A^T) (s b_i)^T: the loop keeps only BM x R and R x R
-    accumulators (never B A), so a program can take many rows and A is read once per BM rows of W."""
+    accumulators (never B A), so a program can take many rows and A is read once per BM rows of W.
+    SPLIT_BF16 (W must be bf16; also tried, 3.7x-11x slower, as accurate): W A^T on bf16 tensor cores with A
+    split into two bf16 parts, W used as loaded (_norm_tile_bf16x2). Triton's interpreter cannot run it."""
     m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
         prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
     ww = tl.zeros((BM,), dtype=tl.float32)
@@ -178,23 +181,35 @@ def norm_kernel_expansion(
     if WHILE_LOOPS:
         k0 = K * 0
         while k0 < K:
-            ww, wa, g = _norm_tile_expansion(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
+            ww, wa, g = _expansion_tile(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK,
+                                        SPLIT_BF16)
             k0 += BK
     else:
         for k0 in range(0, K, BK):
-            ww, wa, g = _norm_tile_expansion(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
+            ww, wa, g = _expansion_tile(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK,
+                                        SPLIT_BF16)
     b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
     b = b.to(tl.float32) * s
-    bg = tl.dot(b, g, input_precision="ieee")
+    bg = tl.dot(b, g, input_precision="tf32" if SPLIT_BF16 else "ieee")
     norm2 = ww + 2.0 * tl.sum(b * wa, axis=1) + tl.sum(bg * b, axis=1)
     std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
     tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
 
 @triton.jit
+def _expansion_tile(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK: tl.constexpr,
+                    SPLIT_BF16: tl.constexpr):
+    if SPLIT_BF16:
+        ww, wa, g = _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
+    else:
+        ww, wa, g = _norm_tile_expansion(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
+    return ww, wa, g
+
+
+@triton.jit
 def _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK: tl.constexpr):
-    """One BK-column slice for norm_kernel_bf16x2: ||W_i||^2 in fp32, W_i A^T as two bf16 tensor-core dots
-    (A = A_hi + A_lo, both bf16: ~16 mantissa bits, W exact in bf16), A A^T in tf32."""
+    """One BK-column slice for norm_kernel_expansion with SPLIT_BF16: ||W_i||^2 in fp32, W_i A^T as two bf16
+    tensor-core dots (A = A_hi + A_lo, both bf16: ~16 mantissa bits, W exact in bf16), A A^T in tf32."""
     cols = k0 + tl.arange(0, BK)
     cm = cols < K
     w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
@@ -208,33 +223,6 @@ def _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa,
     wa = tl.dot(w, tl.trans(a_lo), wa)
     g = tl.dot(a, tl.trans(a), g, input_precision="tf32")
     return ww, wa, g
-
-
-@triton.jit
-def norm_kernel_bf16x2(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
-                       BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr):
-    """Tried (3.7x-11x slower on an H200 than flat_cuda.flat_norm_kernel, as accurate): the expansion of
-    norm_kernel_expansion with W A^T on bf16 tensor cores (W must be bf16): many rows per program, A read once
-    per BM rows, W read once, no fp32 copy of the W tile. Triton's interpreter cannot run its bf16 dots."""
-    m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
-        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
-    ww = tl.zeros((BM,), dtype=tl.float32)
-    wa = tl.zeros((BM, RP), dtype=tl.float32)
-    g = tl.zeros((RP, RP), dtype=tl.float32)
-    if WHILE_LOOPS:
-        k0 = K * 0
-        while k0 < K:
-            ww, wa, g = _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
-            k0 += BK
-    else:
-        for k0 in range(0, K, BK):
-            ww, wa, g = _norm_tile_bf16x2(k0, K, rows64, rmask, rr, rmask_r, w_base, a_base, ww, wa, g, BK)
-    b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
-    b = b.to(tl.float32) * s
-    bg = tl.dot(b, g, input_precision="tf32")
-    norm2 = ww + 2.0 * tl.sum(b * wa, axis=1) + tl.sum(bg * b, axis=1)
-    std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
-    tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
 
 @triton.jit
@@ -429,12 +417,12 @@ def sweep(arch, device, parts=("noise", "norms")):
                                             ("bf16x2", 32, 128, 4, 3)):
             p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
                              dtype=torch.int32, device=device)
-            kernel = {"before": fc.flat_norm_kernel, "expansion": norm_kernel_expansion,
-                      "bf16x2": norm_kernel_bf16x2}[kind]
+            kernel = fc.flat_norm_kernel if kind == "before" else norm_kernel_expansion
+            extra = {"SPLIT_BF16": True} if kind == "bf16x2" else {}
 
-            def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel, stages=stages):
+            def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel, stages=stages, extra=extra):
                 kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32, BM=bm, BK=bk, RP=16,
-                                      WHILE_LOOPS=False, num_warps=warps, num_stages=stages)
+                                      WHILE_LOOPS=False, num_warps=warps, num_stages=stages, **extra)
             name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}_s{stages}"
             try:
                 ms = time_graphed(nrm)
