@@ -16,8 +16,12 @@ training step. Timed:
   (`norm_kernel_expansion`, also with SPLIT_BF16), with the largest relative difference of their noise scales.
 - merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
   engine's chunks do now (blocks of one family, up to the largest block's size).
+- wat: noise scales from a cached ||W_i||^2, W A^T on tensor cores and G = A A^T per layer (norm_kernel_wat,
+  gram_kernel; tried, slower), with a read-only floor of that program structure (MODE 3).
+- aligned: flat_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
+  in several program shapes, against the unhinted kernels; noise scales against an fp64 reference.
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
-h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*.
+h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*, aligned_kernels/.
 """
 
 from __future__ import annotations
@@ -253,6 +257,65 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
         fc._noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, True, ROUNDS, True)
 
 
+@triton.jit
+def gram_kernel(meta_ptr, g_ptr, AB_T: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
+    """G = A A^T (RP x RP, fp32, CUDA-core FMAs) of one layer per program."""
+    lay = tl.program_id(0)
+    m = meta_ptr + lay.to(tl.int64) * 9
+    K = tl.load(m + 3)
+    R = tl.load(m + 4)
+    a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+    rr = tl.arange(0, RP)
+    rm = rr < R
+    g = tl.zeros((RP, RP), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rm[:, None] & (cols < K)[None, :],
+                    other=0.0).to(tl.float32)
+        g += tl.sum(a[:, None, :] * a[None, :, :], axis=2)
+    tl.store(g_ptr + lay.to(tl.int64) * RP * RP + rr[:, None] * RP + rr[None, :], g)
+
+
+@triton.jit
+def norm_kernel_wat(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, wsq_ptr, g_ptr, W_T: tl.constexpr,
+                    AB_T: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr):
+    """std_row from ||W_i||^2 (cached: W is frozen) + 2 (s b_i).(W_i A^T) + (s b_i) G (s b_i)^T, G = A A^T per
+    layer (gram_kernel): the loop only forms W A^T (BM x RP accumulator) on tensor cores, A^T loaded as a
+    [BK, RP] tile (no transpose in registers). MODE 0: A split into two bf16 parts (W exact in bf16);
+    1: tf32; 2: tf32x3; 3: no A at all, the read floor (wrong noise scales)."""
+    m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
+        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
+    lay = tl.load(prog_ptr + 2 * tl.program_id(0)).to(tl.int64)
+    acc = tl.zeros((BM, RP), dtype=tl.float32)
+    rr64 = rr.to(tl.int64)
+    for k0 in range(0, K, BK):
+        cols = k0 + tl.arange(0, BK)
+        cm = cols < K
+        w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :],
+                     other=0.0).to(tl.float32)
+        if MODE == 0:
+            hi = at.to(tl.bfloat16)
+            lo = (at - hi.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(w, hi, acc)
+            acc = tl.dot(w, lo, acc)
+        elif MODE == 1:
+            acc = tl.dot(w.to(tl.float32), at, acc, input_precision="tf32")
+        elif MODE == 2:
+            acc = tl.dot(w.to(tl.float32), at, acc, input_precision="tf32x3")
+        else:  # the read floor of this program structure: W only
+            wf = w.to(tl.float32)
+            acc += tl.sum(wf * wf, axis=1)[:, None]
+    b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+    b = b.to(tl.float32) * s
+    g = tl.load(g_ptr + lay * RP * RP + rr[:, None] * RP + rr[None, :])
+    bg = tl.sum(b[:, :, None] * g[None, :, :], axis=1)
+    std_rows = tl.load(m + 6) + rows64
+    norm2 = tl.load(wsq_ptr + std_rows, mask=rmask, other=0.0) + 2.0 * tl.sum(b * acc, axis=1) + tl.sum(bg * b, axis=1)
+    std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
+    tl.store(std_ptr + std_rows, std, mask=rmask)
+
+
 class Layers:
     """Random layers of one architecture, in chunks, with the meta table of flat_cuda."""
 
@@ -394,7 +457,8 @@ def sweep(arch, device, parts=("noise", "norms")):
                         fc.flat_noise_kernel[(p.shape[0],)](
                             p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm, ROUNDS=rounds, FAST=True,
                             WHILE_LOOPS=False, num_warps=warps)
-                name = f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly") + ("" if rounds == 10 else "_r7")
+                name = (f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly")
+                        + ("" if rounds == 10 else "_r7"))
                 record(name, rl, ref_holder if (add_w and rounds == 10) else None)
         for bm, warps in ((8, 4), (16, 4), (16, 8)):
             tabs = L.tables(bm)
@@ -436,6 +500,110 @@ def sweep(arch, device, parts=("noise", "norms")):
             except Exception as exc:
                 res[name] = {"error": repr(exc)[:300]}
             print(arch, name, res[name], flush=True)
+    if "wat" in parts:
+        # noise scales from the cached ||W_i||^2, W A^T on tensor cores and G = A A^T (norm_kernel_wat)
+        exact = torch.cat([(w.double() + b.double() @ a.double()).norm(dim=1) * 0.1 / w.shape[1] ** 0.5
+                           for w, a, b in zip(L.W, L.A, L.B)])
+        wsq = torch.cat([w.float().pow(2).sum(1) for w in L.W])
+        G = torch.zeros(len(L.W), 16, 16, device=device)
+
+        def gram():
+            gram_kernel[(len(L.W),)](L.meta, G, AB_T=tl.float32, RP=16, BK=64, num_warps=4)
+        record("gram_kernel_all_layers", gram)
+        gram()
+        g_exact = torch.stack([a.double() @ a.double().T for a in L.A])
+        res["gram_max_rel_err"] = ((G.double() - g_exact).abs().max() / g_exact.abs().max()).item()
+        for kind, bm, bk, warps, stages in (("before", 16, 256, 4, 3), ("before", 16, 256, 4, 2),
+                                            ("before", 16, 256, 8, 2),
+                                            ("wat0", 64, 64, 4, 3), ("wat0", 64, 128, 4, 3),
+                                            ("wat0", 128, 64, 4, 3), ("wat0", 128, 128, 8, 3),
+                                            ("wat0", 64, 256, 4, 3), ("wat0", 32, 128, 4, 3),
+                                            ("wat0", 128, 128, 4, 4), ("wat0", 64, 128, 4, 4),
+                                            ("wat1", 64, 128, 4, 3), ("wat1", 128, 64, 8, 3),
+                                            ("wat2", 64, 128, 4, 3), ("wat3", 64, 128, 4, 3),
+                                            ("wat3", 16, 256, 4, 3), ("wat3", 128, 64, 4, 3),
+                                            ("wat3", 64, 256, 8, 3), ("wat3", 32, 512, 8, 2)):
+            p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
+                             dtype=torch.int32, device=device)
+            if kind == "before":
+                def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages):
+                    fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf,
+                                                       AB_T=tl.float32, BM=bm, BK=bk, RP=16, WHILE_LOOPS=False,
+                                                       num_warps=warps, num_stages=stages)
+            else:
+                def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages, mode=int(kind[-1])):
+                    norm_kernel_wat[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, wsq, G, W_T=bf,
+                                                   AB_T=tl.float32, BM=bm, BK=bk, RP=16, MODE=mode,
+                                                   num_warps=warps, num_stages=stages)
+            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}_s{stages}"
+            try:
+                ms = time_graphed(nrm)
+                L.std.zero_()
+                nrm()
+                torch.cuda.synchronize()
+                rel = ((L.std.double() - exact).abs() / exact).max().item()
+                res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
+                             "max_rel_err_vs_fp64": rel}
+            except Exception as exc:
+                res[name] = {"error": repr(exc)[:300]}
+            print(arch, name, res[name], flush=True)
+    if "aligned" in parts:
+        # the engine's kernels with ALIGNED (fan-ins multiples of 16, 16-byte aligned bases: vectorised loads
+        # and stores) in several program shapes, against the unaligned ones as the engine ran them before
+        exact = torch.cat([(w.double() + b.double() @ a.double()).norm(dim=1) * 0.1 / w.shape[1] ** 0.5
+                           for w, a, b in zip(L.W, L.A, L.B)])
+        # (the first sweep of shapes, 16-64 rows x 128-512 columns, is in results/aligned_kernels/*sweep1*)
+        for aligned, bm, bk, warps, stages in ((False, 16, 256, 4, 3), (True, 32, 128, 4, 3), (True, 32, 128, 2, 3),
+                                               (True, 32, 64, 2, 3), (True, 32, 64, 4, 3), (True, 64, 64, 4, 3),
+                                               (True, 16, 128, 4, 3), (True, 32, 128, 4, 4), (True, 32, 128, 4, 2),
+                                               (True, 64, 128, 8, 3), (True, 16, 64, 2, 3)):
+            p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
+                             dtype=torch.int32, device=device)
+
+            def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages, aligned=aligned):
+                fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
+                                                   BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, ALIGNED=aligned,
+                                                   num_warps=warps, num_stages=stages)
+            name = f"norms_{'aligned' if aligned else 'unaligned'}_bm{bm}_bk{bk}_w{warps}_s{stages}"
+            try:
+                ms = time_graphed(nrm)
+                L.std.zero_()
+                nrm()
+                torch.cuda.synchronize()
+                res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
+                             "max_rel_err_vs_fp64": ((L.std.double() - exact).abs() / exact).max().item()}
+            except Exception as exc:
+                res[name] = {"error": repr(exc)[:300]}
+            print(arch, name, res[name], flush=True)
+        M = Layers(arch, device, merge=True)
+        res["merged_chunks"] = len(M.chunks)
+        ref = []
+        for aligned, bm, warps, add_w in ((False, 4, 4, True), (True, 4, 2, True), (True, 2, 2, True),
+                                          (True, 8, 2, True), (True, 2, 1, True), (True, 1, 1, True),
+                                          (True, 4, 2, False), (True, 2, 1, False)):
+            tabs = M.tables(bm)
+
+            def run(tabs=tabs, bm=bm, warps=warps, add_w=add_w, aligned=aligned):
+                for buf, p in zip(M.bufs, tabs):
+                    fc.flat_noise_kernel[(p.shape[0],)](p, M.meta, M.keys, M.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
+                                                        ROUNDS=10, FAST=True, WHILE_LOOPS=False, ALIGNED=aligned,
+                                                        num_warps=warps)
+            name = (f"merged_noise_{'aligned' if aligned else 'unaligned'}_bm{bm}_w{warps}"
+                    + ("" if add_w else "_storeonly"))
+            try:
+                ms = time_graphed(run)
+                same = None
+                if add_w:
+                    run()
+                    torch.cuda.synchronize()
+                    if not ref:
+                        ref[:] = [b.clone() for b in M.bufs]
+                    same = all(torch.equal(a, b) for a, b in zip(ref, M.bufs))
+                res[name] = {"ms": round(ms, 4), "TBps_rw": round(M.numel * 4 / ms / 1e9, 3),
+                             "same_output_as_unaligned": same}
+            except Exception as exc:
+                res[name] = {"error": repr(exc)[:300]}
+            print(arch, name, res[name], flush=True)
     if "merged" in parts:
         # the engine's chunks since blocks of one family share one (fewer, larger launches): floor and kernel
         M = Layers(arch, device, merge=True)
@@ -467,7 +635,8 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--archs", default="sdxl,sd15")
     ap.add_argument("--parts", default="noise,norms,merged",
-                    help="which launches to time: noise, norms, merged (noise pass in the engine's merged chunks)")
+                    help="which launches to time: noise, norms, merged (noise pass in the engine's merged chunks), "
+                         "wat, aligned")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -242,18 +242,41 @@ if triton is not None:
         tl.store(out_base + off + 192, v4.to(ty), mask=m4)
 
     @triton.jit
+    def _fan_in(m, ALIGNED: tl.constexpr):
+        """The fan-in K from a layer's meta row. ALIGNED (the host checked it for every layer of the launch):
+        K is a multiple of 16 and the layer's W, A and output 16-byte aligned, so each row starts on a 16-byte
+        boundary and the compiler vectorises the loads and stores (values loaded from a table carry no
+        alignment otherwise: scalar 2-byte accesses). The hints must sit where the value is made (a load, a
+        cast): on a function argument they are silently dropped."""
+        K = tl.load(m + 3)
+        if ALIGNED:
+            K = tl.multiple_of(K, 16)
+        return K
+
+    @triton.jit
+    def _meta_pointer(m, col: tl.constexpr, T: tl.constexpr, ALIGNED: tl.constexpr):
+        """The address in column `col` of a layer's meta row as a pointer to T (16-byte aligned with ALIGNED)."""
+        ptr = tl.load(m + col).to(tl.pointer_type(T))
+        if ALIGNED:
+            ptr = tl.multiple_of(ptr, 16)
+        return ptr
+
+    @triton.jit
     def _program_rows(prog_ptr, pid, PROG_COLS: tl.constexpr, meta_ptr, keys_ptr, out_ptr, W_T: tl.constexpr,
-                      BM: tl.constexpr):
+                      BM: tl.constexpr, ALIGNED: tl.constexpr = False):
         """What a noise program reads from its row of the program table (layer, first row, ...) and the
         layer's row of the meta table: the meta row, fan-in K, W and output bases, noise key, and its BM rows
         (with the mask of those inside the layer)."""
         lay = tl.load(prog_ptr + PROG_COLS * pid)
         r0 = tl.load(prog_ptr + PROG_COLS * pid + 1)
         m = meta_ptr + lay.to(tl.int64) * 9
-        K = tl.load(m + 3)
+        K = _fan_in(m, ALIGNED)
         n_rows = tl.load(m + 8)
-        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-        out_base = out_ptr + tl.load(m + 5)
+        w_base = _meta_pointer(m, 0, W_T, ALIGNED)
+        out_offset = tl.load(m + 5)
+        if ALIGNED:
+            out_offset = tl.multiple_of(out_offset, 16)
+        out_base = out_ptr + out_offset
         key = tl.load(keys_ptr + tl.load(m + 7))
         rows = r0 + tl.arange(0, BM)
         rmask = rows < n_rows
@@ -272,13 +295,14 @@ if triton is not None:
         ROUNDS: tl.constexpr,
         FAST: tl.constexpr,
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+        ALIGNED: tl.constexpr = False,  # see _fan_in
     ):
         """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
         Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
         memory system busy while others run Philox rounds (4 rows: 2.2x faster on an H200 than the first
         version's 16 rows x 256 columns per program; benchmarks/noise_kernel_sweep.py)."""
         m, K, w_base, out_base, key, rows, rmask, rows64 = _program_rows(
-            prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, out_ptr, W_T, BM)
+            prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, out_ptr, W_T, BM, ALIGNED)
         std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
         t = tl.arange(0, 64)
         zero = tl.zeros((BM, 64), dtype=tl.uint32)
@@ -304,7 +328,7 @@ if triton is not None:
 
     @triton.jit
     def _norm_program_rows(prog_ptr, meta_ptr, scale_ptr, W_T: tl.constexpr, AB_T: tl.constexpr, BM: tl.constexpr,
-                           RP: tl.constexpr):
+                           RP: tl.constexpr, ALIGNED: tl.constexpr = False):
         """What a noise-scale program reads from its row of the program table (layer, first row) and the layer's
         meta row: fan-in K, rank R, W / A / B bases, scaling s, its BM rows and the RP-padded rank index, with
         masks."""
@@ -314,10 +338,11 @@ if triton is not None:
         R = tl.load(m + 4)
         rows = tl.load(prog_ptr + 2 * pid + 1) + tl.arange(0, BM)
         rr = tl.arange(0, RP)
-        w_base = tl.load(m + 0).to(tl.pointer_type(W_T))
-        a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
+        K = _fan_in(m, ALIGNED)
+        w_base = _meta_pointer(m, 0, W_T, ALIGNED)
+        a_base = _meta_pointer(m, 1, AB_T, ALIGNED)
         b_base = tl.load(m + 2).to(tl.pointer_type(AB_T))
-        return (m, tl.load(m + 3), R, w_base, a_base, b_base, tl.load(scale_ptr + lay), rows.to(tl.int64),
+        return (m, K, R, w_base, a_base, b_base, tl.load(scale_ptr + lay), rows.to(tl.int64),
                 rows < tl.load(m + 8), rr, rr < R)
 
     @triton.jit
@@ -333,10 +358,11 @@ if triton is not None:
         BK: tl.constexpr,
         RP: tl.constexpr,
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
+        ALIGNED: tl.constexpr = False,  # every fan-in a multiple of 16, W and A 16-byte aligned (see _fan_in)
     ):
         """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
         m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = _norm_program_rows(
-            prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
+            prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP, ALIGNED)
         b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
         b = b.to(tl.float32) * s
         acc = tl.zeros((BM,), dtype=tl.float32)
@@ -388,9 +414,20 @@ def _tl_dtype(dtype: torch.dtype):
 # layers and chunks
 # ---------------------------------------------------------------------------------------------------------
 
-# program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200
-_NOISE_ROWS, _NOISE_WARPS = 4, 4  # a noise program: 4 rows, all columns in steps of 256
-_NORM_ROWS, _NORM_COLS = 16, 256  # a noise-scale program: 16 rows, the fan-in in steps of 256
+# program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200 with vectorised accesses
+# (benchmarks/results/aligned_kernels/)
+_NOISE_ROWS, _NOISE_WARPS = 4, 2  # a noise program: 4 rows, all columns in steps of 256
+_NORM_ROWS, _NORM_COLS, _NORM_WARPS = 32, 128, 4  # a noise-scale program: 32 rows, the fan-in in steps of 128
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ALIGN_ELEMENTS, _ALIGN_BYTES = 16, 16  # what _fan_in / _meta_pointer promise the compiler with ALIGNED
+
+
+def _aligned(fan_in: int, *addresses: int, element_offset: int = 0) -> bool:
+    """The kernels' ALIGNED promise for one layer: fan-in and output offset multiples of 16 elements, the
+    tensors 16-byte aligned. True for every SD / SDXL attention layer; a layer that breaks it (an odd fan-in,
+    a view at an odd offset) makes its launch take the unhinted path, which is correct, only slower."""
+    return (fan_in % _ALIGN_ELEMENTS == 0 and element_offset % _ALIGN_ELEMENTS == 0
+            and all(a % _ALIGN_BYTES == 0 for a in addresses))
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -514,6 +551,7 @@ class _Chunk:
         self.numel = offset
         self.w_dtype = layers[0].weight.dtype
         self.programs: dict = {}  # subset of local layers (None: all) -> int32 [P, 2] device table
+        self.aligned = False  # every layer meets the noise kernel's ALIGNED promise (set with the tables)
 
 
 class FastFlat:
@@ -598,6 +636,8 @@ class FastFlat:
         self._torch_norm_layers = [fl for fl in self.fast_layers if fl.simple is None or not self._use_triton]
         for chunk in self.chunks:
             chunk.programs = {}
+            chunk.aligned = all(_aligned(fl.cols, fl.weight.data_ptr(), element_offset=fl.offset)
+                                for fl in chunk.layers)
         self._norm_groups = None
         if not self._use_triton:
             return
@@ -614,10 +654,11 @@ class FastFlat:
             if fl.simple is not None:
                 key = (fl.weight.dtype, fl.simple[0].dtype)
                 rp = max(16, 1 << max(fl.simple[0].shape[0] - 1, 0).bit_length())
-                g = groups.setdefault(key, [[], 16])
+                g = groups.setdefault(key, [[], 16, True])
                 g[1] = max(g[1], rp)
+                g[2] = g[2] and _aligned(fl.cols, fl.weight.data_ptr(), fl.simple[0].data_ptr())
                 g[0].extend([fl.index, r0] for r0 in range(0, fl.rows, _NORM_ROWS))
-        self._norm_groups = [(k, torch.tensor(v[0], dtype=torch.int32, device=self.device), len(v[0]), v[1])
+        self._norm_groups = [(k, torch.tensor(v[0], dtype=torch.int32, device=self.device), len(v[0]), v[1], v[2])
                              for k, v in groups.items()]
 
     def _programs(self, chunk: _Chunk, subset):
@@ -663,11 +704,11 @@ class FastFlat:
 
     def _compute_norms(self) -> None:
         if self._use_triton:
-            for (w_dtype, ab_dtype), progs, n_prog, rp in self._norm_groups:
+            for (w_dtype, ab_dtype), progs, n_prog, rp, aligned in self._norm_groups:
                 flat_norm_kernel[(n_prog,)](
                     progs, self._meta, self._scales, self._sigma_t, self._std,
                     W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
-                    WHILE_LOOPS=_interpreting(), num_warps=4,
+                    WHILE_LOOPS=_interpreting(), ALIGNED=aligned, num_warps=_NORM_WARPS,
                 )
         for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
@@ -712,7 +753,7 @@ class FastFlat:
             flat_noise_kernel[(progs.shape[0],)](
                 progs, self._meta, self._keys, self._std, buf,
                 W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, ROUNDS=self.rounds,
-                FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), num_warps=_NOISE_WARPS,
+                FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), ALIGNED=chunk.aligned, num_warps=_NOISE_WARPS,
             )
             return
         for fl in chunk.layers:

@@ -42,7 +42,8 @@ def test_device_keys_equal_noise_key():
     rng = random.Random(0)
     ids = [rng.getrandbits(64) for _ in range(64)]
     for _ in range(50):
-        seed, step, micro, rank = rng.randint(-(2**63), 2**63 - 1), rng.randint(0, 10**7), rng.randint(0, 9), rng.randint(0, 63)
+        seed, step = rng.randint(-(2**63), 2**63 - 1), rng.randint(0, 10**7)
+        micro, rank = rng.randint(0, 9), rng.randint(0, 63)
         keys = fc.device_noise_keys(torch.tensor(seed), torch.tensor(step), torch.tensor(micro),
                                     torch.tensor([fc._i64(i) for i in ids]), rank)
         assert keys.tolist() == [noise_key(seed, step, micro, i, rank) for i in ids]
@@ -217,6 +218,30 @@ def test_max_chunk_numel_bounds_the_chunks():
     assert sum(numel for _, _, numel in chunks) == 5 * 8192 + 6 * 28672
 
 
+def test_aligned_promise_only_where_it_holds():
+    """The kernels are told (ALIGNED) that every row starts on a 16-byte boundary only when each layer of the
+    launch has a fan-in that is a multiple of 16 and 16-byte aligned tensors: a false promise would make the GPU
+    load misaligned vectors. SD / SDXL attention layers (fan-ins 320 ... 2048) always keep it."""
+    assert fc._aligned(1280, 4096, 512) and fc._aligned(48, 16, element_offset=32)
+    assert not fc._aligned(24, 4096) and not fc._aligned(48, 4100) and not fc._aligned(48, 16, element_offset=8)
+
+    def chunk_flags(model):
+        flat = attach_fast(FlatLoRA(model, sigma=0.1, schedule="constant", seed=1))
+        flat._fast.begin_step(0, 0)
+        return [c.aligned for c in flat._fast.chunks]
+
+    assert chunk_flags(lora(nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16)), ["0", "1"])) == [True]
+    assert chunk_flags(lora(nn.Sequential(nn.Linear(32, 48), nn.Linear(24, 16)), ["0", "1"])) == [False]
+    shifted = nn.Linear(32, 48)
+    with torch.no_grad():  # a contiguous view 4 bytes into its storage: fast path, but not 16-byte aligned
+        storage = torch.empty(48 * 32 + 1)
+        storage[1:].copy_(shifted.weight.reshape(-1))
+        shifted.weight = nn.Parameter(storage[1:].view(48, 32))
+    assert chunk_flags(lora(nn.Sequential(shifted), ["0"])) == [False]
+    unet_flags = chunk_flags(tiny_unet(attention_at_both_widths=True))
+    assert len(unet_flags) > 1 and all(unet_flags)
+
+
 def test_backend_selection_on_cpu():
     model = lora(nn.Sequential(nn.Linear(8, 8)), ["0"])
     assert FlatLoRA(model, backend="auto").fast_engine() is None  # CPU: the reference path
@@ -228,8 +253,9 @@ def test_backend_selection_on_cpu():
 
 
 def test_triton_kernel_in_the_interpreter_equals_the_torch_emulation(monkeypatch):
-    """The noise-scale, noise and keys kernels. Needs Triton (the test extra installs it on Linux x86-64); on
-    the GPU the benchmark runs the same comparisons compiled."""
+    """The noise-scale, noise and keys kernels, with and without the ALIGNED hints (the interpreter ignores the
+    hints; it checks the code paths). Needs Triton (the test extra installs it on Linux x86-64); on the GPU the
+    benchmark runs the same comparisons compiled."""
     import importlib.util
     import subprocess
     import sys
@@ -245,22 +271,27 @@ from peft import LoraConfig, inject_adapter_in_model
 from flatlora_diffusion.flat import FlatLoRA
 from flatlora_diffusion import flat_cuda as fc
 torch.manual_seed(0)
-model = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 40), nn.Conv2d(6, 10, 3))
-model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["0", "1", "2"]), model)
-with torch.no_grad():
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            p.normal_()
-outs = {}
-for k in ("torch", "triton"):
-    flat = FlatLoRA(model, sigma=0.2, schedule="constant")
-    flat._fast = fc.FastFlat(flat, kernels=k)
-    eng = flat._fast
-    eng.begin_step(5, 0)
-    outs[k] = [eng.row_std(fl) for fl in eng.fast_layers] + [eng.perturbed_weight(fl, torch.float32).clone()
-                                                             for fl in eng.fast_layers]
-for a, b in zip(outs["torch"], outs["triton"]):
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+# fan-ins 300, 70, 54: the unhinted kernels; fan-ins 32, 48 (multiples of 16): the ALIGNED ones
+unaligned = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 40), nn.Conv2d(6, 10, 3))
+aligned = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
+for model, targets, expect_aligned in ((unaligned, ["0", "1", "2"], False), (aligned, ["0", "1"], True)):
+    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets), model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    outs = {}
+    for k in ("torch", "triton"):
+        flat = FlatLoRA(model, sigma=0.2, schedule="constant")
+        flat._fast = fc.FastFlat(flat, kernels=k)
+        eng = flat._fast
+        eng.begin_step(5, 0)
+        outs[k] = [eng.row_std(fl) for fl in eng.fast_layers] + [eng.perturbed_weight(fl, torch.float32).clone()
+                                                                 for fl in eng.fast_layers]
+    assert all(c.aligned == expect_aligned for c in eng.chunks)
+    assert all(g[-1] == expect_aligned for g in eng._norm_groups)
+    for a, b in zip(outs["torch"], outs["triton"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 # the one-launch keys kernel against flat.noise_key, with and without the micro-batch
 import random
 from flatlora_diffusion.flat import noise_key
