@@ -12,13 +12,14 @@ training step. Timed:
   kept here as `legacy_kernel`), flat_cuda.flat_noise_kernel in several program shapes, another column layout,
   a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is
   the same. Floors: a copy kernel with the same grid (reads W, writes the buffer) and a store-only variant.
-- norms: flat_cuda.flat_norm_kernel (all layers in one launch) and the expansion variants that were tried
-  (`norm_kernel_expansion`, also with SPLIT_BF16), with the largest relative difference of their noise scales.
+- norms: the direct noise-scale kernel (`direct_norm_kernel`, all layers in one launch, unhinted) and the
+  expansion variants first tried (`norm_kernel_expansion`, also with SPLIT_BF16; slow before ALIGNED existed),
+  with the largest relative difference of their noise scales.
 - merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
   engine's chunks do now (blocks of one family, up to the largest block's size).
-- wat: noise scales from a cached ||W_i||^2, W A^T on tensor cores and G = A A^T per layer (norm_kernel_wat,
-  gram_kernel; tried, slower), with a read-only floor of that program structure (MODE 3).
-- aligned: flat_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
+- wat: the engine's noise scales (flat_gram_kernel + flat_norm_kernel: the cached ||W_i||^2, W A^T on tensor
+  cores, G = A A^T per layer) against the direct kernel they replaced (`direct_norm_kernel`), vs fp64.
+- aligned: direct_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
   in several program shapes, against the unhinted kernels; noise scales against an fp64 reference.
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
 h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*, aligned_kernels/.
@@ -247,7 +248,7 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
     b = b.to(tl.float32) * s
     acc = tl.zeros((BM,), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        acc += fc._norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+        acc += _direct_norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
     std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
     tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
     t = tl.arange(0, 64)
@@ -258,62 +259,31 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
 
 
 @triton.jit
-def gram_kernel(meta_ptr, g_ptr, AB_T: tl.constexpr, RP: tl.constexpr, BK: tl.constexpr):
-    """G = A A^T (RP x RP, fp32, CUDA-core FMAs) of one layer per program."""
-    lay = tl.program_id(0)
-    m = meta_ptr + lay.to(tl.int64) * 9
-    K = tl.load(m + 3)
-    R = tl.load(m + 4)
-    a_base = tl.load(m + 1).to(tl.pointer_type(AB_T))
-    rr = tl.arange(0, RP)
-    rm = rr < R
-    g = tl.zeros((RP, RP), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rm[:, None] & (cols < K)[None, :],
-                    other=0.0).to(tl.float32)
-        g += tl.sum(a[:, None, :] * a[None, :, :], axis=2)
-    tl.store(g_ptr + lay.to(tl.int64) * RP * RP + rr[:, None] * RP + rr[None, :], g)
+def _direct_norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
+    cols = k0 + tl.arange(0, BK)
+    cm = cols < K
+    w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+    a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :],
+                other=0.0)
+    v = w.to(tl.float32) + tl.dot(b, a.to(tl.float32), input_precision="tf32")
+    return tl.sum(v * v, axis=1)
 
 
 @triton.jit
-def norm_kernel_wat(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, wsq_ptr, g_ptr, W_T: tl.constexpr,
-                    AB_T: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, MODE: tl.constexpr):
-    """std_row from ||W_i||^2 (cached: W is frozen) + 2 (s b_i).(W_i A^T) + (s b_i) G (s b_i)^T, G = A A^T per
-    layer (gram_kernel): the loop only forms W A^T (BM x RP accumulator) on tensor cores, A^T loaded as a
-    [BK, RP] tile (no transpose in registers). MODE 0: A split into two bf16 parts (W exact in bf16);
-    1: tf32; 2: tf32x3; 3: no A at all, the read floor (wrong noise scales)."""
+def direct_norm_kernel(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr,
+                       ALIGNED: tl.constexpr = False):
+    """The engine's noise-scale kernel until commit 304b556 (16 x 256 programs; 32 x 128 with ALIGNED there):
+    ||W_i + s (B A)_i||^2 with B A formed tile by tile in tf32. WHILE_LOOPS is accepted and ignored."""
     m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
-        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP)
-    lay = tl.load(prog_ptr + 2 * tl.program_id(0)).to(tl.int64)
-    acc = tl.zeros((BM, RP), dtype=tl.float32)
-    rr64 = rr.to(tl.int64)
-    for k0 in range(0, K, BK):
-        cols = k0 + tl.arange(0, BK)
-        cm = cols < K
-        w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
-        at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :],
-                     other=0.0).to(tl.float32)
-        if MODE == 0:
-            hi = at.to(tl.bfloat16)
-            lo = (at - hi.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(w, hi, acc)
-            acc = tl.dot(w, lo, acc)
-        elif MODE == 1:
-            acc = tl.dot(w.to(tl.float32), at, acc, input_precision="tf32")
-        elif MODE == 2:
-            acc = tl.dot(w.to(tl.float32), at, acc, input_precision="tf32x3")
-        else:  # the read floor of this program structure: W only
-            wf = w.to(tl.float32)
-            acc += tl.sum(wf * wf, axis=1)[:, None]
+        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP, ALIGNED)
     b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
     b = b.to(tl.float32) * s
-    g = tl.load(g_ptr + lay * RP * RP + rr[:, None] * RP + rr[None, :])
-    bg = tl.sum(b[:, :, None] * g[None, :, :], axis=1)
-    std_rows = tl.load(m + 6) + rows64
-    norm2 = tl.load(wsq_ptr + std_rows, mask=rmask, other=0.0) + 2.0 * tl.sum(b * acc, axis=1) + tl.sum(bg * b, axis=1)
-    std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
-    tl.store(std_ptr + std_rows, std, mask=rmask)
+    acc = tl.zeros((BM,), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        acc += _direct_norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+    std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
+    tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
 
 
 class Layers:
@@ -469,8 +439,8 @@ def sweep(arch, device, parts=("noise", "norms")):
                                                       num_warps=warps)
             record(f"interleaved_bm{bm}_w{warps}", il)
     if "norms" in parts:
-        # noise scales: one launch over all layers (as the engine runs them): the previous kernel, then
-        # flat_cuda.flat_norm_kernel (the expansion ||W||^2 + 2 sb.(A W^T) + sb (A A^T) sb^T) in several shapes
+        # noise scales: one launch over all layers, unhinted (before ALIGNED): the direct kernel, then the first
+        # expansion kernel (||W||^2 + 2 sb.(A W^T) + sb (A A^T) sb^T, all three terms in the loop) in several shapes
         ref_std = None
         # (the expansion variant's other shapes, all slower still, are in h200_norm_kernel_expansion.json)
         # (the shapes of the current kernel tried in this session are in h200_norm_shapes_and_merged_chunks.json)
@@ -481,7 +451,7 @@ def sweep(arch, device, parts=("noise", "norms")):
                                             ("bf16x2", 32, 128, 4, 3)):
             p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
                              dtype=torch.int32, device=device)
-            kernel = fc.flat_norm_kernel if kind == "before" else norm_kernel_expansion
+            kernel = direct_norm_kernel if kind == "before" else norm_kernel_expansion
             extra = {"SPLIT_BF16": True} if kind == "bf16x2" else {}
 
             def nrm(p=p, bm=bm, bk=bk, warps=warps, kernel=kernel, stages=stages, extra=extra):
@@ -501,51 +471,50 @@ def sweep(arch, device, parts=("noise", "norms")):
                 res[name] = {"error": repr(exc)[:300]}
             print(arch, name, res[name], flush=True)
     if "wat" in parts:
-        # noise scales from the cached ||W_i||^2, W A^T on tensor cores and G = A A^T (norm_kernel_wat)
+        # noise scales as the engine computes them now: flat_gram_kernel (A A^T per layer) + flat_norm_kernel (the
+        # expansion with the cached ||W_i||^2, W A^T on tensor cores), against the direct kernel it replaced.
+        # Earlier runs of this part (the same expansion in a sweep-local kernel, unhinted and ALIGNED, a read-only
+        # floor, tf32x3 and several Gram kernels): results/aligned_kernels/h200_norm_kernel_wat*.
         exact = torch.cat([(w.double() + b.double() @ a.double()).norm(dim=1) * 0.1 / w.shape[1] ** 0.5
                            for w, a, b in zip(L.W, L.A, L.B)])
         wsq = torch.cat([w.float().pow(2).sum(1) for w in L.W])
-        G = torch.zeros(len(L.W), 16, 16, device=device)
-
-        def gram():
-            gram_kernel[(len(L.W),)](L.meta, G, AB_T=tl.float32, RP=16, BK=64, num_warps=4)
-        record("gram_kernel_all_layers", gram)
-        gram()
+        G = torch.zeros(len(L.W) * 16 * 16, device=device)
+        all_layers = torch.arange(len(L.W), dtype=torch.int32, device=device)
         g_exact = torch.stack([a.double() @ a.double().T for a in L.A])
-        res["gram_max_rel_err"] = ((G.double() - g_exact).abs().max() / g_exact.abs().max()).item()
-        for kind, bm, bk, warps, stages in (("before", 16, 256, 4, 3), ("before", 16, 256, 4, 2),
-                                            ("before", 16, 256, 8, 2),
-                                            ("wat0", 64, 64, 4, 3), ("wat0", 64, 128, 4, 3),
-                                            ("wat0", 128, 64, 4, 3), ("wat0", 128, 128, 8, 3),
-                                            ("wat0", 64, 256, 4, 3), ("wat0", 32, 128, 4, 3),
-                                            ("wat0", 128, 128, 4, 4), ("wat0", 64, 128, 4, 4),
-                                            ("wat1", 64, 128, 4, 3), ("wat1", 128, 64, 8, 3),
-                                            ("wat2", 64, 128, 4, 3), ("wat3", 64, 128, 4, 3),
-                                            ("wat3", 16, 256, 4, 3), ("wat3", 128, 64, 4, 3),
-                                            ("wat3", 64, 256, 8, 3), ("wat3", 32, 512, 8, 2)):
+        for prec, bk in (("tf32x3", 128), ("tf32", 128), ("ieee", 128)):
+            def gram(prec=prec, bk=bk):
+                fc.flat_gram_kernel[(len(L.W),)](all_layers, L.meta, G, AB_T=tl.float32, RP=16, BK=bk,
+                                                 PRECISION=prec, WHILE_LOOPS=False, ALIGNED=True, num_warps=4)
+            name = f"gram_{prec}_bk{bk}_w4"
+            ms = time_graphed(gram)
+            G.zero_()
+            gram()
+            torch.cuda.synchronize()
+            err = ((G.view(-1, 16, 16).double() - g_exact).abs().max() / g_exact.abs().max()).item()
+            res[name] = {"ms": round(ms, 4), "max_rel_err": err}
+            print(arch, name, res[name], flush=True)
+        for kind, bm, bk, warps in (("direct_unaligned", 16, 256, 4), ("direct", 32, 128, 4),
+                                    ("engine_bf16x2", 64, 64, 4), ("engine_bf16x2", 64, 128, 4),
+                                    ("engine_bf16x2", 128, 64, 4), ("engine_tf32", 64, 64, 4)):
             p = torch.tensor([[i, r0] for i, m in enumerate(L.meta_rows) for r0 in range(0, m[8], bm)],
                              dtype=torch.int32, device=device)
-            if kind == "before":
-                def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages):
-                    fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf,
-                                                       AB_T=tl.float32, BM=bm, BK=bk, RP=16, WHILE_LOOPS=False,
-                                                       num_warps=warps, num_stages=stages)
+            if kind.startswith("direct"):
+                def nrm(p=p, bm=bm, bk=bk, warps=warps, aligned=kind == "direct"):
+                    direct_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
+                                                      BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, ALIGNED=aligned,
+                                                      num_warps=warps)
             else:
-                def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages, mode=int(kind[-1])):
-                    norm_kernel_wat[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, wsq, G, W_T=bf,
-                                                   AB_T=tl.float32, BM=bm, BK=bk, RP=16, MODE=mode,
-                                                   num_warps=warps, num_stages=stages)
-            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}_s{stages}"
-            try:
-                ms = time_graphed(nrm)
-                L.std.zero_()
-                nrm()
-                torch.cuda.synchronize()
-                rel = ((L.std.double() - exact).abs() / exact).max().item()
-                res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
-                             "max_rel_err_vs_fp64": rel}
-            except Exception as exc:
-                res[name] = {"error": repr(exc)[:300]}
+                def nrm(p=p, bm=bm, bk=bk, warps=warps, split=kind == "engine_bf16x2"):
+                    fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, wsq, G, L.std, W_T=bf,
+                                                       AB_T=tl.float32, BM=bm, BK=bk, RP=16, WHILE_LOOPS=False,
+                                                       ALIGNED=True, SPLIT_BF16=split, num_warps=warps)
+            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}"
+            ms = time_graphed(nrm)
+            L.std.zero_()
+            nrm()
+            torch.cuda.synchronize()
+            res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
+                         "max_rel_err_vs_fp64": ((L.std.double() - exact).abs() / exact).max().item()}
             print(arch, name, res[name], flush=True)
     if "aligned" in parts:
         # the engine's kernels with ALIGNED (fan-ins multiples of 16, 16-byte aligned bases: vectorised loads
@@ -561,7 +530,7 @@ def sweep(arch, device, parts=("noise", "norms")):
                              dtype=torch.int32, device=device)
 
             def nrm(p=p, bm=bm, bk=bk, warps=warps, stages=stages, aligned=aligned):
-                fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
+                direct_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
                                                    BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, ALIGNED=aligned,
                                                    num_warps=warps, num_stages=stages)
             name = f"norms_{'aligned' if aligned else 'unaligned'}_bm{bm}_bk{bk}_w{warps}_s{stages}"

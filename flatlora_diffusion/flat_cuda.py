@@ -21,12 +21,16 @@ How it is fast:
   "attn1.to_q", "self_attn.q_proj", ...) of one family (names equal but for their numbers: the blocks of the
   down path, of the up path, the layers of a text encoder), up to max_chunk_numel elements and the size of the
   largest block; an SDXL 1280-wide block is a chunk of its own, two 640-wide ones share one. At the start of a
-  step one Triton launch computes the keys of all layers and one the noise scales of all rows of all layers
-  (||W + sBA||^2 row by row, B A formed tile by tile, never out x in in memory). Then one launch per chunk
-  writes W + eps for all its layers into one temporary buffer in the compute dtype; the layers run cuBLAS on
-  views of it. The buffer of the last chunk used is kept until another chunk is asked for, so a chunk's
-  forward is one launch, its backward one launch, and the gradient-checkpoint recomputation of its blocks
-  shares its launch with their backward. Extra memory: one chunk's temporary (<= the largest block).
+  step one Triton launch computes the keys of all layers, one A A^T of every layer and one the noise scales of
+  all rows of all layers, from ||W_i + s(BA)_i||^2 = ||W_i||^2 + 2 (s b_i).(W_i A^T) + (s b_i) A A^T (s b_i)^T:
+  ||W_i||^2 is cached (W is frozen), so the step reads W once for W A^T on tensor cores and never forms B A.
+  Then one launch per chunk writes W + eps for all its layers into one temporary buffer in the compute dtype;
+  the layers run cuBLAS on views of it. The buffer of the last chunk used is kept until another chunk is asked
+  for, so a chunk's forward is one launch, its backward one launch, and the gradient-checkpoint recomputation
+  of its blocks shares its launch with their backward. Extra memory: one chunk's temporary (<= the largest
+  block), the noise scales and cached row norms (2 x 4 bytes per row) and A A^T (1 KiB per layer at rank 16).
+- Where every fan-in is a multiple of 16 and the tensors 16-byte aligned (all SD / SDXL attention layers), the
+  kernels are told so (ALIGNED) and load and store 16 bytes at a time.
 - Seed, step, micro-batch and sigma_t are device tensors; nothing in the step reads them on the host, so the
   step can be captured in a CUDA graph (`GraphedTrainStep`) with Flat-LoRA inside.
 
@@ -40,7 +44,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -317,14 +321,63 @@ if triton is not None:
                 _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
 
     @triton.jit
-    def _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: tl.constexpr):
+    def _gram_tile(k0, K, rr64, rmask_r, a_base, g, BK: tl.constexpr, PRECISION: tl.constexpr):
+        """G += A[:, k0:k0+BK] A[:, k0:k0+BK]^T, A^T loaded as a second [BK, RP] tile (no transpose in registers)."""
+        cols = k0 + tl.arange(0, BK)
+        cm = cols < K
+        a = tl.load(a_base + rr64[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :], other=0.0)
+        at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :], other=0.0)
+        return tl.dot(a.to(tl.float32), at.to(tl.float32), g, input_precision=PRECISION)
+
+    @triton.jit
+    def flat_gram_kernel(
+        layers_ptr,  # int32 [n]: the layers (rows of meta) of this launch, one per program
+        meta_ptr,  # int64 [L, 9] as above
+        gram_ptr,  # fp32 [L, RP, RP], written: A A^T of each layer
+        AB_T: tl.constexpr,
+        RP: tl.constexpr,
+        BK: tl.constexpr,
+        PRECISION: tl.constexpr,  # "tf32x3" on the GPU (~fp32; plain tf32 errs by 7e-4), "ieee" interpreted
+        WHILE_LOOPS: tl.constexpr,
+        ALIGNED: tl.constexpr = False,
+    ):
+        """G = A A^T (RP x RP, zero-padded) of one layer per program: the (s B A)_i (s B A)_i^T term of the noise
+        scale is then (s b_i) G (s b_i)^T, without forming B A."""
+        lay = tl.load(layers_ptr + tl.program_id(0)).to(tl.int64)
+        m = meta_ptr + lay * 9
+        K = _fan_in(m, ALIGNED)
+        a_base = _meta_pointer(m, 1, AB_T, ALIGNED)
+        rr = tl.arange(0, RP)
+        rmask_r = rr < tl.load(m + 4)
+        rr64 = rr.to(tl.int64)
+        g = tl.zeros((RP, RP), dtype=tl.float32)
+        if WHILE_LOOPS:
+            k0 = K * 0
+            while k0 < K:
+                g = _gram_tile(k0, K, rr64, rmask_r, a_base, g, BK, PRECISION)
+                k0 += BK
+        else:
+            for k0 in range(0, K, BK):
+                g = _gram_tile(k0, K, rr64, rmask_r, a_base, g, BK, PRECISION)
+        tl.store(gram_ptr + lay * RP * RP + rr[:, None] * RP + rr[None, :], g)
+
+    @triton.jit
+    def _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK: tl.constexpr,
+                 SPLIT_BF16: tl.constexpr):
+        """acc += W[rows, k0:k0+BK] A[:, k0:k0+BK]^T on tensor cores. SPLIT_BF16 (W in bf16): A = A_hi + A_lo,
+        both bf16, two bf16 dots (W exact, A to ~16 bits); else one tf32 dot."""
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
         w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
-        a = tl.load(a_base + rr.to(tl.int64)[:, None] * K + cols[None, :], mask=rmask_r[:, None] & cm[None, :],
-                    other=0.0)
-        v = w.to(tl.float32) + tl.dot(b, a.to(tl.float32), input_precision="tf32")
-        return tl.sum(v * v, axis=1)
+        at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :],
+                     other=0.0).to(tl.float32)
+        if SPLIT_BF16:
+            hi = at.to(tl.bfloat16)
+            acc = tl.dot(w, hi, acc)
+            acc = tl.dot(w, (at - hi.to(tl.float32)).to(tl.bfloat16), acc)
+        else:
+            acc = tl.dot(w.to(tl.float32), at, acc, input_precision="tf32")
+        return acc
 
     @triton.jit
     def _norm_program_rows(prog_ptr, meta_ptr, scale_ptr, W_T: tl.constexpr, AB_T: tl.constexpr, BM: tl.constexpr,
@@ -351,6 +404,8 @@ if triton is not None:
         meta_ptr,  # int64 [L, 9] as above
         scale_ptr,  # fp32 [L]: LoRA scaling s
         sigma_ptr,  # fp32 [1]: sigma_t
+        wsq_ptr,  # fp32 [total rows]: ||W_i||^2 (W is frozen: computed when a weight changes, FastFlat._refresh)
+        gram_ptr,  # fp32 [L, RP, RP]: A A^T (flat_gram_kernel, this step)
         std_ptr,  # fp32 [total rows], written
         W_T: tl.constexpr,
         AB_T: tl.constexpr,
@@ -359,24 +414,33 @@ if triton is not None:
         RP: tl.constexpr,
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
         ALIGNED: tl.constexpr = False,  # every fan-in a multiple of 16, W and A 16-byte aligned (see _fan_in)
+        SPLIT_BF16: tl.constexpr = False,  # see _wa_tile (W in bf16; Triton's interpreter cannot run it)
     ):
-        """std_row = sigma_t * ||W_row + s (B A)_row|| / sqrt(K) for BM rows of one layer; B A formed tile by tile."""
+        """std_row = sigma_t * ||W_i + s (B A)_i|| / sqrt(K) for BM rows of one layer, from the expansion
+        ||W_i||^2 + 2 (s b_i).(W_i A^T) + (s b_i) G (s b_i)^T: the loop only forms W A^T (a BM x RP accumulator
+        on tensor cores) and reads W once at the memory's speed; never B A, never out x in in memory."""
         m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = _norm_program_rows(
             prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP, ALIGNED)
-        b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
-        b = b.to(tl.float32) * s
-        acc = tl.zeros((BM,), dtype=tl.float32)
+        lay = tl.load(prog_ptr + 2 * tl.program_id(0)).to(tl.int64)
+        rr64 = rr.to(tl.int64)
+        acc = tl.zeros((BM, RP), dtype=tl.float32)
         if WHILE_LOOPS:
             k0 = K * 0
             while k0 < K:
-                acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
+                acc = _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK, SPLIT_BF16)
                 k0 += BK
         else:
             for k0 in range(0, K, BK):
-                acc += _norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
-        std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
-        tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
-
+                acc = _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK, SPLIT_BF16)
+        b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
+        b = b.to(tl.float32) * s
+        g = tl.load(gram_ptr + lay * RP * RP + rr[:, None] * RP + rr[None, :])
+        bg = tl.dot(b, g, input_precision="ieee")
+        std_rows = tl.load(m + 6) + rows64
+        norm2 = (tl.load(wsq_ptr + std_rows, mask=rmask, other=0.0) + 2.0 * tl.sum(b * acc, axis=1)
+                 + tl.sum(bg * b, axis=1))
+        std = tl.load(sigma_ptr) * tl.sqrt(tl.maximum(norm2, 0.0) / K.to(tl.float32))
+        tl.store(std_ptr + std_rows, std, mask=rmask)
 
     @triton.jit
     def _splitmix64_tl(x):
@@ -417,7 +481,8 @@ def _tl_dtype(dtype: torch.dtype):
 # program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200 with vectorised accesses
 # (benchmarks/results/aligned_kernels/)
 _NOISE_ROWS, _NOISE_WARPS = 4, 2  # a noise program: 4 rows, all columns in steps of 256
-_NORM_ROWS, _NORM_COLS, _NORM_WARPS = 32, 128, 4  # a noise-scale program: 32 rows, the fan-in in steps of 128
+_NORM_ROWS, _NORM_COLS, _NORM_WARPS = 64, 64, 4  # a noise-scale program: 64 rows, the fan-in in steps of 64
+_GRAM_COLS, _GRAM_WARPS = 128, 4  # a Gram program: one layer's A A^T, the fan-in in steps of 128
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ALIGN_ELEMENTS, _ALIGN_BYTES = 16, 16  # what _fan_in / _meta_pointer promise the compiler with ALIGNED
 
@@ -529,6 +594,7 @@ class _FastLayer:
     simple: tuple | None = None  # (A, B, scaling) of this step, or None
     bwd_needed: bool = True  # the last forward's input required grad: backward will ask for W + eps
     state: tuple | None = None  # the adapter state `simple` was derived from
+    wsq_key: tuple | None = None  # (address, version) of the weight its cached ||W_i||^2 were computed from
     model: str = ""  # layer_model(name): chunks never span models
 
     @property
@@ -538,6 +604,18 @@ class _FastLayer:
     @property
     def weight(self) -> torch.Tensor:
         return self.flat_layer.base.weight
+
+
+class _NormGroup(NamedTuple):
+    """The layers whose noise scales one launch of each kernel computes: one weight dtype and one A/B dtype."""
+    w_dtype: torch.dtype
+    ab_dtype: torch.dtype
+    programs: torch.Tensor  # int32 [n_programs, 2]: layer, first row (flat_norm_kernel)
+    n_programs: int
+    rp: int  # the largest rank, padded to a power of two >= 16
+    aligned: bool  # every layer meets the ALIGNED promise (fan-in, W and A)
+    layers: torch.Tensor  # int32 [n_layers] (flat_gram_kernel)
+    n_layers: int
 
 
 class _Chunk:
@@ -602,6 +680,8 @@ class FastFlat:
         self._layer_ids = torch.tensor([_i64(lay.layer_id) for lay in layers], dtype=torch.int64, device=dev)
         self._keys = torch.zeros(len(layers), dtype=torch.int64, device=dev)
         self._std = torch.zeros(max(total_rows, 1), dtype=torch.float32, device=dev)
+        self._wsq = torch.zeros(max(total_rows, 1), dtype=torch.float32, device=dev)  # ||W_i||^2, see _refresh
+        self._gram = torch.zeros(0, dtype=torch.float32, device=dev)  # A A^T of each layer, per step
         self._sigma_t = torch.zeros(1, dtype=torch.float32, device=dev)
         self._step_t = torch.zeros((), dtype=torch.int64, device=dev)
         self._micro_t = torch.zeros((), dtype=torch.int64, device=dev)
@@ -612,10 +692,20 @@ class FastFlat:
         self._built = True
 
     def _refresh(self) -> None:
-        """Per step: which layers the kernel scales itself (one plain adapter); tables rebuilt if anything moved."""
+        """Per step: which layers the kernel scales itself (one plain adapter); tables rebuilt if anything moved;
+        the cached row norms ||W_i||^2 of the noise-scale kernel recomputed for any weight that changed (another
+        tensor, or written in place: torch bumps a tensor's version on every in-place write; a write through
+        `.data` bypasses that, and nothing in this project writes frozen weights)."""
         sig = []
         for fl in self.fast_layers:
             lay = fl.flat_layer
+            if self._use_triton:
+                w = lay.base.weight
+                wsq_key = (w.data_ptr(), w._version)
+                if wsq_key != fl.wsq_key:
+                    rows = slice(fl.std_offset, fl.std_offset + fl.rows)
+                    self._wsq[rows].copy_(w.detach().reshape(fl.rows, -1).float().pow(2).sum(1))
+                    fl.wsq_key = wsq_key
             d = lay.lora_layer.__dict__  # peft's plain attributes: a cheap key of the adapter state
             active = d.get("_active_adapter")
             state = (tuple(active) if isinstance(active, list) else active, tuple(d.get("merged_adapters", ())),
@@ -654,12 +744,16 @@ class FastFlat:
             if fl.simple is not None:
                 key = (fl.weight.dtype, fl.simple[0].dtype)
                 rp = max(16, 1 << max(fl.simple[0].shape[0] - 1, 0).bit_length())
-                g = groups.setdefault(key, [[], 16, True])
+                g = groups.setdefault(key, [[], 16, True, []])
                 g[1] = max(g[1], rp)
                 g[2] = g[2] and _aligned(fl.cols, fl.weight.data_ptr(), fl.simple[0].data_ptr())
                 g[0].extend([fl.index, r0] for r0 in range(0, fl.rows, _NORM_ROWS))
-        self._norm_groups = [(k, torch.tensor(v[0], dtype=torch.int32, device=self.device), len(v[0]), v[1], v[2])
-                             for k, v in groups.items()]
+                g[3].append(fl.index)
+        as_table = lambda rows: torch.tensor(rows, dtype=torch.int32, device=self.device)  # noqa: E731
+        self._norm_groups = [_NormGroup(w_dtype, ab_dtype, as_table(v[0]), len(v[0]), v[1], v[2], as_table(v[3]),
+                                        len(v[3])) for (w_dtype, ab_dtype), v in groups.items()]
+        rp_max = max([g.rp for g in self._norm_groups], default=0)
+        self._gram = torch.zeros(len(self.fast_layers) * rp_max * rp_max, dtype=torch.float32, device=self.device)
 
     def _programs(self, chunk: _Chunk, subset):
         progs = chunk.programs.get(subset)
@@ -704,11 +798,18 @@ class FastFlat:
 
     def _compute_norms(self) -> None:
         if self._use_triton:
-            for (w_dtype, ab_dtype), progs, n_prog, rp, aligned in self._norm_groups:
-                flat_norm_kernel[(n_prog,)](
-                    progs, self._meta, self._scales, self._sigma_t, self._std,
-                    W_T=_tl_dtype(w_dtype), AB_T=_tl_dtype(ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=rp,
-                    WHILE_LOOPS=_interpreting(), ALIGNED=aligned, num_warps=_NORM_WARPS,
+            interpreting = _interpreting()
+            for g in self._norm_groups:
+                flat_gram_kernel[(g.n_layers,)](
+                    g.layers, self._meta, self._gram, AB_T=_tl_dtype(g.ab_dtype), RP=g.rp, BK=_GRAM_COLS,
+                    PRECISION="ieee" if interpreting else "tf32x3", WHILE_LOOPS=interpreting, ALIGNED=g.aligned,
+                    num_warps=_GRAM_WARPS,
+                )
+                flat_norm_kernel[(g.n_programs,)](
+                    g.programs, self._meta, self._scales, self._sigma_t, self._wsq, self._gram, self._std,
+                    W_T=_tl_dtype(g.w_dtype), AB_T=_tl_dtype(g.ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=g.rp,
+                    WHILE_LOOPS=interpreting, ALIGNED=g.aligned,
+                    SPLIT_BF16=g.w_dtype == torch.bfloat16 and not interpreting, num_warps=_NORM_WARPS,
                 )
         for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]

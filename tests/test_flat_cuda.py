@@ -274,24 +274,33 @@ torch.manual_seed(0)
 # fan-ins 300, 70, 54: the unhinted kernels; fan-ins 32, 48 (multiples of 16): the ALIGNED ones
 unaligned = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 40), nn.Conv2d(6, 10, 3))
 aligned = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
-for model, targets, expect_aligned in ((unaligned, ["0", "1", "2"], False), (aligned, ["0", "1"], True)):
-    model = inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=targets), model)
+# rank 20: the noise-scale kernel's rank axis padded to 32
+for model, targets, expect_aligned, r in ((unaligned, ["0", "1", "2"], False, 4), (aligned, ["0", "1"], True, 20)):
+    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=targets), model)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_()
-    outs = {}
+    engines = {}
     for k in ("torch", "triton"):
         flat = FlatLoRA(model, sigma=0.2, schedule="constant")
         flat._fast = fc.FastFlat(flat, kernels=k)
-        eng = flat._fast
-        eng.begin_step(5, 0)
-        outs[k] = [eng.row_std(fl) for fl in eng.fast_layers] + [eng.perturbed_weight(fl, torch.float32).clone()
-                                                                 for fl in eng.fast_layers]
+        engines[k] = flat._fast
+    for step in (5, 6):
+        if step == 6:  # a frozen weight written in place: the cached ||W_i||^2 must follow
+            with torch.no_grad():
+                model[0].weight.mul_(1.5)
+        outs = {}
+        for k, eng in engines.items():
+            eng.begin_step(step, 0)
+            outs[k] = [eng.row_std(fl) for fl in eng.fast_layers] + [eng.perturbed_weight(fl, torch.float32).clone()
+                                                                     for fl in eng.fast_layers]
+        for a, b in zip(outs["torch"], outs["triton"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    eng = engines["triton"]
     assert all(c.aligned == expect_aligned for c in eng.chunks)
-    assert all(g[-1] == expect_aligned for g in eng._norm_groups)
-    for a, b in zip(outs["torch"], outs["triton"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(g.aligned == expect_aligned for g in eng._norm_groups)
+    assert max(g.rp for g in eng._norm_groups) == (32 if r == 20 else 16)
 # the one-launch keys kernel against flat.noise_key, with and without the micro-batch
 import random
 from flatlora_diffusion.flat import noise_key
