@@ -245,7 +245,7 @@ def check_engine_against_reference(tag: str, models, device, sample_layers=6):
             worst["std_vs_emu"] = max(worst["std_vs_emu"], ((s_fast - s_emu).abs() / s_emu).max().item())
             e_fast = buf_fast[fl.offset: fl.offset + fl.numel].view(fl.rows, -1)
             e_emu = buf_emu[fl.offset: fl.offset + fl.numel].view(fl.rows, -1)
-            # compared as standard normals (each side's eps over its own noise scale): the tf32 B@A of the
+            # compared as standard normals (each side's eps over its own noise scale): the rounding of the
             # kernel's noise scale (checked above) must not hide or fake a generator difference
             dz = (e_fast / s_fast[:, None] - e_emu / s_emu[:, None]).abs()
             worst["z_vs_emu"] = max(worst["z_vs_emu"], dz.max().item())
@@ -262,7 +262,8 @@ def check_engine_against_reference(tag: str, models, device, sample_layers=6):
         e0 = buf_fast[: chunk.layers[0].numel].view(chunk.layers[0].rows, -1)
         laws_fast.append(row_law(e0, exp))
         laws_ref.append(row_law(ref.noise(lay, step), exp))
-    check(f"{tag}: kernel noise scale == reference row_std (tf32 B@A, rel < 2e-3)", worst["std_vs_ref"] < 2e-3,
+    # the expansion kernel (commit c63a6ac) agrees to <= 3.6e-7; the direct tf32 B A kernel before it to 5.2e-4
+    check(f"{tag}: kernel noise scale == reference row_std (rel < 1e-5)", worst["std_vs_ref"] < 1e-5,
           worst=worst["std_vs_ref"])
     # z: the kernel uses the approximate lg2/sin/cos; near u1 = 1 (r ~ 0, probability ~1e-8) lg2.approx's
     # absolute error shows as up to ~1e-3 in z. Bulk agreement: < 1e-5 of the entries differ by > 1e-4.
