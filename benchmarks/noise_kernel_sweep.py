@@ -41,6 +41,9 @@ import triton.language as tl  # noqa: E402
 
 from flatlora_diffusion import flat_cuda as fc  # noqa: E402
 
+# only for a smoke run of this script's plumbing in Triton's interpreter (the engine's kernels take while loops there)
+INTERPRET = fc._interpreting()
+
 
 def block_shapes(arch: str):
     """(rows, cols) of the attention LoRA layers of one transformer block, and the number of such blocks."""
@@ -244,13 +247,7 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
     s = tl.load(scale_ptr + tl.load(prog_ptr + 2 * pid))
     rr = tl.arange(0, RP)
     rmask_r = rr < R
-    b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
-    b = b.to(tl.float32) * s
-    acc = tl.zeros((BM,), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        acc += _direct_norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
-    std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
-    tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
+    std = _direct_row_std(m, K, R, rows64, rmask, rr, rmask_r, w_base, a_base, b_base, s, sigma_ptr, std_ptr, BM, BK)
     t = tl.arange(0, 64)
     zero = tl.zeros((BM, 64), dtype=tl.uint32)
     ctr1 = rows.to(tl.uint32)[:, None] + zero
@@ -270,13 +267,9 @@ def _direct_norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK: 
 
 
 @triton.jit
-def direct_norm_kernel(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
-                       BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr,
-                       ALIGNED: tl.constexpr = False):
-    """The engine's noise-scale kernel until commit 304b556 (16 x 256 programs; 32 x 128 with ALIGNED there):
-    ||W_i + s (B A)_i||^2 with B A formed tile by tile in tf32. WHILE_LOOPS is accepted and ignored."""
-    m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
-        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP, ALIGNED)
+def _direct_row_std(m, K, R, rows64, rmask, rr, rmask_r, w_base, a_base, b_base, s, sigma_ptr, std_ptr,
+                    BM: tl.constexpr, BK: tl.constexpr):
+    """sigma_t ||W_i + s (B A)_i|| / sqrt(K) of the program's rows, stored and returned."""
     b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
     b = b.to(tl.float32) * s
     acc = tl.zeros((BM,), dtype=tl.float32)
@@ -284,6 +277,18 @@ def direct_norm_kernel(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: t
         acc += _direct_norm_tile(k0, K, rows64, rmask, rr, rmask_r, b, w_base, a_base, BK)
     std = tl.load(sigma_ptr) * tl.sqrt(acc / K.to(tl.float32))
     tl.store(std_ptr + tl.load(m + 6) + rows64, std, mask=rmask)
+    return std
+
+
+@triton.jit
+def direct_norm_kernel(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: tl.constexpr, AB_T: tl.constexpr,
+                       BM: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, WHILE_LOOPS: tl.constexpr,
+                       ALIGNED: tl.constexpr = False):
+    """The engine's noise-scale kernel until commit 304b556 (16 x 256 programs; 32 x 128 with ALIGNED there):
+    ||W_i + s (B A)_i||^2 with B A formed tile by tile in tf32. WHILE_LOOPS is accepted and ignored."""
+    m, K, R, w_base, a_base, b_base, s, rows64, rmask, rr, rmask_r = fc._norm_program_rows(
+        prog_ptr, meta_ptr, scale_ptr, W_T, AB_T, BM, RP, ALIGNED)
+    _direct_row_std(m, K, R, rows64, rmask, rr, rmask_r, w_base, a_base, b_base, s, sigma_ptr, std_ptr, BM, BK)
 
 
 class Layers:
@@ -327,6 +332,11 @@ class Layers:
         self.numel = sum(n for _, n in self.chunks)
         self.meta_rows = meta
 
+    def exact_row_std(self):
+        """The noise scales in fp64 (sigma 0.1, scaling 1), the reference the kernels are measured against."""
+        return torch.cat([(w.double() + b.double() @ a.double()).norm(dim=1) * 0.1 / w.shape[1] ** 0.5
+                          for w, a, b in zip(self.W, self.A, self.B)])
+
     def tables(self, bm, cols_step=None):
         """Per chunk: int32 program table, [layer, r0] (cols_step None) or [layer, r0, c0]."""
         out = []
@@ -341,6 +351,20 @@ class Layers:
                         rows.extend([i, r0, c0] for c0 in range(0, k, cols_step))
             out.append(torch.tensor(rows, dtype=torch.int32, device=self.meta.device))
         return out
+
+
+def record_norms(res, arch, name, launch, L, exact):
+    """Time a noise-scale launch (writes L.std), then its largest relative error against `exact`."""
+    try:
+        ms = time_graphed(launch)
+        L.std.zero_()
+        launch()
+        torch.cuda.synchronize()
+        res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
+                     "max_rel_err_vs_fp64": ((L.std.double() - exact).abs() / exact).max().item()}
+    except Exception as exc:  # a variant that does not compile is reported, not fatal
+        res[name] = {"error": repr(exc)[:300]}
+    print(arch, name, res[name], flush=True)
 
 
 def time_graphed(fn, reps=20):
@@ -475,8 +499,7 @@ def sweep(arch, device, parts=("noise", "norms")):
         # expansion with the cached ||W_i||^2, W A^T on tensor cores), against the direct kernel it replaced.
         # Earlier runs of this part (the same expansion in a sweep-local kernel, unhinted and ALIGNED, a read-only
         # floor, tf32x3 and several Gram kernels): results/aligned_kernels/h200_norm_kernel_wat*.
-        exact = torch.cat([(w.double() + b.double() @ a.double()).norm(dim=1) * 0.1 / w.shape[1] ** 0.5
-                           for w, a, b in zip(L.W, L.A, L.B)])
+        exact = L.exact_row_std()
         wsq = torch.cat([w.float().pow(2).sum(1) for w in L.W])
         G = torch.zeros(len(L.W) * 16 * 16, device=device)
         all_layers = torch.arange(len(L.W), dtype=torch.int32, device=device)
@@ -484,7 +507,7 @@ def sweep(arch, device, parts=("noise", "norms")):
         for prec, bk in (("tf32x3", 128), ("tf32", 128), ("ieee", 128)):
             def gram(prec=prec, bk=bk):
                 fc.flat_gram_kernel[(len(L.W),)](all_layers, L.meta, G, AB_T=tl.float32, RP=16, BK=bk,
-                                                 PRECISION=prec, WHILE_LOOPS=False, ALIGNED=True, num_warps=4)
+                                                 PRECISION=prec, WHILE_LOOPS=INTERPRET, ALIGNED=True, num_warps=4)
             name = f"gram_{prec}_bk{bk}_w4"
             ms = time_graphed(gram)
             G.zero_()
@@ -506,21 +529,13 @@ def sweep(arch, device, parts=("noise", "norms")):
             else:
                 def nrm(p=p, bm=bm, bk=bk, warps=warps, split=kind == "engine_bf16x2"):
                     fc.flat_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, wsq, G, L.std, W_T=bf,
-                                                       AB_T=tl.float32, BM=bm, BK=bk, RP=16, WHILE_LOOPS=False,
+                                                       AB_T=tl.float32, BM=bm, BK=bk, RP=16, WHILE_LOOPS=INTERPRET,
                                                        ALIGNED=True, SPLIT_BF16=split, num_warps=warps)
-            name = f"norms_{kind}_bm{bm}_bk{bk}_w{warps}"
-            ms = time_graphed(nrm)
-            L.std.zero_()
-            nrm()
-            torch.cuda.synchronize()
-            res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
-                         "max_rel_err_vs_fp64": ((L.std.double() - exact).abs() / exact).max().item()}
-            print(arch, name, res[name], flush=True)
+            record_norms(res, arch, f"norms_{kind}_bm{bm}_bk{bk}_w{warps}", nrm, L, exact)
     if "aligned" in parts:
         # the engine's kernels with ALIGNED (fan-ins multiples of 16, 16-byte aligned bases: vectorised loads
         # and stores) in several program shapes, against the unaligned ones as the engine ran them before
-        exact = torch.cat([(w.double() + b.double() @ a.double()).norm(dim=1) * 0.1 / w.shape[1] ** 0.5
-                           for w, a, b in zip(L.W, L.A, L.B)])
+        exact = L.exact_row_std()
         # (the first sweep of shapes, 16-64 rows x 128-512 columns, is in results/aligned_kernels/*sweep1*)
         for aligned, bm, bk, warps, stages in ((False, 16, 256, 4, 3), (True, 32, 128, 4, 3), (True, 32, 128, 2, 3),
                                                (True, 32, 64, 2, 3), (True, 32, 64, 4, 3), (True, 64, 64, 4, 3),
@@ -533,17 +548,8 @@ def sweep(arch, device, parts=("noise", "norms")):
                 direct_norm_kernel[(p.shape[0],)](p, L.meta, L.scales, L.sigma, L.std, W_T=bf, AB_T=tl.float32,
                                                    BM=bm, BK=bk, RP=16, WHILE_LOOPS=False, ALIGNED=aligned,
                                                    num_warps=warps, num_stages=stages)
-            name = f"norms_{'aligned' if aligned else 'unaligned'}_bm{bm}_bk{bk}_w{warps}_s{stages}"
-            try:
-                ms = time_graphed(nrm)
-                L.std.zero_()
-                nrm()
-                torch.cuda.synchronize()
-                res[name] = {"ms": round(ms, 4), "TBps_read": round(L.numel * 2 / ms / 1e9, 3),
-                             "max_rel_err_vs_fp64": ((L.std.double() - exact).abs() / exact).max().item()}
-            except Exception as exc:
-                res[name] = {"error": repr(exc)[:300]}
-            print(arch, name, res[name], flush=True)
+            record_norms(res, arch, f"norms_{'aligned' if aligned else 'unaligned'}_bm{bm}_bk{bk}_w{warps}_s{stages}",
+                         nrm, L, exact)
         M = Layers(arch, device, merge=True)
         res["merged_chunks"] = len(M.chunks)
         ref = []
@@ -555,7 +561,7 @@ def sweep(arch, device, parts=("noise", "norms")):
             def run(tabs=tabs, bm=bm, warps=warps, add_w=add_w, aligned=aligned):
                 for buf, p in zip(M.bufs, tabs):
                     fc.flat_noise_kernel[(p.shape[0],)](p, M.meta, M.keys, M.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
-                                                        ROUNDS=10, FAST=True, WHILE_LOOPS=False, ALIGNED=aligned,
+                                                        ROUNDS=10, FAST=True, WHILE_LOOPS=INTERPRET, ALIGNED=aligned,
                                                         num_warps=warps)
             name = (f"merged_noise_{'aligned' if aligned else 'unaligned'}_bm{bm}_w{warps}"
                     + ("" if add_w else "_storeonly"))
