@@ -493,7 +493,6 @@ def _aligned(fan_in: int, *addresses: int, element_offset: int = 0) -> bool:
     a view at an odd offset) makes its launch take the unhinted path, which is correct, only slower."""
     return (fan_in % _ALIGN_ELEMENTS == 0 and element_offset % _ALIGN_ELEMENTS == 0
             and all(a % _ALIGN_BYTES == 0 for a in addresses))
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def chunk_prefix(name: str) -> str:
@@ -799,6 +798,8 @@ class FastFlat:
     def _compute_norms(self) -> None:
         if self._use_triton:
             interpreting = _interpreting()
+            # a group's A A^T sits at layer * rp^2 with its own rp: groups of another rp may overlap its slots,
+            # which is harmless because each group's norm launch directly follows its own Gram launch
             for g in self._norm_groups:
                 flat_gram_kernel[(g.n_layers,)](
                     g.layers, self._meta, self._gram, AB_T=_tl_dtype(g.ab_dtype), RP=g.rp, BK=_GRAM_COLS,

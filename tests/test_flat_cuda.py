@@ -274,9 +274,15 @@ torch.manual_seed(0)
 # fan-ins 300, 70, 54: the unhinted kernels; fan-ins 32, 48 (multiples of 16): the ALIGNED ones
 unaligned = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 40), nn.Conv2d(6, 10, 3))
 aligned = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
-# rank 20: the noise-scale kernel's rank axis padded to 32
-for model, targets, expect_aligned, r in ((unaligned, ["0", "1", "2"], False, 4), (aligned, ["0", "1"], True, 20)):
-    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=targets), model)
+# two launch groups (an fp32 and a bf16 weight) whose ranks pad to 32 and 16: their A A^T slots overlap
+mixed = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
+cases = ((unaligned, ["0", "1", "2"], False, 4, {}), (aligned, ["0", "1"], True, 20, {}),
+         (mixed, ["0", "1"], True, 20, {"1": 4}))
+for model, targets, expect_aligned, r, ranks in cases:
+    model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=targets, rank_pattern=ranks),
+                                    model)
+    if model is mixed:
+        model[1].base_layer.to(torch.bfloat16)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -300,7 +306,7 @@ for model, targets, expect_aligned, r in ((unaligned, ["0", "1", "2"], False, 4)
     eng = engines["triton"]
     assert all(c.aligned == expect_aligned for c in eng.chunks)
     assert all(g.aligned == expect_aligned for g in eng._norm_groups)
-    assert max(g.rp for g in eng._norm_groups) == (32 if r == 20 else 16)
+    assert sorted(g.rp for g in eng._norm_groups) == ([16, 32] if ranks else [16 if r == 4 else 32])
 # the one-launch keys kernel against flat.noise_key, with and without the micro-batch
 import random
 from flatlora_diffusion.flat import noise_key
