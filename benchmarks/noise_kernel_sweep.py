@@ -396,9 +396,9 @@ def sweep(arch, device, parts=("noise", "norms")):
     bf = tl.bfloat16
     res = {"elements": L.numel, "chunks": len(L.chunks)}
     ref_holder = []
-    bytes_rw = L.numel * 4
 
-    def record(name, fn, ref=None):
+    def record(name, fn, ref=None, layers=L):
+        """Time `fn` (it writes layers.bufs); with `ref`, also whether its output equals ref bitwise."""
         try:
             ms = time_graphed(fn)
         except Exception as exc:  # a variant that does not compile is reported, not fatal
@@ -408,8 +408,10 @@ def sweep(arch, device, parts=("noise", "norms")):
         same = None
         if ref:
             fn()
-            same = all(torch.equal(a, b) for a, b in zip(ref, L.bufs))
-        res[name] = {"ms": round(ms, 4), "TBps_rw": round(bytes_rw / ms / 1e9, 3), "same_output_as_before": same}
+            torch.cuda.synchronize()
+            same = all(torch.equal(a, b) for a, b in zip(ref, layers.bufs))
+        res[name] = {"ms": round(ms, 4), "TBps_rw": round(layers.numel * 4 / ms / 1e9, 3),
+                     "same_output_as_before": same}
         print(arch, name, res[name], flush=True)
 
     if "noise" in parts:
@@ -565,20 +567,12 @@ def sweep(arch, device, parts=("noise", "norms")):
                                                         num_warps=warps)
             name = (f"merged_noise_{'aligned' if aligned else 'unaligned'}_bm{bm}_w{warps}"
                     + ("" if add_w else "_storeonly"))
-            try:
-                ms = time_graphed(run)
-                same = None
-                if add_w:
-                    run()
-                    torch.cuda.synchronize()
-                    if not ref:
-                        ref[:] = [b.clone() for b in M.bufs]
-                    same = all(torch.equal(a, b) for a, b in zip(ref, M.bufs))
-                res[name] = {"ms": round(ms, 4), "TBps_rw": round(M.numel * 4 / ms / 1e9, 3),
-                             "same_output_as_unaligned": same}
-            except Exception as exc:
-                res[name] = {"error": repr(exc)[:300]}
-            print(arch, name, res[name], flush=True)
+            # "same_output_as_before": bitwise equal to the first (unaligned) variant's W + eps
+            record(name, run, ref if add_w else None, layers=M)
+            if not ref and "error" not in res[name]:
+                run()
+                torch.cuda.synchronize()
+                ref[:] = [b.clone() for b in M.bufs]
     if "merged" in parts:
         # the engine's chunks since blocks of one family share one (fewer, larger launches): floor and kernel
         M = Layers(arch, device, merge=True)
