@@ -352,17 +352,36 @@ def check_gradients(device, tiny: bool):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def kernel_time_ms(fn) -> float | None:
-    """Sum of device time of all GPU activities of one call (torch.profiler / CUPTI)."""
+def kernel_times_us(fn) -> dict:
+    """Device time (us) and count of each GPU activity, by name, of one call (torch.profiler / CUPTI)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    total = 0.0
+    out = {}
     for evt in prof.key_averages():
-        total += getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
+        us = getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0.0))
+        if us > 0:
+            out[evt.key] = (evt.count, us)
+    return out
+
+
+def kernel_time_ms(fn) -> float | None:
+    """Sum of device time of all GPU activities of one call."""
+    total = sum(us for _, us in kernel_times_us(fn).values())
     return total / 1e3 if total > 0 else None
+
+
+def kernel_time_difference(lora_fn, flat_fn, top: int = 30) -> list:
+    """Where Flat-LoRA's extra kernel time goes: per activity name, flat - lora device time and counts, the
+    `top` largest absolute differences first."""
+    a, b = kernel_times_us(lora_fn), kernel_times_us(flat_fn)
+    rows = [{"kernel": k[:160], "lora_n": a.get(k, (0, 0))[0], "flat_n": b.get(k, (0, 0))[0],
+             "lora_us": round(a.get(k, (0, 0))[1], 1), "flat_us": round(b.get(k, (0, 0))[1], 1),
+             "diff_us": round(b.get(k, (0, 0))[1] - a.get(k, (0, 0))[1], 1)} for k in set(a) | set(b)]
+    rows.sort(key=lambda r: -abs(r["diff_us"]))
+    return rows[:top]
 
 
 def step_flops(fn) -> float | None:
@@ -481,6 +500,10 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
             out["graph"].update(time_variants(fns, n, warm, device))
             for k in fns:
                 out["graph"][k]["kernel_ms"] = kernel_time_ms(fns[k])
+            out["graph"]["kernel_difference"] = kernel_time_difference(fns["lora"], fns["flat"])
+            for row in out["graph"]["kernel_difference"][:12]:
+                print(f"  flat - lora {row['diff_us']:8.1f} us  n {row['lora_n']}/{row['flat_n']}  {row['kernel'][:90]}",
+                      flush=True)
             out["graph"]["memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
             del graphed, fns
         except Exception as exc:

@@ -19,6 +19,8 @@ training step. Timed:
   engine's chunks do now (blocks of one family, up to the largest block's size).
 - wat: the engine's noise scales (flat_gram_kernel + flat_norm_kernel: the cached ||W_i||^2, W A^T on tensor
   cores, G = A A^T per layer) against the direct kernel they replaced (`direct_norm_kernel`), vs fp64.
+- rng: cheaper ways from Philox bits to normals (rng_variant_kernel: uniforms by integer ops, one 32-bit word
+  per Box-Muller pair, sin/cos by polynomials) against the engine's noise pass and a copy floor, with the law of z.
 - aligned: direct_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
   in several program shapes, against the unhinted kernels; noise scales against an fp64 reference.
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
@@ -84,8 +86,8 @@ def _noise_tile_late(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_
     """The first implementation's tile: W loaded after the Philox rounds (same output)."""
     ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
     i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
-    z1, z2 = fc._normal_pair(i1, i2, True)
-    z3, z4 = fc._normal_pair(i3, i4, True)
+    z1, z2 = _normal_pair_bits(i1, i2, False)
+    z3, z4 = _normal_pair_bits(i3, i4, False)
     off = rows64[:, None] * K + (c0 + t)[None, :]
     cols = c0 + t
     m1 = rmask[:, None] & (cols < K)[None, :]
@@ -137,8 +139,8 @@ def interleaved_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.c
     for c0 in range(0, K, 256):
         ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
         i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
-        z1, z2 = fc._normal_pair(i1, i2, True)
-        z3, z4 = fc._normal_pair(i3, i4, True)
+        z1, z2 = _normal_pair_bits(i1, i2, False)
+        z3, z4 = _normal_pair_bits(i3, i4, False)
         z = tl.reshape(tl.join(tl.join(z1, z3), tl.join(z2, z4)), (BM, 256))
         cols = c0 + tl.arange(0, 256)
         off = rows64[:, None] * K + cols[None, :]
@@ -248,11 +250,12 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
     rr = tl.arange(0, RP)
     rmask_r = rr < R
     std = _direct_row_std(m, K, R, rows64, rmask, rr, rmask_r, w_base, a_base, b_base, s, sigma_ptr, std_ptr, BM, BK)
-    t = tl.arange(0, 64)
-    zero = tl.zeros((BM, 64), dtype=tl.uint32)
+    t = tl.arange(0, 32)
+    j = tl.arange(0, 8)
+    zero = tl.zeros((BM, 32), dtype=tl.uint32)
     ctr1 = rows.to(tl.uint32)[:, None] + zero
-    for c0 in range(0, K, 256):
-        fc._noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, True, ROUNDS, True)
+    for c0 in range(0, K, 256):  # the engine's noise tile (since commit "one Philox word per Box-Muller pair")
+        fc._noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, ROUNDS, True)
 
 
 @triton.jit
@@ -291,12 +294,176 @@ def direct_norm_kernel(prog_ptr, meta_ptr, scale_ptr, sigma_ptr, std_ptr, W_T: t
     _direct_row_std(m, K, R, rows64, rmask, rr, rmask_r, w_base, a_base, b_base, s, sigma_ptr, std_ptr, BM, BK)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# part "rng": cheaper ways from Philox bits to normals (the noise pass is bound by Philox + Box-Muller)
+# ---------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _unit_interval_bits(bits, SHIFT: tl.constexpr):
+    """A float in [1, 2) whose mantissa starts with `bits` shifted left by SHIFT: an int -> float conversion
+    done with integer ops (I2F runs on a quarter-rate unit, like the transcendentals)."""
+    return ((bits << SHIFT) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _normal_pair_bits(b1, b2, FAST_UNIFORM: tl.constexpr):
+    """Box-Muller of two 32-bit words (24-bit uniforms), fast lg2 / cos / sin: the engine's generator before
+    commit "one Philox word per Box-Muller pair"; FAST_UNIFORM: 23-bit uniforms made with integer ops."""
+    if FAST_UNIFORM:  # 23-bit uniforms: u1 = j / 2^23 in (0, 1], theta = (j + 0.5) / 2^23 * 2 pi - pi
+        u1 = 2.0 - _unit_interval_bits(b1 >> 9, 0)
+        th = _unit_interval_bits(b2 >> 9, 0) * 6.283185307179586 - 9.424777586262351
+    else:
+        u1 = ((b1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
+        th = ((b2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08 * 6.283185307179586 - 3.141592653589793
+    r = tl.sqrt(-1.3862943611198906 * fc.libdevice.fast_log2f(u1))
+    return r * fc.libdevice.fast_cosf(th), r * fc.libdevice.fast_sinf(th)
+
+
+@triton.jit
+def _normal_pair_word(w, SINCOS: tl.constexpr):
+    """Box-Muller of ONE 32-bit word: radius from its top 20 bits (u1 = (j + 0.5) / 2^20, |z| <= 5.4), angle
+    from its low 12 bits (4096 directions; all moments below order 4096 of cos, sin are exact). SINCOS "mufu":
+    fast sin/cos; "poly": quadrant from 2 bits, Taylor polynomials of degree 7/8 on [-pi/4, pi/4) (|err| < 4e-7)
+    on the FMA units."""
+    u1 = 1.9999995231628418 - _unit_interval_bits(w >> 12, 3)
+    r = tl.sqrt(-1.3862943611198906 * fc.libdevice.fast_log2f(u1))
+    a = w & 0xFFF
+    if SINCOS == "poly":
+        x = _unit_interval_bits(a & 0x3FF, 13) * 1.5707963267948966 - 2.355427499798402
+        x2 = x * x
+        s = x + x * x2 * (-0.16666666666666666 + x2 * (0.008333333333333333 + x2 * -0.0001984126984126984))
+        c = 1.0 + x2 * (-0.5 + x2 * (0.041666666666666664 + x2 * (-0.001388888888888889
+                                                                   + x2 * 2.48015873015873e-05)))
+        q = a >> 10
+        swap = (q & 1) != 0
+        cq = tl.where(swap, s, c)
+        sq = tl.where(swap, c, s)
+        cq = tl.where(((q + 1) & 2) != 0, -cq, cq)
+        sq = tl.where((q & 2) != 0, -sq, sq)
+    else:
+        th = _unit_interval_bits(a, 11) * 6.283185307179586 - 9.424010970375436
+        cq = fc.libdevice.fast_cosf(th)
+        sq = fc.libdevice.fast_sinf(th)
+    return r * cq, r * sq
+
+
+@triton.jit
+def _rng_store(out_base, w_base, off, msk, std, z, ADD_W: tl.constexpr, w):
+    v = std[:, None] * z
+    if ADD_W:
+        v = v + w
+    tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def rows64_noise_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
+                        ADD_W: tl.constexpr, GEN: tl.constexpr, SINCOS: tl.constexpr, ROUNDS: tl.constexpr = 10,
+                        ALIGNED: tl.constexpr = False):
+    """W + std * z over all columns of BM rows in [BM, 64] tiles, z from:
+    GEN "philox24": the engine's kernel before commit "one Philox word per Box-Muller pair" (4 normals per
+    Philox call from 24-bit uniforms; per 256 columns, output j of call t -> column 64 j + t), bit for bit;
+    GEN "copy": z = 0 (std * 0 + W: the memory floor of these programs);
+    GEN "pairs2": 4 normals per Philox call, 24-bit uniforms made with integer ops (the engine's stream);
+    GEN "pairs4": 8 normals per Philox call, one word per Box-Muller pair (_normal_pair_word); per 256 columns,
+    32 calls, pair p of call t -> columns 64 p + 2 t, 64 p + 2 t + 1 (joined in registers)."""
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, tl.program_id(0), 2, meta_ptr,
+                                                                         keys_ptr, out_ptr, W_T, BM, ALIGNED)
+    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+    t64 = tl.arange(0, 64)
+    if GEN != "pairs4":
+        zero = tl.zeros((BM, 64), dtype=tl.uint32)
+        t = t64
+    else:
+        zero = tl.zeros((BM, 32), dtype=tl.uint32)
+        t = tl.arange(0, 32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    for c0 in range(0, K, 256):
+        cols = c0 + t64
+        off = rows64[:, None] * K + cols[None, :]
+        m1 = rmask[:, None] & (cols < K)[None, :]
+        m2 = rmask[:, None] & (cols + 64 < K)[None, :]
+        m3 = rmask[:, None] & (cols + 128 < K)[None, :]
+        m4 = rmask[:, None] & (cols + 192 < K)[None, :]
+        w1 = 0.0
+        w2 = 0.0
+        w3 = 0.0
+        w4 = 0.0
+        if ADD_W:
+            w1 = tl.load(w_base + off, mask=m1, other=0.0).to(tl.float32)
+            w2 = tl.load(w_base + off + 64, mask=m2, other=0.0).to(tl.float32)
+            w3 = tl.load(w_base + off + 128, mask=m3, other=0.0).to(tl.float32)
+            w4 = tl.load(w_base + off + 192, mask=m4, other=0.0).to(tl.float32)
+        if GEN == "copy":  # the floor: the same programs reading W and writing it, no generator
+            z1 = tl.zeros((BM, 64), dtype=tl.float32)
+            z2 = z1
+            z3 = z1
+            z4 = z1
+        elif GEN == "pairs2" or GEN == "philox24":
+            ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
+            i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
+            z1, z2 = _normal_pair_bits(i1, i2, GEN == "pairs2")
+            z3, z4 = _normal_pair_bits(i3, i4, GEN == "pairs2")
+        else:
+            ctr0 = (c0 // 8 + t).to(tl.uint32)[None, :] + zero
+            i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, 10)
+            a, b = _normal_pair_word(i1, SINCOS)
+            z1 = tl.reshape(tl.join(a, b), (BM, 64))
+            a, b = _normal_pair_word(i2, SINCOS)
+            z2 = tl.reshape(tl.join(a, b), (BM, 64))
+            a, b = _normal_pair_word(i3, SINCOS)
+            z3 = tl.reshape(tl.join(a, b), (BM, 64))
+            a, b = _normal_pair_word(i4, SINCOS)
+            z4 = tl.reshape(tl.join(a, b), (BM, 64))
+        _rng_store(out_base, w_base, off, m1, std, z1, ADD_W, w1)
+        _rng_store(out_base, w_base, off + 64, m2, std, z2, ADD_W, w2)
+        _rng_store(out_base, w_base, off + 128, m3, std, z3, ADD_W, w3)
+        _rng_store(out_base, w_base, off + 192, m4, std, z4, ADD_W, w4)
+
+
+
+@triton.jit
+def rng_contiguous_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
+                          T: tl.constexpr, ADD_W: tl.constexpr, GEN: tl.constexpr, SINCOS: tl.constexpr,
+                          ALIGNED: tl.constexpr):
+    """Each thread one Philox call -> 8 normals -> 8 consecutive columns (16-byte loads and stores): call
+    (c0 = col // 8, c1 = row), pair p of its words -> columns 8 (col // 8) + 2 p, + 1. Tiles of BM rows x T calls
+    (8 T columns) over all columns. GEN "copy": the same programs without the generator (the floor)."""
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, tl.program_id(0), 2, meta_ptr,
+                                                                         keys_ptr, out_ptr, W_T, BM, ALIGNED)
+    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+    t = tl.arange(0, T)
+    j = tl.arange(0, 8)
+    zero = tl.zeros((BM, T), dtype=tl.uint32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    for c0 in range(0, K, 8 * T):
+        cols = c0 + 8 * t[None, :, None] + j[None, None, :]
+        off = rows64[:, None, None] * K + cols
+        msk = rmask[:, None, None] & (cols < K)
+        if ADD_W:
+            w = tl.load(w_base + off, mask=msk, other=0.0).to(tl.float32)
+        else:
+            w = tl.zeros((BM, T, 8), dtype=tl.float32)
+        if GEN == "copy":
+            v = w
+        else:
+            ctr0 = (c0 // 8 + t).to(tl.uint32)[None, :] + zero
+            i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, 10)
+            a1, b1 = _normal_pair_word(i1, SINCOS)
+            a2, b2 = _normal_pair_word(i2, SINCOS)
+            a3, b3 = _normal_pair_word(i3, SINCOS)
+            a4, b4 = _normal_pair_word(i4, SINCOS)
+            z = tl.join(tl.join(tl.join(a1, b1), tl.join(a2, b2)), tl.join(tl.join(a3, b3), tl.join(a4, b4)))
+            v = w + std[:, None, None] * tl.reshape(z, (BM, T, 8))
+        tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
+
+
 class Layers:
     """Random layers of one architecture, in chunks, with the meta table of flat_cuda."""
 
     def __init__(self, arch, device, rank=16, merge=False):
         """merge: consecutive blocks of one width share a chunk up to the largest block's size, as the engine's
-        chunks of one family do (SDXL: 70 -> 65 launches per pass; SD 1.5: 16 -> 9); else one chunk per block."""
+        chunks of one family do (SDXL: 70 -> 65 launches per pass; SD 1.5: 16 -> 9); "all": one chunk (one
+        launch per pass); else one chunk per block."""
         torch.manual_seed(0)
         self.chunks = []  # list of list of layer indices
         self.W, meta, scales, self.A, self.B = [], [], [], [], []
@@ -306,7 +473,7 @@ class Layers:
             block_numel = sum(r * c for r, c in layers)
             per_chunk = max(1, largest // block_numel) if merge else 1
             for blk in range(n):
-                if blk % per_chunk == 0:
+                if blk % per_chunk == 0 and not (merge == "all" and self.W):
                     idx, off = [], 0
                 for rows, cols in layers:
                     i = len(self.W)
@@ -321,7 +488,9 @@ class Layers:
                     idx.append(i)
                     off += rows * cols
                     std_off += rows
-                if blk % per_chunk == per_chunk - 1 or blk == n - 1:
+                if merge == "all":
+                    self.chunks[:] = [(idx, off)]
+                elif blk % per_chunk == per_chunk - 1 or blk == n - 1:
                     self.chunks.append((idx, off))
         self.meta = torch.tensor(meta, dtype=torch.int64, device=device)
         self.scales = torch.tensor(scales, dtype=torch.float32, device=device)
@@ -450,9 +619,9 @@ def sweep(arch, device, parts=("noise", "norms")):
             for add_w, rounds in variants:
                 def rl(tabs=tabs, bm=bm, warps=warps, add_w=add_w, rounds=rounds):
                     for buf, p in zip(L.bufs, tabs):
-                        fc.flat_noise_kernel[(p.shape[0],)](
-                            p, L.meta, L.keys, L.std, buf, W_T=bf, ADD_W=add_w, BM=bm, ROUNDS=rounds, FAST=True,
-                            WHILE_LOOPS=False, num_warps=warps)
+                        rows64_noise_kernel[(p.shape[0],)](
+                            p, L.meta, L.keys, L.std, buf, W_T=bf, BM=bm, ADD_W=add_w, GEN="philox24", SINCOS="",
+                            ROUNDS=rounds, num_warps=warps)
                 name = (f"flat_noise_kernel_bm{bm}_w{warps}" + ("" if add_w else "_storeonly")
                         + ("" if rounds == 10 else "_r7"))
                 record(name, rl, ref_holder if (add_w and rounds == 10) else None)
@@ -562,9 +731,8 @@ def sweep(arch, device, parts=("noise", "norms")):
 
             def run(tabs=tabs, bm=bm, warps=warps, add_w=add_w, aligned=aligned):
                 for buf, p in zip(M.bufs, tabs):
-                    fc.flat_noise_kernel[(p.shape[0],)](p, M.meta, M.keys, M.std, buf, W_T=bf, ADD_W=add_w, BM=bm,
-                                                        ROUNDS=10, FAST=True, WHILE_LOOPS=INTERPRET, ALIGNED=aligned,
-                                                        num_warps=warps)
+                    rows64_noise_kernel[(p.shape[0],)](p, M.meta, M.keys, M.std, buf, W_T=bf, BM=bm, ADD_W=add_w,
+                                                       GEN="philox24", SINCOS="", ALIGNED=aligned, num_warps=warps)
             name = (f"merged_noise_{'aligned' if aligned else 'unaligned'}_bm{bm}_w{warps}"
                     + ("" if add_w else "_storeonly"))
             # "same_output_as_before": bitwise equal to the first (unaligned) variant's W + eps
@@ -578,8 +746,8 @@ def sweep(arch, device, parts=("noise", "norms")):
         M = Layers(arch, device, merge=True)
         res["merged_chunks"] = len(M.chunks)
         for name, kernel, kw in (("copy_floor_bm8_bn512_w4", copy_kernel, dict(BM=8, BN=512, num_warps=4)),
-                                 ("flat_noise_kernel_bm4_w4", fc.flat_noise_kernel,
-                                  dict(ADD_W=True, BM=4, ROUNDS=10, FAST=True, WHILE_LOOPS=False, num_warps=4))):
+                                 ("flat_noise_kernel_bm4_w4", rows64_noise_kernel,
+                                  dict(ADD_W=True, BM=4, GEN="philox24", SINCOS="", num_warps=4))):
             tabs = M.tables(kw["BM"])
             args = (M.meta,) if kernel is copy_kernel else (M.meta, M.keys, M.std)
 
@@ -596,6 +764,73 @@ def sweep(arch, device, parts=("noise", "norms")):
                     fused_kernel[(p.shape[0],)](p, L.meta, L.keys, L.scales, L.sigma, L.std, buf, W_T=bf,
                                                 AB_T=tl.float32, BM=bm, BK=bk, RP=16, ROUNDS=10, num_warps=warps)
             record(f"fused_norm_noise_bm{bm}_bk{bk}_w{warps}", fu)
+    if "rng" in parts:
+        # other ways from Philox bits to normals and other memory layouts, with ALIGNED, in the engine's merged
+        # chunks ("merged") or all layers in one launch ("one"); store-only variants also get the law of
+        # z = out / std over all elements (mean, std, excess kurtosis, largest |z|)
+        sets = {"merged": Layers(arch, device, merge=True), "one": Layers(arch, device, merge="all")}
+        res["merged_chunks"] = len(sets["merged"].chunks)
+        src = torch.randn(sets["one"].numel, device=device, dtype=torch.bfloat16)
+        dst = torch.empty_like(src)
+        ms = time_graphed(lambda: dst.copy_(src))
+        res["rng_torch_copy_one_tensor"] = {"ms": round(ms, 4), "TBps_rw": round(src.numel() * 4 / ms / 1e9, 3)}
+        print(arch, "rng_torch_copy_one_tensor", res["rng_torch_copy_one_tensor"], flush=True)
+        del src, dst
+        variants = [("merged", "rows64", "philox24", "", 4, 0, 2, True),
+                    ("merged", "rows64", "philox24", "", 4, 0, 2, False),
+                    ("one", "rows64", "philox24", "", 4, 0, 2, True),
+                    ("merged", "engine", "", "", 4, 32, 4, True), ("merged", "engine", "", "", 4, 32, 4, False),
+                    ("merged", "rows64", "copy", "", 4, 0, 2, True),
+                    ("merged", "rows64", "pairs2", "mufu", 4, 0, 2, True),
+                    ("merged", "rows64", "pairs2", "mufu", 4, 0, 2, False),
+                    ("merged", "rows64", "pairs4", "mufu", 4, 0, 2, True),
+                    ("merged", "rows64", "pairs4", "mufu", 4, 0, 2, False),
+                    ("merged", "rows64", "pairs4", "poly", 4, 0, 2, True),
+                    ("merged", "rows64", "pairs4", "poly", 4, 0, 2, False),
+                    ("merged", "rows64", "pairs4", "poly", 8, 0, 4, True)]
+        for lay in ("merged", "one"):
+            for bm, t, warps in ((4, 16, 2), (2, 16, 1), (4, 32, 4), (8, 16, 4), (1, 32, 1), (8, 8, 2)):
+                variants.append((lay, "contiguous", "copy", "", bm, t, warps, True))
+        for bm, t, warps in ((4, 16, 2), (2, 16, 1), (4, 32, 4), (8, 16, 4), (1, 32, 1), (8, 8, 2), (4, 8, 1)):
+            variants.append(("merged", "contiguous", "pairs4", "mufu", bm, t, warps, True))
+        variants += [("merged", "contiguous", "pairs4", "mufu", 4, 16, 2, False),
+                     ("merged", "contiguous", "pairs4", "poly", 4, 16, 2, True),
+                     ("merged", "contiguous", "pairs4", "poly", 4, 16, 2, False),
+                     ("one", "contiguous", "pairs4", "mufu", 4, 16, 2, True),
+                     ("one", "contiguous", "pairs4", "mufu", 2, 16, 1, True)]
+        for lay, kind, gen, sincos, bm, t, warps, add_w in variants:
+            M = sets[lay]
+            tabs = M.tables(bm)
+
+            def run(M=M, tabs=tabs, kind=kind, gen=gen, sincos=sincos, bm=bm, t=t, warps=warps, add_w=add_w):
+                for buf, p in zip(M.bufs, tabs):
+                    args = (p, M.meta, M.keys, M.std, buf)
+                    if kind == "engine":
+                        fc.flat_noise_kernel[(p.shape[0],)](*args, W_T=bf, ADD_W=add_w, BM=bm, T=t, ROUNDS=10,
+                                                            FAST=not INTERPRET, WHILE_LOOPS=INTERPRET, ALIGNED=True,
+                                                            num_warps=warps)
+                    elif kind == "rows64":
+                        rows64_noise_kernel[(p.shape[0],)](*args, W_T=bf, BM=bm, ADD_W=add_w, GEN=gen, SINCOS=sincos,
+                                                          ALIGNED=True, num_warps=warps)
+                    else:
+                        rng_contiguous_kernel[(p.shape[0],)](*args, W_T=bf, BM=bm, T=t, ADD_W=add_w, GEN=gen,
+                                                             SINCOS=sincos, ALIGNED=True, num_warps=warps)
+            name = (f"rng_{lay}_{kind}_{gen + '_' if gen else ''}{sincos + '_' if sincos else ''}bm{bm}"
+                    + (f"_t{t}" if t else "") + f"_w{warps}" + ("" if add_w else "_storeonly"))
+            record(name, run, layers=M)
+            if not add_w and "error" not in res[name]:
+                run()
+                torch.cuda.synchronize()
+                z = torch.cat([buf.float() for buf in M.bufs])
+                z = z / torch.cat([M.std[M.meta_rows[i][6]:M.meta_rows[i][6] + M.meta_rows[i][8]]
+                                   .repeat_interleave(M.meta_rows[i][3]) for idx, _ in M.chunks for i in idx])
+                zd = z.double()
+                mean, std = zd.mean().item(), zd.std().item()
+                res[name]["law"] = {"n": z.numel(), "mean": mean, "std": std,
+                                    "excess_kurtosis": (((zd - mean) / std) ** 4).mean().item() - 3.0,
+                                    "max_abs": zd.abs().max().item()}
+                print(arch, name, res[name]["law"], flush=True)
+                del z, zd
     return res
 
 
@@ -605,7 +840,7 @@ def main():
     ap.add_argument("--archs", default="sdxl,sd15")
     ap.add_argument("--parts", default="noise,norms,merged",
                     help="which launches to time: noise, norms, merged (noise pass in the engine's merged chunks), "
-                         "wat, aligned")
+                         "wat, aligned, rng")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

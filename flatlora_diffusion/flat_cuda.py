@@ -109,17 +109,25 @@ def device_sigma_at(step: torch.Tensor, sigma: float, schedule: str, total_steps
 # the generator: Philox-4x32 (Triton's tl.philox, reproduced bit for bit) + Box-Muller
 # ---------------------------------------------------------------------------------------------------------
 #
-# Layout: element (row, col) of a layer's weight (rows = output channels, cols = the flattened fan-in) takes
-# output j = (col % 256) // 64 of the Philox call with counter (c0 = (col // 256) * 64 + col % 64, c1 = row,
-# 0, 0) and key (lo, hi) = the layer key's two 32-bit halves. Outputs (0, 1) and (2, 3) are Box-Muller pairs.
-# Uniforms use the top 24 bits: u = (bits >> 8 + 0.5) / 2^24, never 0 or 1.
+# Layout: element (row, col) of a layer's weight (rows = output channels, cols = the flattened fan-in) comes from
+# the Philox call with counter (c0 = col // 8, c1 = row, 0, 0) and key (lo, hi) = the layer key's two 32-bit
+# halves: its 4 output words w_p give the 8 consecutive columns 8 c0 .. 8 c0 + 7, one Box-Muller pair per word
+# (col = 8 c0 + 2 p: r cos(theta), + 1: r sin(theta)). A word's top 20 bits j give the radius,
+# u1 = 1 - (j + 0.5) / 2^20 in (0, 1), r = sqrt(-2 ln u1) <= 5.4; its low 12 bits a the angle,
+# theta = (a + 0.5) 2 pi / 4096 - pi (4096 directions: the moments of cos and sin below order 4096 are exact).
+# Why one word per pair (8 normals per call, not 4 from 24-bit uniforms): the noise pass is bound by the
+# Philox rounds and the transcendental units, and a thread that makes 8 consecutive columns loads and stores
+# them as 16-byte vectors (benchmarks/results/rng_kernels/). What it gives up: |z| is capped at 5.4 instead of
+# 5.9 (a tail mass of 6e-8 per draw) and z takes a finite (20 x 12-bit) set of values, far finer than the
+# bf16 rounding of W + eps (about sigma / 25 at sigma = 0.1).
 
 PHILOX_ROUNDS = 10
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _TWO_PI = 6.283185307179586
 _PI = 3.141592653589793
-_INV_2_24 = 5.9604644775390625e-08  # 2^-24
+_INV_2_20 = 9.5367431640625e-07  # 2^-20
+_ANGLE_STEP = _TWO_PI / 4096
 
 
 def philox4x32(key: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, rounds: int = PHILOX_ROUNDS):
@@ -145,15 +153,12 @@ def philox4x32(key: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, rounds: in
     return c0, c1, c2, c3
 
 
-def _uniform(bits: torch.Tensor) -> torch.Tensor:
-    return ((bits >> 8).to(torch.float32) + 0.5) * _INV_2_24
-
-
-def _box_muller(b1: torch.Tensor, b2: torch.Tensor):
-    u1, u2 = _uniform(b1), _uniform(b2)
+def _normal_pair(word: torch.Tensor):
+    """The Box-Muller pair of one Philox word (int64 tensor of uint32 values), fp32 (layout above)."""
+    u1 = 1.0 - ((word >> 12).to(torch.float32) + 0.5) * _INV_2_20
+    theta = ((word & 0xFFF).to(torch.float32) + 0.5) * _ANGLE_STEP - _PI
     r = torch.sqrt(-2.0 * torch.log(u1))
-    th = u2 * _TWO_PI - _PI
-    return r * torch.cos(th), r * torch.sin(th)
+    return r * torch.cos(theta), r * torch.sin(theta)
 
 
 def standard_normal_grid(key, rows: int, cols: int, device=None, rounds: int = PHILOX_ROUNDS,
@@ -163,16 +168,11 @@ def standard_normal_grid(key, rows: int, cols: int, device=None, rounds: int = P
     if not torch.is_tensor(key):
         key = torch.tensor(_i64(int(key)), dtype=torch.int64, device=device)
     device = key.device
-    nblk = -(-cols // 256)
-    t = torch.arange(nblk * 64, device=device, dtype=torch.int64)
-    r = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64)
-    c0 = t.view(1, -1).expand(rows, -1)
-    c1 = r.view(-1, 1).expand(-1, nblk * 64)
-    i1, i2, i3, i4 = philox4x32(key, c0, c1, rounds)
-    z1, z2 = _box_muller(i1, i2)
-    z3, z4 = _box_muller(i3, i4)
-    z = torch.stack([z.view(rows, nblk, 64) for z in (z1, z2, z3, z4)], dim=2)  # rows, blk, j, t
-    return z.reshape(rows, nblk * 256)[:, :cols].contiguous()
+    calls = -(-cols // 8)
+    c0 = torch.arange(calls, device=device, dtype=torch.int64).view(1, -1).expand(rows, -1)
+    c1 = torch.arange(row_start, row_start + rows, device=device, dtype=torch.int64).view(-1, 1).expand(-1, calls)
+    pairs = [torch.stack(_normal_pair(word), dim=-1) for word in philox4x32(key, c0, c1, rounds)]
+    return torch.stack(pairs, dim=2).reshape(rows, calls * 8)[:, :cols].contiguous()  # rows, call, word, cos/sin
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -202,48 +202,45 @@ def _interpreting() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _normal_pair(b1, b2, FAST: tl.constexpr):
-        u1 = ((b1 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-        u2 = ((b2 >> 8).to(tl.float32) + 0.5) * 5.9604644775390625e-08
-        th = u2 * 6.283185307179586 - 3.141592653589793
+    def _normal_pair_tl(word, FAST: tl.constexpr):
+        """The Box-Muller pair of one Philox word (layout above). FAST: the uniforms made with integer ops
+        (I2F runs on the quarter-rate unit the transcendentals need: mantissa bits under 1.0's exponent give
+        1 + x exactly; u1 is the same number as the emulation's) and fast lg2 / cos / sin."""
         if FAST:
+            u1 = 1.9999995231628418 - ((word >> 12) << 3 | 0x3F800000).to(tl.float32, bitcast=True)  # 2 - 2^-21
+            g = ((word & 0xFFF) << 11 | 0x3F800000).to(tl.float32, bitcast=True)  # 1 + a / 4096
+            theta = g * 6.283185307179586 - 9.424010970375436  # - 3 pi + pi / 4096
             r = tl.sqrt(-1.3862943611198906 * libdevice.fast_log2f(u1))
-            c = libdevice.fast_cosf(th)
-            s = libdevice.fast_sinf(th)
-        else:
-            r = tl.sqrt(-2.0 * tl.log(u1))
-            c = tl.cos(th)
-            s = tl.sin(th)
-        return r * c, r * s
+            return r * libdevice.fast_cosf(theta), r * libdevice.fast_sinf(theta)
+        u1 = 1.0 - ((word >> 12).to(tl.float32) + 0.5) * 9.5367431640625e-07
+        theta = ((word & 0xFFF).to(tl.float32) + 0.5) * 0.0015339807878856412 - 3.141592653589793
+        r = tl.sqrt(-2.0 * tl.log(u1))
+        return r * tl.cos(theta), r * tl.sin(theta)
 
     @triton.jit
-    def _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base,
+    def _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base,
                     ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
-        """Columns c0 .. c0 + 255 of the program's rows: one Philox call per 4 elements (see the layout above).
-        W is loaded before the Philox rounds, so its latency hides behind the arithmetic (-20 % on an H200)."""
-        off = rows64[:, None] * K + (c0 + t)[None, :]
-        cols = c0 + t
-        m1 = rmask[:, None] & (cols < K)[None, :]
-        m2 = rmask[:, None] & (cols + 64 < K)[None, :]
-        m3 = rmask[:, None] & (cols + 128 < K)[None, :]
-        m4 = rmask[:, None] & (cols + 192 < K)[None, :]
+        """Columns c0 .. c0 + 8 T - 1 of the program's rows as a [rows, T calls, 8] tile: one Philox call per
+        thread and 8 consecutive columns (16-byte loads and stores with ALIGNED). W is loaded before the Philox
+        rounds, so its latency hides behind the arithmetic."""
+        cols = c0 + 8 * t[None, :, None] + j[None, None, :]
+        off = rows64[:, None, None] * K + cols
+        msk = rmask[:, None, None] & (cols < K)
         if ADD_W:
-            w1 = tl.load(w_base + off, mask=m1, other=0.0).to(tl.float32)
-            w2 = tl.load(w_base + off + 64, mask=m2, other=0.0).to(tl.float32)
-            w3 = tl.load(w_base + off + 128, mask=m3, other=0.0).to(tl.float32)
-            w4 = tl.load(w_base + off + 192, mask=m4, other=0.0).to(tl.float32)
-        ctr0 = (c0 // 4 + t).to(tl.uint32)[None, :] + zero
+            w = tl.load(w_base + off, mask=msk, other=0.0).to(tl.float32)
+        ctr0 = (c0 // 8 + t).to(tl.uint32)[None, :] + zero
         i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
-        z1, z2 = _normal_pair(i1, i2, FAST)
-        z3, z4 = _normal_pair(i3, i4, FAST)
-        v1, v2, v3, v4 = std[:, None] * z1, std[:, None] * z2, std[:, None] * z3, std[:, None] * z4
+        a1, b1 = _normal_pair_tl(i1, FAST)
+        a2, b2 = _normal_pair_tl(i2, FAST)
+        a3, b3 = _normal_pair_tl(i3, FAST)
+        a4, b4 = _normal_pair_tl(i4, FAST)
+        # join stacks along a new minor dimension: [rows, T, m, n, k] -> column 4 m + 2 n + k of the call =
+        # word 2 m + n, cos (k = 0) or sin: the layout above (in registers, no shared memory in the PTX)
+        z = tl.join(tl.join(tl.join(a1, a3), tl.join(a2, a4)), tl.join(tl.join(b1, b3), tl.join(b2, b4)))
+        v = std[:, None, None] * tl.reshape(z, (z.shape[0], z.shape[1], 8))
         if ADD_W:
-            v1, v2, v3, v4 = v1 + w1, v2 + w2, v3 + w3, v4 + w4
-        ty = out_base.dtype.element_ty
-        tl.store(out_base + off, v1.to(ty), mask=m1)
-        tl.store(out_base + off + 64, v2.to(ty), mask=m2)
-        tl.store(out_base + off + 128, v3.to(ty), mask=m3)
-        tl.store(out_base + off + 192, v4.to(ty), mask=m4)
+            v = v + w
+        tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
 
     @triton.jit
     def _fan_in(m, ALIGNED: tl.constexpr):
@@ -296,6 +293,7 @@ if triton is not None:
         W_T: tl.constexpr,
         ADD_W: tl.constexpr,
         BM: tl.constexpr,
+        T: tl.constexpr,  # Philox calls per row and iteration (8 T columns)
         ROUNDS: tl.constexpr,
         FAST: tl.constexpr,
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
@@ -303,22 +301,23 @@ if triton is not None:
     ):
         """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
         Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
-        memory system busy while others run Philox rounds (4 rows: 2.2x faster on an H200 than the first
-        version's 16 rows x 256 columns per program; benchmarks/noise_kernel_sweep.py)."""
+        memory system busy while others run Philox rounds (benchmarks/noise_kernel_sweep.py: 4 rows x 32 calls
+        of 8 columns, 4 warps, was the fastest of the shapes tried for this layout)."""
         m, K, w_base, out_base, key, rows, rmask, rows64 = _program_rows(
             prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, out_ptr, W_T, BM, ALIGNED)
         std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
-        t = tl.arange(0, 64)
-        zero = tl.zeros((BM, 64), dtype=tl.uint32)
+        t = tl.arange(0, T)
+        j = tl.arange(0, 8)
+        zero = tl.zeros((BM, T), dtype=tl.uint32)
         ctr1 = rows.to(tl.uint32)[:, None] + zero
         if WHILE_LOOPS:
             c0 = K * 0
             while c0 < K:
-                _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
-                c0 += 256
+                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+                c0 += 8 * T
         else:
-            for c0 in range(0, K, 256):
-                _noise_tile(c0, K, key, t, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+            for c0 in range(0, K, 8 * T):
+                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
 
     @triton.jit
     def _gram_tile(k0, K, rr64, rmask_r, a_base, g, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -480,7 +479,7 @@ def _tl_dtype(dtype: torch.dtype):
 
 # program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200 with vectorised accesses
 # (benchmarks/results/aligned_kernels/)
-_NOISE_ROWS, _NOISE_WARPS = 4, 2  # a noise program: 4 rows, all columns in steps of 256
+_NOISE_ROWS, _NOISE_CALLS, _NOISE_WARPS = 4, 32, 4  # a noise program: 4 rows, all columns in steps of 8 x 32
 _NORM_ROWS, _NORM_COLS, _NORM_WARPS = 64, 64, 4  # a noise-scale program: 64 rows, the fan-in in steps of 64
 _GRAM_COLS, _GRAM_WARPS = 128, 4  # a Gram program: one layer's A A^T, the fan-in in steps of 128
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -854,7 +853,7 @@ class FastFlat:
             progs = self._programs(chunk, subset)
             flat_noise_kernel[(progs.shape[0],)](
                 progs, self._meta, self._keys, self._std, buf,
-                W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, ROUNDS=self.rounds,
+                W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, T=_NOISE_CALLS, ROUNDS=self.rounds,
                 FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), ALIGNED=chunk.aligned, num_warps=_NOISE_WARPS,
             )
             return

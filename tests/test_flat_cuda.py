@@ -78,6 +78,10 @@ def test_standard_normal_grid_law_and_layout():
     assert abs(z.std().item() - 1) < 6 / math.sqrt(2 * z.numel())
     kurt = (z**4).mean().item() / z.var().item() ** 2
     assert abs(kurt - 3) < 0.05
+    # the tails: P(|z| > 3) = 0.0027; |z| is capped at sqrt(-2 ln(2^-21)) = 5.39 (20-bit radius uniforms)
+    tail = (z.abs() > 3).float().mean().item()
+    assert abs(tail - 0.0027) < 6 * math.sqrt(0.0027 / z.numel())
+    assert z.abs().max().item() <= math.sqrt(-2 * math.log(2.0**-21)) + 1e-5
     # a row's numbers depend on (key, row, column) only: not on how many rows or columns are drawn
     assert torch.equal(fc.standard_normal_grid(12345, 5, 1000, row_start=100), z[100:105])
     assert torch.equal(fc.standard_normal_grid(12345, 256, 300), z[:, :300])
