@@ -21,6 +21,8 @@ training step. Timed:
   cores, G = A A^T per layer) against the direct kernel they replaced (`direct_norm_kernel`), vs fp64.
 - rng: cheaper ways from Philox bits to normals (rng_variant_kernel: uniforms by integer ops, one 32-bit word
   per Box-Muller pair, sin/cos by polynomials) against the engine's noise pass and a copy floor, with the law of z.
+- grid: the engine's noise kernel with grids of k programs per multiprocessor striding over the program table,
+  against one program per table row; outputs compared bitwise.
 - aligned: direct_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
   in several program shapes, against the unhinted kernels; noise scales against an fp64 reference.
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
@@ -806,7 +808,8 @@ def sweep(arch, device, parts=("noise", "norms")):
                 for buf, p in zip(M.bufs, tabs):
                     args = (p, M.meta, M.keys, M.std, buf)
                     if kind == "engine":
-                        fc.flat_noise_kernel[(p.shape[0],)](*args, W_T=bf, ADD_W=add_w, BM=bm, T=t, ROUNDS=10,
+                        fc.flat_noise_kernel[(p.shape[0],)](p, p.shape[0], *args[1:], W_T=bf, ADD_W=add_w, BM=bm, T=t,
+                                                            ROUNDS=10,
                                                             FAST=not INTERPRET, WHILE_LOOPS=INTERPRET, ALIGNED=True,
                                                             num_warps=warps)
                     elif kind == "rows64":
@@ -831,6 +834,26 @@ def sweep(arch, device, parts=("noise", "norms")):
                                     "max_abs": zd.abs().max().item()}
                 print(arch, name, res[name]["law"], flush=True)
                 del z, zd
+    if "grid" in parts:
+        # the engine's noise kernel with fewer programs than table rows (program i takes rows i, i + grid, ...):
+        # grids of k programs per multiprocessor against one program per table row (a partly filled last wave)
+        M = Layers(arch, device, merge=True)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        for bm, t, warps in ((4, 32, 4), (4, 16, 2)):
+            tabs = M.tables(bm)
+            for per_sm in (None, 4, 8, 12, 16, 20, 24, 32):
+                def run(tabs=tabs, bm=bm, t=t, warps=warps, per_sm=per_sm):
+                    for buf, p in zip(M.bufs, tabs):
+                        grid = p.shape[0] if per_sm is None else min(p.shape[0], sms * per_sm)
+                        fc.flat_noise_kernel[(grid,)](p, p.shape[0], M.meta, M.keys, M.std, buf, W_T=bf, ADD_W=True,
+                                                      BM=bm, T=t, ROUNDS=10, FAST=not INTERPRET,
+                                                      WHILE_LOOPS=INTERPRET, ALIGNED=True, num_warps=warps)
+                if per_sm is None:
+                    run()
+                    torch.cuda.synchronize()
+                    ref = [b.clone() for b in M.bufs]
+                record(f"grid_engine_bm{bm}_t{t}_w{warps}_" + ("one_per_row" if per_sm is None else f"{per_sm}_per_sm"),
+                       run, ref, layers=M)
     return res
 
 
@@ -840,7 +863,7 @@ def main():
     ap.add_argument("--archs", default="sdxl,sd15")
     ap.add_argument("--parts", default="noise,norms,merged",
                     help="which launches to time: noise, norms, merged (noise pass in the engine's merged chunks), "
-                         "wat, aligned, rng")
+                         "wat, aligned, rng, grid")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
