@@ -21,8 +21,10 @@ training step. Timed:
   cores, G = A A^T per layer) against the direct kernel they replaced (`direct_norm_kernel`), vs fp64.
 - rng: cheaper ways from Philox bits to normals (rng_variant_kernel: uniforms by integer ops, one 32-bit word
   per Box-Muller pair, sin/cos by polynomials) against the engine's noise pass and a copy floor, with the law of z.
-- grid: the engine's noise kernel with grids of k programs per multiprocessor striding over the program table,
-  against one program per table row; outputs compared bitwise.
+- latency: the engine's noise tile with shorter dependency chains per program (Triton's pipelined column loop, two
+  tiles per iteration, one program per tile), outputs compared bitwise. (A part "grid", the engine's kernel with
+  k programs per multiprocessor striding over the program table, ran at commit cf26568:
+  results/rng_kernels/h200_grid_sweep.*.)
 - aligned: direct_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
   in several program shapes, against the unhinted kernels; noise scales against an fp64 reference.
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
@@ -459,6 +461,34 @@ def rng_contiguous_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: t
         tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
 
 
+
+@triton.jit
+def latency_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
+                   T: tl.constexpr, MODE: tl.constexpr, STAGES: tl.constexpr):
+    """The engine's noise tile (fc._noise_tile, ALIGNED) with less latency in a program's chain: MODE "stages":
+    the column loop software-pipelined by Triton (tl.range num_stages); "unroll2": two column tiles per
+    iteration; "colsplit": one program per (rows, 8 T columns) tile (program table [layer, r0, c0])."""
+    pid = tl.program_id(0)
+    cols_in_table: tl.constexpr = 3 if MODE == "colsplit" else 2
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, pid, cols_in_table, meta_ptr,
+                                                                         keys_ptr, out_ptr, W_T, BM, True)
+    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+    t = tl.arange(0, T)
+    j = tl.arange(0, 8)
+    zero = tl.zeros((BM, T), dtype=tl.uint32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    if MODE == "colsplit":
+        c0 = tl.multiple_of(tl.load(prog_ptr + 3 * pid + 2), 8 * T)
+        fc._noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, 10, True)
+    elif MODE == "unroll2":
+        for c0 in range(0, K, 16 * T):
+            fc._noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, 10, True)
+            fc._noise_tile(c0 + 8 * T, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, 10, True)
+    else:
+        for c0 in tl.range(0, K, 8 * T, num_stages=STAGES):
+            fc._noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, 10, True)
+
+
 class Layers:
     """Random layers of one architecture, in chunks, with the meta table of flat_cuda."""
 
@@ -808,8 +838,7 @@ def sweep(arch, device, parts=("noise", "norms")):
                 for buf, p in zip(M.bufs, tabs):
                     args = (p, M.meta, M.keys, M.std, buf)
                     if kind == "engine":
-                        fc.flat_noise_kernel[(p.shape[0],)](p, p.shape[0], *args[1:], W_T=bf, ADD_W=add_w, BM=bm, T=t,
-                                                            ROUNDS=10,
+                        fc.flat_noise_kernel[(p.shape[0],)](*args, W_T=bf, ADD_W=add_w, BM=bm, T=t, ROUNDS=10,
                                                             FAST=not INTERPRET, WHILE_LOOPS=INTERPRET, ALIGNED=True,
                                                             num_warps=warps)
                     elif kind == "rows64":
@@ -834,26 +863,33 @@ def sweep(arch, device, parts=("noise", "norms")):
                                     "max_abs": zd.abs().max().item()}
                 print(arch, name, res[name]["law"], flush=True)
                 del z, zd
-    if "grid" in parts:
-        # the engine's noise kernel with fewer programs than table rows (program i takes rows i, i + grid, ...):
-        # grids of k programs per multiprocessor against one program per table row (a partly filled last wave)
+    if "latency" in parts:
+        # shorter dependency chains per program: Triton's pipelined column loop, two tiles per iteration, one
+        # program per tile; outputs compared bitwise with the engine's kernel
         M = Layers(arch, device, merge=True)
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        for bm, t, warps in ((4, 32, 4), (4, 16, 2)):
-            tabs = M.tables(bm)
-            for per_sm in (None, 4, 8, 12, 16, 20, 24, 32):
-                def run(tabs=tabs, bm=bm, t=t, warps=warps, per_sm=per_sm):
-                    for buf, p in zip(M.bufs, tabs):
-                        grid = p.shape[0] if per_sm is None else min(p.shape[0], sms * per_sm)
-                        fc.flat_noise_kernel[(grid,)](p, p.shape[0], M.meta, M.keys, M.std, buf, W_T=bf, ADD_W=True,
-                                                      BM=bm, T=t, ROUNDS=10, FAST=not INTERPRET,
-                                                      WHILE_LOOPS=INTERPRET, ALIGNED=True, num_warps=warps)
-                if per_sm is None:
-                    run()
-                    torch.cuda.synchronize()
-                    ref = [b.clone() for b in M.bufs]
-                record(f"grid_engine_bm{bm}_t{t}_w{warps}_" + ("one_per_row" if per_sm is None else f"{per_sm}_per_sm"),
-                       run, ref, layers=M)
+        ref = []
+        for mode, bm, t, warps, stages in (("engine", 4, 32, 4, 0), ("stages", 4, 32, 4, 1), ("stages", 4, 32, 4, 2),
+                                           ("stages", 4, 32, 4, 3), ("unroll2", 4, 32, 4, 0),
+                                           ("unroll2", 4, 16, 2, 0), ("colsplit", 4, 32, 4, 0),
+                                           ("colsplit", 8, 32, 8, 0), ("colsplit", 2, 32, 2, 0),
+                                           ("colsplit", 4, 16, 2, 0)):
+            tabs = M.tables(bm, 8 * t if mode == "colsplit" else None)
+
+            def run(tabs=tabs, mode=mode, bm=bm, t=t, warps=warps, stages=stages):
+                for buf, p in zip(M.bufs, tabs):
+                    if mode == "engine":
+                        fc.flat_noise_kernel[(p.shape[0],)](p, M.meta, M.keys, M.std, buf, W_T=bf, ADD_W=True,
+                                                            BM=bm, T=t, ROUNDS=10, FAST=True, WHILE_LOOPS=False,
+                                                            ALIGNED=True, num_warps=warps)
+                    else:
+                        latency_kernel[(p.shape[0],)](p, M.meta, M.keys, M.std, buf, W_T=bf, BM=bm, T=t, MODE=mode,
+                                                      STAGES=stages, num_warps=warps)
+            name = f"latency_{mode}_bm{bm}_t{t}_w{warps}" + (f"_s{stages}" if mode == "stages" else "")
+            record(name, run, ref or None, layers=M)
+            if not ref and "error" not in res[name]:
+                run()
+                torch.cuda.synchronize()
+                ref[:] = [b.clone() for b in M.bufs]
     return res
 
 
@@ -863,7 +899,7 @@ def main():
     ap.add_argument("--archs", default="sdxl,sd15")
     ap.add_argument("--parts", default="noise,norms,merged",
                     help="which launches to time: noise, norms, merged (noise pass in the engine's merged chunks), "
-                         "wat, aligned, rng, grid")
+                         "wat, aligned, rng, latency")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

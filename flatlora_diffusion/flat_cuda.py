@@ -284,30 +284,8 @@ if triton is not None:
         return m, K, w_base, out_base, key, rows, rmask, rows.to(tl.int64)
 
     @triton.jit
-    def _noise_rows(prog_ptr, p, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, ADD_W: tl.constexpr,
-                    BM: tl.constexpr, T: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr,
-                    WHILE_LOOPS: tl.constexpr, ALIGNED: tl.constexpr):
-        """Row p of the program table: its BM rows of one layer, all columns, 8 T at a time."""
-        m, K, w_base, out_base, key, rows, rmask, rows64 = _program_rows(
-            prog_ptr, p, 2, meta_ptr, keys_ptr, out_ptr, W_T, BM, ALIGNED)
-        std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
-        t = tl.arange(0, T)
-        j = tl.arange(0, 8)
-        zero = tl.zeros((BM, T), dtype=tl.uint32)
-        ctr1 = rows.to(tl.uint32)[:, None] + zero
-        if WHILE_LOOPS:
-            c0 = K * 0
-            while c0 < K:
-                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
-                c0 += 8 * T
-        else:
-            for c0 in range(0, K, 8 * T):
-                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
-
-    @triton.jit
     def flat_noise_kernel(
         prog_ptr,  # int32 [P, 2]: layer (row of meta), first row
-        n_progs,  # P
         meta_ptr,  # int64 [L, 9]: W addr, A addr, B addr, K, R, out offset, std offset, key index, rows
         keys_ptr,  # int64 [n layers of the engine]
         std_ptr,  # fp32 [total rows]
@@ -321,21 +299,25 @@ if triton is not None:
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
         ALIGNED: tl.constexpr = False,  # see _fan_in
     ):
-        """out[rows, :] = W + std_row * z (ADD_W) or std_row * z for the rows of the program table: program i
-        takes table rows i, i + grid, ... (a grid smaller than the table, sized to the multiprocessors, has no
-        partly filled last wave). Each table row: BM rows of one layer, all columns, few rows and a loop over the
-        columns (benchmarks/noise_kernel_sweep.py: 4 rows x 32 calls of 8 columns, 4 warps, was the fastest of
-        the shapes tried for this layout)."""
-        p = tl.program_id(0)
+        """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
+        Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
+        memory system busy while others run Philox rounds (benchmarks/noise_kernel_sweep.py: 4 rows x 32 calls
+        of 8 columns, 4 warps, was the fastest of the shapes tried for this layout)."""
+        m, K, w_base, out_base, key, rows, rmask, rows64 = _program_rows(
+            prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, out_ptr, W_T, BM, ALIGNED)
+        std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+        t = tl.arange(0, T)
+        j = tl.arange(0, 8)
+        zero = tl.zeros((BM, T), dtype=tl.uint32)
+        ctr1 = rows.to(tl.uint32)[:, None] + zero
         if WHILE_LOOPS:
-            while p < n_progs:
-                _noise_rows(prog_ptr, p, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, ADD_W, BM, T, ROUNDS, FAST,
-                            WHILE_LOOPS, ALIGNED)
-                p += tl.num_programs(0)
+            c0 = K * 0
+            while c0 < K:
+                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+                c0 += 8 * T
         else:
-            for q in range(p, n_progs, tl.num_programs(0)):
-                _noise_rows(prog_ptr, q, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, ADD_W, BM, T, ROUNDS, FAST,
-                            WHILE_LOOPS, ALIGNED)
+            for c0 in range(0, K, 8 * T):
+                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
 
     @triton.jit
     def _gram_tile(k0, K, rr64, rmask_r, a_base, g, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -498,8 +480,6 @@ def _tl_dtype(dtype: torch.dtype):
 # program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200 with vectorised accesses
 # (benchmarks/results/aligned_kernels/)
 _NOISE_ROWS, _NOISE_CALLS, _NOISE_WARPS = 4, 32, 4  # a noise program: 4 rows, all columns in steps of 8 x 32
-_NOISE_PROGRAMS_PER_SM = 16  # noise launches have at most this many programs per multiprocessor (see the kernel)
-_INTERPRETED_NOISE_GRID = 3  # in Triton's interpreter: fewer programs than table rows, so the tests run the stride
 _NORM_ROWS, _NORM_COLS, _NORM_WARPS = 64, 64, 4  # a noise-scale program: 64 rows, the fan-in in steps of 64
 _GRAM_COLS, _GRAM_WARPS = 128, 4  # a Gram program: one layer's A A^T, the fan-in in steps of 128
 _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -685,10 +665,6 @@ class FastFlat:
         if kernels == "triton" and (triton is None or (self.device.type != "cuda" and not _interpreting())):
             raise RuntimeError("Triton kernels need Triton and CUDA tensors (or TRITON_INTERPRET=1)")
         self._use_triton = kernels == "triton"
-        self._noise_grid = _INTERPRETED_NOISE_GRID
-        if self.device.type == "cuda":
-            self._noise_grid = torch.cuda.get_device_properties(self.device).multi_processor_count \
-                * _NOISE_PROGRAMS_PER_SM
         dev = self.device
         self.fast_layers: list[_FastLayer] = []
         total_rows = 0
@@ -875,8 +851,8 @@ class FastFlat:
         self.generations += 1
         if self._use_triton:
             progs = self._programs(chunk, subset)
-            flat_noise_kernel[(min(progs.shape[0], self._noise_grid),)](
-                progs, progs.shape[0], self._meta, self._keys, self._std, buf,
+            flat_noise_kernel[(progs.shape[0],)](
+                progs, self._meta, self._keys, self._std, buf,
                 W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, T=_NOISE_CALLS, ROUNDS=self.rounds,
                 FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), ALIGNED=chunk.aligned, num_warps=_NOISE_WARPS,
             )
