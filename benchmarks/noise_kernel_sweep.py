@@ -426,19 +426,26 @@ def rows64_noise_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.
 
 
 @triton.jit
+def _contiguous_setup(prog_ptr, pid, PROG_COLS: tl.constexpr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr,
+                      BM: tl.constexpr, T: tl.constexpr, ALIGNED: tl.constexpr):
+    """What a program of [BM rows, T calls, 8 columns] tiles needs (as the engine's flat_noise_kernel sets it up)."""
+    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, pid, PROG_COLS, meta_ptr, keys_ptr,
+                                                                         out_ptr, W_T, BM, ALIGNED)
+    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
+    zero = tl.zeros((BM, T), dtype=tl.uint32)
+    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    return K, key, tl.arange(0, T), tl.arange(0, 8), ctr1, zero, rows64, rmask, std, w_base, out_base
+
+
+@triton.jit
 def rng_contiguous_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.constexpr, BM: tl.constexpr,
                           T: tl.constexpr, ADD_W: tl.constexpr, GEN: tl.constexpr, SINCOS: tl.constexpr,
                           ALIGNED: tl.constexpr):
-    """Each thread one Philox call -> 8 normals -> 8 consecutive columns (16-byte loads and stores): call
-    (c0 = col // 8, c1 = row), pair p of its words -> columns 8 (col // 8) + 2 p, + 1. Tiles of BM rows x T calls
-    (8 T columns) over all columns. GEN "copy": the same programs without the generator (the floor)."""
-    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, tl.program_id(0), 2, meta_ptr,
-                                                                         keys_ptr, out_ptr, W_T, BM, ALIGNED)
-    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
-    t = tl.arange(0, T)
-    j = tl.arange(0, 8)
-    zero = tl.zeros((BM, T), dtype=tl.uint32)
-    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    """Each thread one Philox call (c0 = col // 8, c1 = row) -> 8 normals -> 8 consecutive columns (16-byte loads
+    and stores; the prototype of the engine's layout, its order of the 8 columns within a call differs). Tiles of
+    BM rows x T calls (8 T columns) over all columns. GEN "copy": the same programs without the generator."""
+    K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base = _contiguous_setup(
+        prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, BM, T, ALIGNED)
     for c0 in range(0, K, 8 * T):
         cols = c0 + 8 * t[None, :, None] + j[None, None, :]
         off = rows64[:, None, None] * K + cols
@@ -470,13 +477,8 @@ def latency_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.const
     iteration; "colsplit": one program per (rows, 8 T columns) tile (program table [layer, r0, c0])."""
     pid = tl.program_id(0)
     cols_in_table: tl.constexpr = 3 if MODE == "colsplit" else 2
-    m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, pid, cols_in_table, meta_ptr,
-                                                                         keys_ptr, out_ptr, W_T, BM, True)
-    std = tl.load(std_ptr + tl.load(m + 6) + rows64, mask=rmask, other=0.0)
-    t = tl.arange(0, T)
-    j = tl.arange(0, 8)
-    zero = tl.zeros((BM, T), dtype=tl.uint32)
-    ctr1 = rows.to(tl.uint32)[:, None] + zero
+    K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base = _contiguous_setup(
+        prog_ptr, pid, cols_in_table, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T, BM, T, True)
     if MODE == "colsplit":
         c0 = tl.multiple_of(tl.load(prog_ptr + 3 * pid + 2), 8 * T)
         fc._noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, 10, True)
