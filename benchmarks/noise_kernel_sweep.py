@@ -258,7 +258,7 @@ def fused_kernel(prog_ptr, meta_ptr, keys_ptr, scale_ptr, sigma_ptr, std_ptr, ou
     j = tl.arange(0, 8)
     zero = tl.zeros((BM, 32), dtype=tl.uint32)
     ctr1 = rows.to(tl.uint32)[:, None] + zero
-    for c0 in range(0, K, 256):  # the engine's noise tile (since commit "one Philox word per Box-Muller pair")
+    for c0 in range(0, K, 256):  # the engine's noise tile (since commit a05b424)
         fc._noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, True, ROUNDS, True)
 
 
@@ -312,7 +312,7 @@ def _unit_interval_bits(bits, SHIFT: tl.constexpr):
 @triton.jit
 def _normal_pair_bits(b1, b2, FAST_UNIFORM: tl.constexpr):
     """Box-Muller of two 32-bit words (24-bit uniforms), fast lg2 / cos / sin: the engine's generator before
-    commit "one Philox word per Box-Muller pair"; FAST_UNIFORM: 23-bit uniforms made with integer ops."""
+    commit a05b424; FAST_UNIFORM: 23-bit uniforms made with integer ops."""
     if FAST_UNIFORM:  # 23-bit uniforms: u1 = j / 2^23 in (0, 1], theta = (j + 0.5) / 2^23 * 2 pi - pi
         u1 = 2.0 - _unit_interval_bits(b1 >> 9, 0)
         th = _unit_interval_bits(b2 >> 9, 0) * 6.283185307179586 - 9.424777586262351
@@ -364,10 +364,11 @@ def rows64_noise_kernel(prog_ptr, meta_ptr, keys_ptr, std_ptr, out_ptr, W_T: tl.
                         ADD_W: tl.constexpr, GEN: tl.constexpr, SINCOS: tl.constexpr, ROUNDS: tl.constexpr = 10,
                         ALIGNED: tl.constexpr = False):
     """W + std * z over all columns of BM rows in [BM, 64] tiles, z from:
-    GEN "philox24": the engine's kernel before commit "one Philox word per Box-Muller pair" (4 normals per
-    Philox call from 24-bit uniforms; per 256 columns, output j of call t -> column 64 j + t), bit for bit;
+    GEN "philox24": the engine's kernel before commit a05b424 (4 normals per Philox call from 24-bit uniforms;
+    per 256 columns, output j of call t -> column 64 j + t), the same code (its eps over all SDXL draws has the
+    previous engine kernel's mean, std, kurtosis and max to every printed digit: results/rng_kernels/);
     GEN "copy": z = 0 (std * 0 + W: the memory floor of these programs);
-    GEN "pairs2": 4 normals per Philox call, 24-bit uniforms made with integer ops (the engine's stream);
+    GEN "pairs2": as philox24 with 23-bit uniforms made with integer ops;
     GEN "pairs4": 8 normals per Philox call, one word per Box-Muller pair (_normal_pair_word); per 256 columns,
     32 calls, pair p of call t -> columns 64 p + 2 t, 64 p + 2 t + 1 (joined in registers)."""
     m, K, w_base, out_base, key, rows, rmask, rows64 = fc._program_rows(prog_ptr, tl.program_id(0), 2, meta_ptr,
