@@ -9,26 +9,29 @@ One "pass" = W + eps for every perturbed layer, one launch per transformer block
 chunking; the "merged" part times its current one), the launches captured in a CUDA graph as in the graphed
 training step. Timed:
 - noise: the first kernel of the project (16 rows x 256 columns per program, W loaded after the Philox rounds;
-  kept here as `legacy_kernel`), flat_cuda.flat_noise_kernel in several program shapes, another column layout,
-  a fused noise-scale + noise kernel; each output compared bitwise with the first kernel's where the layout is
+  kept here as `legacy_kernel`), the engine's kernel until commit a05b424 (`rows64_noise_kernel`, GEN
+  "philox24") in several program shapes, another column layout, a fused noise-scale + noise kernel (the engine's
+  noise tile now); each output compared bitwise with the first kernel's where the layout is
   the same. Floors: a copy kernel with the same grid (reads W, writes the buffer) and a store-only variant.
 - norms: the direct noise-scale kernel (`direct_norm_kernel`, all layers in one launch, unhinted) and the
   expansion variants first tried (`norm_kernel_expansion`, also with SPLIT_BF16; slow before ALIGNED existed),
   with the largest relative difference of their noise scales.
-- merged: the copy floor and flat_noise_kernel with consecutive blocks of one width sharing a launch, as the
+- merged: the copy floor and the kernel until a05b424 with consecutive blocks of one width sharing a launch, as the
   engine's chunks do now (blocks of one family, up to the largest block's size).
 - wat: the engine's noise scales (flat_gram_kernel + flat_norm_kernel: the cached ||W_i||^2, W A^T on tensor
   cores, G = A A^T per layer) against the direct kernel they replaced (`direct_norm_kernel`), vs fp64.
-- rng: cheaper ways from Philox bits to normals (rng_variant_kernel: uniforms by integer ops, one 32-bit word
-  per Box-Muller pair, sin/cos by polynomials) against the engine's noise pass and a copy floor, with the law of z.
+- rng: cheaper ways from Philox bits to normals (`rows64_noise_kernel`, `rng_contiguous_kernel`: uniforms by
+  integer ops, one 32-bit word per Box-Muller pair, sin/cos by polynomials, 8 consecutive columns per thread)
+  against the engine's noise pass (flat_cuda.flat_noise_kernel) and copy floors, merged chunks or one launch for
+  all layers, with the law of z.
 - latency: the engine's noise tile with shorter dependency chains per program (Triton's pipelined column loop, two
   tiles per iteration, one program per tile), outputs compared bitwise. (A part "grid", the engine's kernel with
   k programs per multiprocessor striding over the program table, ran at commit cf26568:
   results/rng_kernels/h200_grid_sweep.*.)
-- aligned: direct_norm_kernel and flat_noise_kernel (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
+- aligned: direct_norm_kernel and the noise kernel until a05b424 (merged chunks) with ALIGNED, i.e. vectorised loads and stores,
   in several program shapes, against the unhinted kernels; noise scales against an fp64 reference.
 Prints and writes JSON. Results: benchmarks/results/h200_noise_kernel_sweep.*, h200_norm_kernel_expansion.*,
-h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*, aligned_kernels/.
+h200_norm_shapes_and_merged_chunks.*, h200_norm_kernel_bf16x2.*, aligned_kernels/, rng_kernels/.
 """
 
 from __future__ import annotations
