@@ -376,16 +376,15 @@ def kernel_times_us(fn) -> dict:
     return out
 
 
-def kernel_time_ms(fn) -> float | None:
-    """Sum of device time of all GPU activities of one call."""
-    total = sum(us for _, us in kernel_times_us(fn).values())
+def kernel_ms(times_us: dict) -> float | None:
+    """Sum of device time of all GPU activities (kernel_times_us of one call), in ms."""
+    total = sum(us for _, us in times_us.values())
     return total / 1e3 if total > 0 else None
 
 
-def kernel_time_difference(lora_fn, flat_fn, top: int = 30) -> list:
-    """Where Flat-LoRA's extra kernel time goes: per activity name, flat - lora device time and counts, the
-    `top` largest absolute differences first."""
-    a, b = kernel_times_us(lora_fn), kernel_times_us(flat_fn)
+def kernel_time_difference(a: dict, b: dict, top: int = 30) -> list:
+    """Where Flat-LoRA's extra kernel time goes, from kernel_times_us of a LoRA (a) and a Flat-LoRA (b) step:
+    per activity name, flat - lora device time and counts, the `top` largest absolute differences first."""
     rows = [{"kernel": k[:160], "lora_n": a.get(k, (0, 0))[0], "flat_n": b.get(k, (0, 0))[0],
              "lora_us": round(a.get(k, (0, 0))[1], 1), "flat_us": round(b.get(k, (0, 0))[1], 1),
              "diff_us": round(b.get(k, (0, 0))[1] - a.get(k, (0, 0))[1], 1)} for k in set(a) | set(b)]
@@ -492,7 +491,7 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
             out["eager"]["flat_chunks"] = len(eng.chunks)
         if device.type == "cuda":
             for k in fns:
-                out["eager"][k]["kernel_ms"] = kernel_time_ms(fns[k])
+                out["eager"][k]["kernel_ms"] = kernel_ms(kernel_times_us(fns[k]))
             out["eager"]["flops"] = step_flops(fns["lora"])
     if "eager" not in modes and device.type == "cuda":
         result["flops"] = step_flops(caller(steps["lora"]))
@@ -507,9 +506,10 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
                 torch.cuda.synchronize()
                 out.setdefault("graph", {})[f"{k}_capture_s"] = time.perf_counter() - t0
             out["graph"].update(time_variants(fns, n, warm, device))
+            times = {k: kernel_times_us(fns[k]) for k in fns}  # one profiled step per variant serves both
             for k in fns:
-                out["graph"][k]["kernel_ms"] = kernel_time_ms(fns[k])
-            out["graph"]["kernel_difference"] = kernel_time_difference(fns["lora"], fns["flat"])
+                out["graph"][k]["kernel_ms"] = kernel_ms(times[k])
+            out["graph"]["kernel_difference"] = kernel_time_difference(times["lora"], times["flat"])
             for row in out["graph"]["kernel_difference"][:12]:
                 print(f"  flat - lora {row['diff_us']:8.1f} us  n {row['lora_n']}/{row['flat_n']}  {row['kernel'][:90]}",
                       flush=True)
