@@ -431,16 +431,19 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
                 h0 = time.perf_counter()
                 fns[name]()
                 res[name]["ms"].append((time.perf_counter() - h0) * 1e3)
-    pair = [f / p for f, p in zip(res["flat"]["ms"], res["lora"]["ms"])]
     out = {k: {"median_ms": statistics.median(v["ms"]), "min_ms": min(v["ms"]), "max_ms": max(v["ms"]),
                "median_host_ms": statistics.median(v["host_ms"]) if v["host_ms"] else None,
                "peak_gib": v["peak"] / 2**30, "all_ms": v["ms"]} for k, v in res.items()}
-    out["ratio_paired_median"] = statistics.median(pair)
-    out["ratio_of_medians"] = out["flat"]["median_ms"] / out["lora"]["median_ms"]
+    for k in names:  # "flat", and "flat_serial" where it ran: each against the LoRA step timed beside it
+        if k != "lora":
+            suffix = "" if k == "flat" else "_" + k
+            pair = [f / p for f, p in zip(res[k]["ms"], res["lora"]["ms"])]
+            out["ratio_paired_median" + suffix] = statistics.median(pair)
+            out["ratio_of_medians" + suffix] = out[k]["median_ms"] / out["lora"]["median_ms"]
     return out
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm):
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare_serial=False):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -485,9 +488,10 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
         out["eager"] = time_variants(fns, n, warm, device)
         eng = flat.fast_engine()
         if eng is not None:
-            g0 = eng.generations
+            g0, h0 = eng.generations, eng.prefetcher.hits
             fns["flat"]()
             out["eager"]["flat_generations_per_step"] = eng.generations - g0
+            out["eager"]["flat_prefetched_per_step"] = eng.prefetcher.hits - h0
             out["eager"]["flat_chunks"] = len(eng.chunks)
         if device.type == "cuda":
             for k in fns:
@@ -498,13 +502,24 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
     if "graph" in modes and device.type == "cuda":
         try:
             pool = torch.cuda.graph_pool_handle()
-            graphed = {k: fc.GraphedTrainStep(v, pool=pool) for k, v in steps.items()}
+            variants = dict(steps)
+            eng = flat.fast_engine()
+            if compare_serial and eng is not None:  # the same step captured without prefetch (flat_prefetch)
+                variants["flat_serial"] = steps["flat"]
+            graphed = {k: fc.GraphedTrainStep(v, pool=pool) for k, v in variants.items()}
             fns = {k: caller(v) for k, v in graphed.items()}
             for k in fns:  # capture (counted apart from the timed steps)
+                if eng is not None:
+                    eng.prefetcher.enabled = k != "flat_serial"
+                    h0 = eng.prefetcher.hits
                 t0 = time.perf_counter()
                 fns[k]()
                 torch.cuda.synchronize()
                 out.setdefault("graph", {})[f"{k}_capture_s"] = time.perf_counter() - t0
+                if eng is not None and k != "lora":
+                    out["graph"][f"{k}_prefetched_in_capture"] = eng.prefetcher.hits - h0
+            if eng is not None:
+                eng.prefetcher.enabled = True
             out["graph"].update(time_variants(fns, n, warm, device))
             times = {k: kernel_times_us(fns[k]) for k in fns}  # one profiled step per variant serves both
             for k in fns:
@@ -644,9 +659,12 @@ def table(results: list[dict]) -> str:
             def f(x, fmt="{:.1f}"):
                 return fmt.format(x) if x is not None else "n/a"
 
+            serial = m.get("ratio_paired_median_flat_serial")
+            serial = f" (no prefetch {serial:.3f})" if serial is not None else ""
+
             lines.append(
                 f"| {r['arch']} | {r['targets']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {mode} | "
-                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f} | {f(lk)} | {f(fk)} | "
+                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f}{serial} | {f(lk)} | {f(fk)} | "
                 f"{f(fk / lk if lk and fk else None, '{:.3f}')} | {f(lo['median_ms'] / lk if lk else None, '{:.2f}')} | "
                 f"{mem_l:.2f} | {mem_f:.2f} | {f(mem_f / mem_l if mem_l else None, '{:.4f}')} | {f(mfu * 100 if mfu else None, '{:.1f}%')} |")
     return "\n".join(lines)
@@ -668,6 +686,8 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--merge", nargs="*", help="JSON files of earlier runs to merge into one table")
+    ap.add_argument("--compare-serial", action="store_true",
+                    help="graph mode also times Flat-LoRA captured without prefetching (flat_serial)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -729,7 +749,7 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm)
+                                       modes, args.n, args.warm, args.compare_serial)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .flat import FlatLayer, FlatLoRA, noisy_forward, patched_forwards
+from .flat_prefetch import GenerationKey, GenerationPrefetcher
 
 # ---------------------------------------------------------------------------------------------------------
 # keys: flat.noise_key, for many layers at once, on the device, from tensors
@@ -191,6 +192,9 @@ except Exception:  # pragma: no cover - no Triton on this machine
     triton = None
 
 
+_STREAMING = os.environ.get("FLATLORA_STREAMING", "1") == "1"  # EXPERIMENT
+
+
 def triton_available() -> bool:
     return triton is not None
 
@@ -219,7 +223,7 @@ if triton is not None:
 
     @triton.jit
     def _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base,
-                    ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr):
+                    ADD_W: tl.constexpr, ROUNDS: tl.constexpr, FAST: tl.constexpr, STREAMING: tl.constexpr):
         """Columns c0 .. c0 + 8 T - 1 of the program's rows as a [rows, T calls, 8] tile: one Philox call per
         thread and 8 consecutive columns (16-byte loads and stores with ALIGNED). W is loaded before the Philox
         rounds, so its latency hides behind the arithmetic."""
@@ -227,7 +231,10 @@ if triton is not None:
         off = rows64[:, None, None] * K + cols
         msk = rmask[:, None, None] & (cols < K)
         if ADD_W:
-            w = tl.load(w_base + off, mask=msk, other=0.0).to(tl.float32)
+            if STREAMING:
+                w = tl.load(w_base + off, mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            else:
+                w = tl.load(w_base + off, mask=msk, other=0.0).to(tl.float32)
         ctr0 = (c0 // 8 + t).to(tl.uint32)[None, :] + zero
         i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
         a1, b1 = _normal_pair_tl(i1, FAST)
@@ -240,7 +247,10 @@ if triton is not None:
         v = std[:, None, None] * tl.reshape(z, (z.shape[0], z.shape[1], 8))
         if ADD_W:
             v = v + w
-        tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
+        if STREAMING:
+            tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk, cache_modifier=".cs")
+        else:
+            tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
 
     @triton.jit
     def _fan_in(m, ALIGNED: tl.constexpr):
@@ -298,6 +308,7 @@ if triton is not None:
         FAST: tl.constexpr,
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
         ALIGNED: tl.constexpr = False,  # see _fan_in
+        STREAMING: tl.constexpr = False,
     ):
         """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
         Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
@@ -313,11 +324,13 @@ if triton is not None:
         if WHILE_LOOPS:
             c0 = K * 0
             while c0 < K:
-                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST,
+                            STREAMING)
                 c0 += 8 * T
         else:
             for c0 in range(0, K, 8 * T):
-                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST)
+                _noise_tile(c0, K, key, t, j, ctr1, zero, rows64, rmask, std, w_base, out_base, ADD_W, ROUNDS, FAST,
+                            STREAMING)
 
     @triton.jit
     def _gram_tile(k0, K, rr64, rmask_r, a_base, g, BK: tl.constexpr, PRECISION: tl.constexpr):
@@ -362,12 +375,16 @@ if triton is not None:
 
     @triton.jit
     def _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK: tl.constexpr,
-                 SPLIT_BF16: tl.constexpr):
+                 SPLIT_BF16: tl.constexpr, STREAMING: tl.constexpr):
         """acc += W[rows, k0:k0+BK] A[:, k0:k0+BK]^T on tensor cores. SPLIT_BF16 (W in bf16): A = A_hi + A_lo,
         both bf16, two bf16 dots (W exact, A to ~16 bits); else one tf32 dot."""
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
-        w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        if STREAMING:
+            w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0,
+                        eviction_policy="evict_first")
+        else:
+            w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
         at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :],
                      other=0.0).to(tl.float32)
         if SPLIT_BF16:
@@ -414,6 +431,7 @@ if triton is not None:
         WHILE_LOOPS: tl.constexpr,  # the interpreter cannot run range() over a loaded bound
         ALIGNED: tl.constexpr = False,  # every fan-in a multiple of 16, W and A 16-byte aligned (see _fan_in)
         SPLIT_BF16: tl.constexpr = False,  # see _wa_tile (W in bf16; Triton's interpreter cannot run it)
+        STREAMING: tl.constexpr = False,
     ):
         """std_row = sigma_t * ||W_i + s (B A)_i|| / sqrt(K) for BM rows of one layer, from the expansion
         ||W_i||^2 + 2 (s b_i).(W_i A^T) + (s b_i) G (s b_i)^T: the loop only forms W A^T (a BM x RP accumulator
@@ -426,11 +444,11 @@ if triton is not None:
         if WHILE_LOOPS:
             k0 = K * 0
             while k0 < K:
-                acc = _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK, SPLIT_BF16)
+                acc = _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK, SPLIT_BF16, STREAMING)
                 k0 += BK
         else:
             for k0 in range(0, K, BK):
-                acc = _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK, SPLIT_BF16)
+                acc = _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK, SPLIT_BF16, STREAMING)
         b = tl.load(b_base + rows64[:, None] * R + rr[None, :], mask=rmask[:, None] & rmask_r[None, :], other=0.0)
         b = b.to(tl.float32) * s
         g = tl.load(gram_ptr + lay * RP * RP + rr[:, None] * RP + rr[None, :])
@@ -639,11 +657,12 @@ class FastFlat:
     """
 
     def __init__(self, flat: FlatLoRA, kernels: str = "auto", rounds: int = PHILOX_ROUNDS,
-                 max_chunk_numel: int = 1 << 24):
+                 max_chunk_numel: int = 1 << 24, prefetch: bool | None = None):
         if kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be auto, triton or torch, got {kernels!r}")
         self.flat = flat
         self.kernels = kernels
+        self.prefetch = prefetch  # flat_prefetch; None: EXPERIMENT
         self.rounds = int(rounds)
         self.max_chunk_numel = int(max_chunk_numel)
         self.device = None
@@ -687,6 +706,8 @@ class FastFlat:
         self._rank = int(self.flat.rank)
         self._rank_t = torch.tensor(self._rank, dtype=torch.int64, device=dev)
         self.chunks = [_Chunk(run, i) for i, run in enumerate(_chunk_runs(self.fast_layers, self.max_chunk_numel))]
+        prefetch = self.prefetch if self.prefetch is not None else os.environ.get("FLATLORA_PREFETCH") == "1"
+        self.prefetcher = GenerationPrefetcher(self._allocate, self._launch, dev, enabled=prefetch)
         self._built = True
 
     def _refresh(self) -> None:
@@ -772,6 +793,7 @@ class FastFlat:
             self._build()
         self._refresh()
         self._live.clear()
+        self.prefetcher.begin_step()
         for t, v in ((self._step_t, step), (self._micro_t, micro_step)):
             if torch.is_tensor(v):
                 t.copy_(v.reshape(()))
@@ -810,6 +832,7 @@ class FastFlat:
                     W_T=_tl_dtype(g.w_dtype), AB_T=_tl_dtype(g.ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=g.rp,
                     WHILE_LOOPS=interpreting, ALIGNED=g.aligned,
                     SPLIT_BF16=g.w_dtype == torch.bfloat16 and not interpreting, num_warps=_NORM_WARPS,
+                    STREAMING=_STREAMING and not interpreting,
                 )
         for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
@@ -823,6 +846,8 @@ class FastFlat:
                 std.copy_(self._sigma_t * torch.sqrt((v * v).sum(1) / fl.cols))
 
     def end_step(self) -> None:
+        if self._built:
+            self.prefetcher.end_step()
         self._live.clear()
 
     def perturbed_weight(self, fl: _FastLayer, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
@@ -837,8 +862,7 @@ class FastFlat:
                 if len(subset) == len(chunk.layers):
                     subset = None
             self._live.pop(dtype, None)  # the previous chunk's temporary is free before the next one is allocated
-            buf = torch.empty(chunk.numel, dtype=dtype, device=self.device)
-            self._generate(chunk, buf, add_w=True, subset=subset)
+            buf = self.prefetcher.take(GenerationKey(fl.chunk, subset, dtype, backward))
             live = (fl.chunk, buf, subset, {})
             self._live[dtype] = live
         views = live[3]  # a layer asks again in backward: its view of the buffer is made once per generation
@@ -846,6 +870,17 @@ class FastFlat:
         if view is None:
             view = views[fl.local] = live[1][fl.offset: fl.offset + fl.numel].view(fl.weight.shape)
         return view
+
+    def _allocate(self, key: GenerationKey) -> torch.Tensor:
+        """An empty buffer for a generation, on the current stream; its launch table is made here too, so that
+        nothing is allocated on the prefetcher's side stream."""
+        chunk = self.chunks[key.chunk]
+        if self._use_triton:
+            self._programs(chunk, key.subset)
+        return torch.empty(chunk.numel, dtype=key.dtype, device=self.device)
+
+    def _launch(self, key: GenerationKey, buf: torch.Tensor) -> None:
+        self._generate(self.chunks[key.chunk], buf, add_w=True, subset=key.subset)
 
     def _generate(self, chunk: _Chunk, buf: torch.Tensor, add_w: bool, subset=None) -> None:
         self.generations += 1
@@ -855,6 +890,7 @@ class FastFlat:
                 progs, self._meta, self._keys, self._std, buf,
                 W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, T=_NOISE_CALLS, ROUNDS=self.rounds,
                 FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), ALIGNED=chunk.aligned, num_warps=_NOISE_WARPS,
+                STREAMING=_STREAMING and not _interpreting(),
             )
             return
         for fl in chunk.layers:
@@ -1032,7 +1068,11 @@ class GraphedTrainStep:
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.gen)
-        with torch.cuda.graph(graph, pool=self.pool):
+        # captured on a stream of the highest priority, which the graph's kernel nodes keep (torch instantiates
+        # graphs with per-node priorities): the Flat-LoRA prefetch, on a side stream of the default (lowest)
+        # priority, then only takes the SMs the step's own kernels leave free
+        capture_stream = torch.cuda.Stream(self.device, priority=-100)
+        with torch.cuda.graph(graph, pool=self.pool, stream=capture_stream):
             loss = self._body(static)
         return graph, static, loss
 
