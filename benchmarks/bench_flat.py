@@ -26,6 +26,8 @@ makes the exit status 1 (after the results are written) and is printed as FAIL.
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import json
 import math
 import platform
@@ -434,7 +436,7 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
     out = {k: {"median_ms": statistics.median(v["ms"]), "min_ms": min(v["ms"]), "max_ms": max(v["ms"]),
                "median_host_ms": statistics.median(v["host_ms"]) if v["host_ms"] else None,
                "peak_gib": v["peak"] / 2**30, "all_ms": v["ms"]} for k, v in res.items()}
-    for k in names:  # "flat", and "flat_serial" where it ran: each against the LoRA step timed beside it
+    for k in names:  # "flat", and "flat_alt" where it ran: each against the LoRA step timed beside it
         if k != "lora":
             suffix = "" if k == "flat" else "_" + k
             pair = [f / p for f, p in zip(res[k]["ms"], res["lora"]["ms"])]
@@ -443,7 +445,22 @@ def time_variants(fns: dict, n: int, warm: int, device) -> dict:
     return out
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare_serial=False):
+@contextlib.contextmanager
+def engine_setting(eng, setting: str | None):
+    """`setting` ("attribute=value", the value a Python literal) set on the fast engine inside the block."""
+    if setting is None or eng is None:
+        yield
+        return
+    name, _, value = setting.partition("=")
+    before = getattr(eng, name)
+    setattr(eng, name, ast.literal_eval(value))
+    try:
+        yield
+    finally:
+        setattr(eng, name, before)
+
+
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare=None):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -488,10 +505,9 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
         out["eager"] = time_variants(fns, n, warm, device)
         eng = flat.fast_engine()
         if eng is not None:
-            g0, h0 = eng.generations, eng.prefetcher.hits
+            g0 = eng.generations
             fns["flat"]()
             out["eager"]["flat_generations_per_step"] = eng.generations - g0
-            out["eager"]["flat_prefetched_per_step"] = eng.prefetcher.hits - h0
             out["eager"]["flat_chunks"] = len(eng.chunks)
         if device.type == "cuda":
             for k in fns:
@@ -504,22 +520,17 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
             pool = torch.cuda.graph_pool_handle()
             variants = dict(steps)
             eng = flat.fast_engine()
-            if compare_serial and eng is not None:  # the same step captured without prefetch (flat_prefetch)
-                variants["flat_serial"] = steps["flat"]
+            if compare and eng is not None:  # the same step captured with one engine setting changed
+                variants["flat_alt"] = steps["flat"]
+                out.setdefault("graph", {})["flat_alt_setting"] = compare
             graphed = {k: fc.GraphedTrainStep(v, pool=pool) for k, v in variants.items()}
             fns = {k: caller(v) for k, v in graphed.items()}
             for k in fns:  # capture (counted apart from the timed steps)
-                if eng is not None:
-                    eng.prefetcher.enabled = k != "flat_serial"
-                    h0 = eng.prefetcher.hits
-                t0 = time.perf_counter()
-                fns[k]()
-                torch.cuda.synchronize()
+                with engine_setting(eng, compare if k == "flat_alt" else None):
+                    t0 = time.perf_counter()
+                    fns[k]()
+                    torch.cuda.synchronize()
                 out.setdefault("graph", {})[f"{k}_capture_s"] = time.perf_counter() - t0
-                if eng is not None and k != "lora":
-                    out["graph"][f"{k}_prefetched_in_capture"] = eng.prefetcher.hits - h0
-            if eng is not None:
-                eng.prefetcher.enabled = True
             out["graph"].update(time_variants(fns, n, warm, device))
             times = {k: kernel_times_us(fns[k]) for k in fns}  # one profiled step per variant serves both
             for k in fns:
@@ -659,12 +670,12 @@ def table(results: list[dict]) -> str:
             def f(x, fmt="{:.1f}"):
                 return fmt.format(x) if x is not None else "n/a"
 
-            serial = m.get("ratio_paired_median_flat_serial")
-            serial = f" (no prefetch {serial:.3f})" if serial is not None else ""
+            alt = m.get("ratio_paired_median_flat_alt")
+            alt = f" ({m.get('flat_alt_setting')}: {alt:.3f})" if alt is not None else ""
 
             lines.append(
                 f"| {r['arch']} | {r['targets']} | {r['batch']} | {'on' if r['checkpointing'] else 'off'} | {mode} | "
-                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f}{serial} | {f(lk)} | {f(fk)} | "
+                f"{lo['median_ms']:.1f} | {fl['median_ms']:.1f} | {m['ratio_paired_median']:.3f}{alt} | {f(lk)} | {f(fk)} | "
                 f"{f(fk / lk if lk and fk else None, '{:.3f}')} | {f(lo['median_ms'] / lk if lk else None, '{:.2f}')} | "
                 f"{mem_l:.2f} | {mem_f:.2f} | {f(mem_f / mem_l if mem_l else None, '{:.4f}')} | {f(mfu * 100 if mfu else None, '{:.1f}%')} |")
     return "\n".join(lines)
@@ -686,8 +697,9 @@ def main(argv=None):
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--merge", nargs="*", help="JSON files of earlier runs to merge into one table")
-    ap.add_argument("--compare-serial", action="store_true",
-                    help="graph mode also times Flat-LoRA captured without prefetching (flat_serial)")
+    ap.add_argument("--compare", default=None, metavar="ATTR=VALUE",
+                    help="graph mode also times Flat-LoRA captured with this fast-engine setting (flat_alt), "
+                         "e.g. evict_first=False")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -749,7 +761,7 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm, args.compare_serial)
+                                       modes, args.n, args.warm, args.compare)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,
