@@ -377,7 +377,7 @@ if triton is not None:
                  SPLIT_BF16: tl.constexpr, EVICT_FIRST: tl.constexpr):
         """acc += W[rows, k0:k0+BK] A[:, k0:k0+BK]^T on tensor cores. SPLIT_BF16 (W in bf16): A = A_hi + A_lo,
         both bf16, two bf16 dots (W exact, A to ~16 bits); else one tf32 dot. EVICT_FIRST: W, read once per step,
-        is loaded with an evict-first hint (see _noise_tile)."""
+        is loaded under an L2 evict-first policy (see _noise_tile)."""
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
         if EVICT_FIRST:
@@ -829,7 +829,7 @@ class FastFlat:
                     W_T=_tl_dtype(g.w_dtype), AB_T=_tl_dtype(g.ab_dtype), BM=_NORM_ROWS, BK=_NORM_COLS, RP=g.rp,
                     WHILE_LOOPS=interpreting, ALIGNED=g.aligned,
                     SPLIT_BF16=g.w_dtype == torch.bfloat16 and not interpreting, num_warps=_NORM_WARPS,
-                    EVICT_FIRST=self.evict_first and not interpreting,
+                    EVICT_FIRST=self.evict_first,
                 )
         for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
             std = self._std[fl.std_offset: fl.std_offset + fl.rows]
@@ -875,7 +875,7 @@ class FastFlat:
                 progs, self._meta, self._keys, self._std, buf,
                 W_T=_tl_dtype(chunk.w_dtype), ADD_W=add_w, BM=_NOISE_ROWS, T=_NOISE_CALLS, ROUNDS=self.rounds,
                 FAST=not _interpreting(), WHILE_LOOPS=_interpreting(), ALIGNED=chunk.aligned, num_warps=_NOISE_WARPS,
-                EVICT_FIRST=self.evict_first and not _interpreting(),
+                EVICT_FIRST=self.evict_first,
             )
             return
         for fl in chunk.layers:

@@ -12,6 +12,7 @@ difference) and, where Triton is installed, by the interpreter test in this file
 
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -313,6 +314,7 @@ for model, targets, expect_aligned, r, ranks in cases:
     assert sorted(g.rp for g in eng._norm_groups) == ([16, 32] if ranks else [16 if r == 4 else 32])
 # the one-launch keys kernel against flat.noise_key, with and without the micro-batch
 import random
+import re
 from flatlora_diffusion.flat import noise_key
 rng = random.Random(1)
 ids = [rng.getrandbits(64) for _ in range(1100)]  # more than one program of 1024
@@ -327,6 +329,50 @@ print("OK")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def _sm90_ptx(kernel, signature: dict, constexprs: dict) -> str:
+    """The PTX Triton makes of `kernel` for an H100/H200 (sm_90), compiled here without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t.startswith("*")}
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+
+
+def test_compiled_kernels_move_w_and_w_plus_eps_with_evict_first_hints():
+    """The engine's default (evict_first=True, what the launches pass as EVICT_FIRST): the noise kernel loads W
+    evict-first from L1 and L2 and stores W + eps as streaming (.cs), the noise-scale kernel reads W under an L2
+    evict-first policy, so a chunk's 60 MB pass does not evict the step's activations from L2 (PERFORMANCE.md:
+    0.2-0.3 % of an SDXL batch-1 step). Without the hint the same kernels use plain accesses, which is what this test would see if
+    the hints were lost. Compiled to PTX for sm_90 (no GPU needed); the interpreter test runs the hinted path."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed here (the test extra installs it on Linux x86-64)")
+    import triton.language as tl
+
+    flat = FlatLoRA(mlp(torch.float32), sigma=0.1, schedule="constant")
+    assert fc.FastFlat(flat).evict_first is True
+    noise_sig = {"prog_ptr": "*i32", "meta_ptr": "*i64", "keys_ptr": "*i64", "std_ptr": "*fp32", "out_ptr": "*bf16"}
+    noise_const = {"W_T": tl.bfloat16, "ADD_W": True, "BM": fc._NOISE_ROWS, "T": fc._NOISE_CALLS, "ROUNDS": 10,
+                   "FAST": True, "WHILE_LOOPS": False, "ALIGNED": True}
+    norm_sig = {n: "*fp32" for n in ("scale_ptr", "sigma_ptr", "wsq_ptr", "gram_ptr", "std_ptr")}
+    norm_sig = {"prog_ptr": "*i32", "meta_ptr": "*i64", **norm_sig}
+    norm_const = {"W_T": tl.bfloat16, "AB_T": tl.float32, "BM": fc._NORM_ROWS, "BK": fc._NORM_COLS, "RP": 16,
+                  "WHILE_LOOPS": False, "ALIGNED": True, "SPLIT_BF16": True}
+    w_load = re.compile(r"ld\.global\.L1::evict_first\.L2::cache_hint\.v4\.b32")
+    for evict_first in (True, False):
+        noise = _sm90_ptx(fc.flat_noise_kernel, noise_sig, {**noise_const, "EVICT_FIRST": evict_first})
+        norm = _sm90_ptx(fc.flat_norm_kernel, norm_sig, {**norm_const, "EVICT_FIRST": evict_first})
+        assert bool(w_load.search(noise)) is evict_first  # W of the noise kernel
+        assert ("st.global.cs.v4.b32" in noise) is evict_first  # W + eps
+        assert ("st.global.v4.b32" in noise) is not evict_first
+        # W of the noise-scale kernel: copied to shared memory (cp.async) under the L2 evict-first policy
+        assert ("cp.async.cg.shared.global.L2::cache_hint" in norm) is evict_first
+        assert ("createpolicy.fractional.L2::evict_first" in noise + norm) is evict_first
 
 
 def test_backward_generates_only_layers_that_need_an_input_gradient():
