@@ -230,10 +230,8 @@ if triton is not None:
         off = rows64[:, None, None] * K + cols
         msk = rmask[:, None, None] & (cols < K)
         if ADD_W:
-            if EVICT_FIRST:
-                w = tl.load(w_base + off, mask=msk, other=0.0, eviction_policy="evict_first").to(tl.float32)
-            else:
-                w = tl.load(w_base + off, mask=msk, other=0.0).to(tl.float32)
+            w = tl.load(w_base + off, mask=msk, other=0.0, eviction_policy="evict_first" if EVICT_FIRST else "")
+            w = w.to(tl.float32)
         ctr0 = (c0 // 8 + t).to(tl.uint32)[None, :] + zero
         i1, i2, i3, i4 = tl.philox(key, ctr0, ctr1, zero, zero, ROUNDS)
         a1, b1 = _normal_pair_tl(i1, FAST)
@@ -246,10 +244,7 @@ if triton is not None:
         v = std[:, None, None] * tl.reshape(z, (z.shape[0], z.shape[1], 8))
         if ADD_W:
             v = v + w
-        if EVICT_FIRST:
-            tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk, cache_modifier=".cs")
-        else:
-            tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk)
+        tl.store(out_base + off, v.to(out_base.dtype.element_ty), mask=msk, cache_modifier=".cs" if EVICT_FIRST else "")
 
     @triton.jit
     def _fan_in(m, ALIGNED: tl.constexpr):
@@ -380,11 +375,8 @@ if triton is not None:
         is loaded under an L2 evict-first policy (see _noise_tile)."""
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
-        if EVICT_FIRST:
-            w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0,
-                        eviction_policy="evict_first")
-        else:
-            w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0,
+                    eviction_policy="evict_first" if EVICT_FIRST else "")
         at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :],
                      other=0.0).to(tl.float32)
         if SPLIT_BF16:
