@@ -5,6 +5,8 @@
     python benchmarks/bench_flat.py --archs sd15 --out r/     # one architecture
     python benchmarks/bench_flat.py --merge a.json b.json --out r/   # one table from several runs
     python benchmarks/bench_flat.py --tiny --device cpu --out /tmp/b  # smoke test of this script on a CPU
+    python benchmarks/bench_flat.py --archs sdxl --batches 1 --modes graph --skip-checks \
+        --compare evict_first=False --out r/   # A/B of one fast-engine setting, paired in one process
 
 What it times is flatlora_diffusion.step.TrainStep (the trainer's step: embeddings or text encoders, noise,
 UNet, loss, backward, clipping, AdamW, through accelerate with bf16 autocast, frozen weights in bf16, LoRA in
