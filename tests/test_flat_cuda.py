@@ -314,7 +314,6 @@ for model, targets, expect_aligned, r, ranks in cases:
     assert sorted(g.rp for g in eng._norm_groups) == ([16, 32] if ranks else [16 if r == 4 else 32])
 # the one-launch keys kernel against flat.noise_key, with and without the micro-batch
 import random
-import re
 from flatlora_diffusion.flat import noise_key
 rng = random.Random(1)
 ids = [rng.getrandbits(64) for _ in range(1100)]  # more than one program of 1024
@@ -346,8 +345,9 @@ def test_compiled_kernels_move_w_and_w_plus_eps_with_evict_first_hints():
     """The engine's default (evict_first=True, what the launches pass as EVICT_FIRST): the noise kernel loads W
     evict-first from L1 and L2 and stores W + eps as streaming (.cs), the noise-scale kernel reads W under an L2
     evict-first policy, so a chunk's 60 MB pass does not evict the step's activations from L2 (PERFORMANCE.md:
-    0.2-0.3 % of an SDXL batch-1 step). Without the hint the same kernels use plain accesses, which is what this test would see if
-    the hints were lost. Compiled to PTX for sm_90 (no GPU needed); the interpreter test runs the hinted path."""
+    0.2-0.3 % of an SDXL batch-1 step). Without the hint the same kernels use plain accesses, which is what this
+    test would see if the hints were lost. Compiled to PTX for sm_90 (no GPU needed); the interpreter test runs
+    the hinted path."""
     import importlib.util
 
     if importlib.util.find_spec("triton") is None:
