@@ -389,9 +389,11 @@ def kernel_ms(times_us: dict) -> float | None:
 def kernel_time_difference(a: dict, b: dict, top: int = 30) -> list:
     """Where Flat-LoRA's extra kernel time goes, from kernel_times_us of a LoRA (a) and a Flat-LoRA (b) step:
     per activity name, flat - lora device time and counts, the `top` largest absolute differences first."""
-    rows = [{"kernel": k[:160], "lora_n": a.get(k, (0, 0))[0], "flat_n": b.get(k, (0, 0))[0],
-             "lora_us": round(a.get(k, (0, 0))[1], 1), "flat_us": round(b.get(k, (0, 0))[1], 1),
-             "diff_us": round(b.get(k, (0, 0))[1] - a.get(k, (0, 0))[1], 1)} for k in set(a) | set(b)]
+    rows = []
+    for k in set(a) | set(b):
+        (lora_n, lora_us), (flat_n, flat_us) = a.get(k, (0, 0)), b.get(k, (0, 0))
+        rows.append({"kernel": k[:160], "lora_n": lora_n, "flat_n": flat_n, "lora_us": round(lora_us, 1),
+                     "flat_us": round(flat_us, 1), "diff_us": round(flat_us - lora_us, 1)})
     rows.sort(key=lambda r: -abs(r["diff_us"]))
     return rows[:top]
 
