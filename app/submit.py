@@ -126,6 +126,10 @@ def _check_class_folder(text: str, runs_dir: Path, needed: int) -> Path:
 def _check_model(value: str | None, field: str) -> None:
     if not value:
         return
+    from flatlora_diffusion.toyworld import MODEL_NAME
+
+    if value == MODEL_NAME:  # the built-in toy-world model
+        return
     p = Path(value).expanduser()
     looks_local = p.is_absolute() or value.startswith((".", "~")) or p.suffix.lower() in (".safetensors", ".ckpt")
     if looks_local and not p.exists():

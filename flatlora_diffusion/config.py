@@ -42,7 +42,8 @@ TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 class TrainConfig:
     # --- model ---------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = _f(
-        None, "Base model: a hub id, a local diffusers folder, or a single-file .safetensors/.ckpt checkpoint.", "model"
+        None, "Base model: a hub id, a local diffusers folder, a single-file .safetensors/.ckpt checkpoint, or "
+        "'toyworld' (the built-in tiny toy-world model).", "model"
     )
     pretrained_vae_model_name_or_path: str | None = _f(
         None, "Optional separate VAE (hub id, folder or single file), e.g. the fp16-fix SDXL VAE.", "model"

@@ -67,8 +67,15 @@ def _torch_load_keys(path: Path):
 
 
 def inspect_model_source(name_or_path: str, revision: str | None = None, cache_dir: str | None = None) -> ModelSource:
-    """Where the model is and which architecture it has; raises ModelError. Loads no weights."""
+    """Where the model is and which architecture it has; raises ModelError. Loads no weights.
+
+    The built-in name `toyworld` is the project's own pretrained toy-world model (package data), unless a
+    folder of that name exists in the current directory."""
+    from .toyworld import resolve_model_name
+
     path = Path(name_or_path).expanduser()
+    if not path.exists():
+        path = Path(resolve_model_name(name_or_path))
     if path.is_file():
         if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise ModelError(f"{path} is a file but not a checkpoint (.safetensors or .ckpt)")

@@ -110,17 +110,17 @@ def _clip_backend():
     return tok
 
 
-def _corpus_words() -> Counter:
+def _corpus_words(corpus: str) -> Counter:
     """The corpus cut into words exactly as CLIP's tokenizer cuts text, as byte symbols with '</w>'."""
     backend = _clip_backend()
     words: Counter = Counter()
-    for line in _CORPUS.splitlines():
+    for line in corpus.splitlines():
         for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(line)):
             words[tuple(word[:-1]) + (word[-1] + "</w>",)] += 1
     return words
 
 
-def _train_merges(max_merges: int) -> list[tuple[str, str]]:
+def _train_merges(max_merges: int, corpus: str = _CORPUS) -> list[tuple[str, str]]:
     """Learn BPE merges on the built-in corpus: repeatedly merge the most frequent adjacent pair.
 
     The `tokenizers` BpeTrainer breaks ties between equally frequent pairs by ids that depend on hash
@@ -128,9 +128,9 @@ def _train_merges(max_merges: int) -> list[tuple[str, str]]:
     one seed has to be the same model. Hence this small learner, with ties broken by the pair itself;
     `tokenizers` still does the normalizing, the splitting and (in CLIPTokenizer) the encoding.
     """
-    corpus = _corpus_words()
-    words = [list(w) for w in corpus]
-    freqs = list(corpus.values())
+    counted = _corpus_words(corpus)
+    words = [list(w) for w in counted]
+    freqs = list(counted.values())
     pair_counts: Counter = Counter()
     where: dict[tuple[str, str], set[int]] = defaultdict(set)
     for wi, symbols in enumerate(words):
@@ -183,7 +183,7 @@ def _write_vocab_files(out_dir: Path, vocab: dict[str, int], merges: list[tuple[
     (out_dir / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def build_clip_tokenizer(out_dir):
+def build_clip_tokenizer(out_dir, corpus: str = _CORPUS):
     """Train a small CLIP-style byte-level BPE tokenizer, save it to `out_dir`, and return it loaded back.
 
     The folder has vocab.json / merges.txt in CLIP's layout plus the transformers files, so
@@ -194,7 +194,7 @@ def build_clip_tokenizer(out_dir):
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    merges = _train_merges(max_merges=_TARGET_VOCAB - 512 - 2)
+    merges = _train_merges(max_merges=_TARGET_VOCAB - 512 - 2, corpus=corpus)
     vocab = _clip_vocab(merges)
     tokenizer = CLIPTokenizer(
         vocab=vocab,

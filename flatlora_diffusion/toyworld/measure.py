@@ -1,0 +1,152 @@
+"""How well the toy world works, read by the judge: on renders, on the base model, on a trained LoRA.
+
+    python -m flatlora_diffusion.toyworld.measure [--model DIR] [--judge DIR] [--per-split N] [--device cuda]
+        [--output FILE]
+
+prints (and writes) the judge's accuracy on fresh renders and the base model's prompt following on seen
+and held-out shape-colour pairs. The same functions score a DreamBooth run (subject_scores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections import Counter
+
+import torch
+
+from .judge import HEADS, Judge, judge_images, load_judge
+from .render import render
+from .world import (CLASS_PROMPT, SCENES, SHAPES, caption, random_scene, scene_prompt, subject_scene)
+
+# Sampling settings every toy-world score uses (the demo and the tests too): scores of two runs compare only
+# when their pictures are made the same way.
+SAMPLE_STEPS = 20
+GUIDANCE = 5.0
+# Render seeds of measurements are far from the pretraining seeds (0 and 1), so that no measured render was seen.
+MEASURE_SEED = 1000
+
+
+def generate_batch(pipe, prompts: list[str], seeds: list[int], steps: int = SAMPLE_STEPS,
+                   guidance: float = GUIDANCE, batch_size: int = 32):
+    """One picture per (prompt, seed) pair, generated in batches. Each picture's starting noise comes from its
+    own CPU generator, so a picture depends on its prompt and seed, not on the batch it was made in."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if not isinstance(pipe.scheduler, DPMSolverMultistepScheduler):
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = slice(start, start + batch_size)
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[chunk]]
+        out = pipe(prompt=prompts[chunk], generator=gens, num_inference_steps=steps, guidance_scale=guidance,
+                   height=64, width=64, output_type="pil")
+        images += out.images
+    return images
+
+
+def _rate(values) -> float:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else float("nan")
+
+
+def judge_accuracy(judge: Judge, n: int, seed: int = MEASURE_SEED) -> dict:
+    """The judge's accuracy per attribute on n fresh renders (a fifth of them the subject, in every scene)."""
+    rng = random.Random(f"judge-accuracy:{seed}")
+    scenes = [subject_scene(rng, rng.choice(SCENES)) if i % 5 == 0 else random_scene(rng, held_out=None)
+              for i in range(n)]
+    verdicts = judge_images([render(s) for s in scenes], judge)
+    result = {}
+    for name in HEADS:
+        pairs = [(getattr(v, name), getattr(s, name)) for v, s in zip(verdicts, scenes)
+                 if not (s.subject and name in ("colour", "pattern"))]
+        result[name] = _rate(a == b for a, b in pairs)
+    result["subject"] = _rate(v.subject == s.subject for v, s in zip(verdicts, scenes))
+    result["renders"] = n
+    return result
+
+
+def prompt_following(pipe, judge: Judge, n: int, held_out: bool, seed: int = MEASURE_SEED) -> dict:
+    """Generate n pictures from canonical captions of random scenes (held-out shape-colour pairs or seen ones)
+    and read whether the judge sees the shape, colour, pattern and scene asked for."""
+    rng = random.Random(f"prompt-following:{seed}:{held_out}")
+    scenes = [random_scene(rng, held_out=held_out) for _ in range(n)]
+    images = generate_batch(pipe, [caption(s) for s in scenes], [seed + i for i in range(n)])
+    verdicts = judge_images(images, judge)
+    result = {name: _rate(getattr(v, name) == getattr(s, name) for v, s in zip(verdicts, scenes)) for name in HEADS}
+    result["all_three"] = _rate(v.shape == s.shape and v.colour == s.colour and v.scene == s.scene
+                                for v, s in zip(verdicts, scenes))
+    result["subject_seen"] = _rate(v.subject for v in verdicts)
+    result["samples"] = n
+    return result
+
+
+def class_prompt_profile(pipe, judge: Judge, n: int, seed: int = MEASURE_SEED) -> dict:
+    """What "a photo of a toy" draws: how often a toy, how often the subject, and the colour distribution."""
+    images = generate_batch(pipe, [CLASS_PROMPT] * n, [seed + i for i in range(n)])
+    verdicts = judge_images(images, judge)
+    colours = Counter(v.colour for v in verdicts if not v.subject)
+    return {"toy": _rate(v.shape == "toy" for v in verdicts), "subject": _rate(v.subject for v in verdicts),
+            "colours": {c: round(colours[c] / n, 4) for c in sorted(colours)}, "samples": n}
+
+
+def subject_scores(pipe, judge: Judge, scenes: list[str], seeds: list[int]) -> dict:
+    """DreamBooth scores of the pipeline as it is (LoRA loaded or not): for "a photo of sks toy <scene>", how
+    often the judge sees the subject, the scene asked for, and both; per scene and overall."""
+    prompts = [scene_prompt(s) for s in scenes for _ in seeds]
+    images = generate_batch(pipe, prompts, [seed for _ in scenes for seed in seeds])
+    verdicts = judge_images(images, judge)
+    per_scene = {}
+    for k, scene in enumerate(scenes):
+        vs = verdicts[k * len(seeds):(k + 1) * len(seeds)]
+        per_scene[scene] = {"subject": _rate(v.subject for v in vs), "scene": _rate(v.scene == scene for v in vs)}
+    wanted = [s for s in scenes for _ in seeds]
+    return {"subject": _rate(v.subject for v in verdicts),
+            "scene": _rate(v.scene == w for v, w in zip(verdicts, wanted)),
+            "subject_and_scene": _rate(v.subject and v.scene == w for v, w in zip(verdicts, wanted)),
+            "per_scene": per_scene, "samples": len(verdicts)}
+
+
+def measure_base(pipe, judge: Judge, per_split: int, judge_renders: int) -> dict:
+    return {"judge_on_renders": judge_accuracy(judge, judge_renders),
+            "seen_pairs": prompt_following(pipe, judge, per_split, held_out=False),
+            "held_out_pairs": prompt_following(pipe, judge, per_split, held_out=True),
+            "class_prompt": class_prompt_profile(pipe, judge, per_split // 2),
+            "subject_prompt_before_training": subject_scores(pipe, judge, list(SCENES), list(range(per_split // 10 or 1))),
+            "settings": {"sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "seed": MEASURE_SEED}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import judge_dir, model_dir
+
+    p = argparse.ArgumentParser(prog="python -m flatlora_diffusion.toyworld.measure", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="Pipeline folder (default: the shipped toy-world model).")
+    p.add_argument("--judge", default=None, help="Judge folder (default: the shipped judge).")
+    p.add_argument("--per-split", type=int, default=200, help="Generated pictures per split.")
+    p.add_argument("--judge-renders", type=int, default=2000)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", help="Write the result as JSON here.")
+    args = p.parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(args.model or str(model_dir()), torch_dtype=torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False).to(args.device)
+    judge = load_judge(args.judge) if args.judge else load_judge()
+    result = measure_base(pipe, judge, args.per_split, args.judge_renders)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["SAMPLE_STEPS", "GUIDANCE", "SHAPES", "generate_batch", "judge_accuracy", "prompt_following",
+           "class_prompt_profile", "subject_scores", "measure_base"]
