@@ -325,12 +325,41 @@ def closest_key(name: str) -> str | None:
     return match[0] if match else None
 
 
+MAX_YAML_BYTES = 1024 * 1024  # a config is a few KB; the bound keeps a hostile upload from costing memory
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors' aliases: a config never needs them, and nested aliases ("billion laughs")
+    expand a 1 KB file into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a config file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml_text(text: str):
+    """yaml.safe_load that refuses aliases (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        with p.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {p} is larger than {MAX_YAML_BYTES // 1024} KB; a config is a few KB")
+    try:
+        data = safe_load_yaml_text(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
