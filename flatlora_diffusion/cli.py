@@ -71,7 +71,7 @@ def train_main(argv: list[str]) -> int:
 
 
 def make_tiny_model_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="flatlora-diffusion make-tiny-model",
+    parser = argparse.ArgumentParser(prog="flatlora-diffusion make-tiny-model", allow_abbrev=False,
                                      description="Write a tiny random-weight SD 1.5 or SDXL pipeline folder (offline).")
     parser.add_argument("dir")
     parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
@@ -86,7 +86,7 @@ def make_tiny_model_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     from .export import add_export_arguments, run_export
 
-    parser = argparse.ArgumentParser(prog="flatlora-diffusion export",
+    parser = argparse.ArgumentParser(prog="flatlora-diffusion export", allow_abbrev=False,
                                      description="Write a kohya (ComfyUI / AUTOMATIC1111) or diffusers LoRA file.")
     add_export_arguments(parser)
     return run_export(parser.parse_args(argv))
