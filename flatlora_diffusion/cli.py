@@ -57,7 +57,8 @@ def train_main(argv: list[str]) -> int:
     except ConfigError as e:
         return _fail(str(e))
     _setup_logging()
-    from .train import train
+    from .run_dir import RunDir
+    from .train import TrainingDiverged, failure_message, train
 
     try:
         run = train(cfg)
@@ -66,6 +67,15 @@ def train_main(argv: list[str]) -> int:
     except Cancelled:
         print("training cancelled", file=sys.stderr)
         return 130
+    except TrainingDiverged as e:  # not the user's input: exit 1, but one line all the same
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        message = failure_message(e, RunDir(cfg.output_dir))
+        if not message.startswith("cannot write the run folder"):
+            raise  # a bug: its traceback is what a report needs
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     print(f"done: {run.path}")
     return 0
 

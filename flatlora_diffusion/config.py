@@ -190,6 +190,10 @@ class TrainConfig:
 
     # --- output --------------------------------------------------------------------------------------------
     output_dir: str = _f("lora-dreambooth-model", "The run directory.", "output")
+    overwrite: bool = _f(
+        False, "Replace the run already in --output_dir (its config, status, metrics, samples, checkpoints and LoRA "
+        "files). Without it, a folder holding a different run is refused.", "output", transient=True,
+    )
     output_name: str | None = _f(None, "Name of the kohya file and of the LoRA in the UIs (default: the folder name).", "output")
     output_kohya_format: bool = _f(True, "Also write the kohya-format file for ComfyUI / AUTOMATIC1111.", "output")
     save_precision: str = _f("fp16", "Precision of the kohya file.", "output", choices=["fp16", "bf16", "fp32"])
@@ -490,5 +494,9 @@ def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically; `train --config` on it repeats the run."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data = cfg.to_dict()
+    for f in fields(cfg):  # one-off instructions (--overwrite) are not settings of the run
+        if f.metadata.get("transient") and f.name in data:
+            data[f.name] = f.default
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, p)
