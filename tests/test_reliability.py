@@ -392,3 +392,22 @@ def test_a_trainer_stuck_in_a_native_call_still_obeys_sigterm(tiny, tmp_path):
             proc.kill()
     assert json.loads((out / "status.json").read_text())["state"] == "cancelled"
 
+
+@pytest.mark.parametrize("damage", ["no_unet", "truncated_unet", "no_text_encoder_config"])
+def test_a_damaged_model_folder_is_one_line_before_anything_is_written(tiny, tmp_path, capsys, damage):
+    model = tmp_path / "model"
+    shutil.copytree(tiny["sd15"], model)
+    if damage == "no_unet":
+        shutil.rmtree(model / "unet")
+        fragment = "unet/ is missing"
+    elif damage == "truncated_unet":
+        w = next((model / "unet").glob("*.safetensors"))
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+        fragment = "is truncated"
+    else:
+        (model / "text_encoder" / "config.json").unlink()
+        fragment = "text_encoder/config.json is missing"
+    out = tmp_path / "out"
+    err = _one_line_error(capsys, ["train", *settings_argv(tiny, out, pretrained_model_name_or_path=str(model))])
+    assert fragment in err
+    assert not out.exists()
