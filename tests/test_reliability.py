@@ -411,3 +411,20 @@ def test_a_damaged_model_folder_is_one_line_before_anything_is_written(tiny, tmp
     err = _one_line_error(capsys, ["train", *settings_argv(tiny, out, pretrained_model_name_or_path=str(model))])
     assert fragment in err
     assert not out.exists()
+
+
+def test_export_refuses_nan_loras_and_never_replaces_a_device(tiny, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "run"
+    run(tiny, out, max_train_steps=1)
+    weights = load_file(out / "pytorch_lora_weights.safetensors")
+    assert cli.main(["export", str(out), "--output", "/dev/null", "--overwrite"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert os.path.exists("/dev/null") and not os.path.isfile("/dev/null")
+    first = next(iter(weights))
+    weights[first] = torch.full_like(weights[first], float("nan"))
+    save_file(weights, tmp_path / "nan.safetensors")
+    assert cli.main(["export", str(tmp_path / "nan.safetensors")]) == 2
+    assert "NaN/inf" in capsys.readouterr().err
+    assert not (tmp_path / "nan_kohya.safetensors").exists()
