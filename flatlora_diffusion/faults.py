@@ -3,7 +3,8 @@
 The trainer calls `hit(point)` at the places where an interruption or an I/O error matters. When the
 variable is unset (every real run), `hit` is a function that returns None and does nothing else.
 
-Points (n counts the times this process reached the point, from 1; for "step" n is the global step):
+Points (n counts the times this process reached the point, from 1: after a resume, "step:1" is the first
+step this process makes):
   step            after an optimizer step, before its metrics line
   metrics         inside the metrics append, before the line is written
   ckpt_file       after each file of a checkpoint is written (still in checkpoint-N.partial)
@@ -46,12 +47,12 @@ def _parse(spec: str) -> dict[str, list[tuple[str, int]]]:
 def _make_hit(plan: dict[str, list[tuple[str, int]]]):
     counts: dict[str, int] = {}
 
-    def hit(point: str, n: int | None = None) -> str | None:
+    def hit(point: str) -> str | None:
         faults = plan.get(point)
         if not faults:
             return None
         counts[point] = counts.get(point, 0) + 1
-        at = counts[point] if n is None else n
+        at = counts[point]
         for action, when in faults:
             if when != at:
                 continue
@@ -72,7 +73,7 @@ def _make_hit(plan: dict[str, list[tuple[str, int]]]):
     return hit
 
 
-def _no_fault(point: str, n: int | None = None) -> None:
+def _no_fault(point: str) -> None:
     return None
 
 

@@ -821,7 +821,7 @@ class _Trainer:
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
-                if faults.hit("step", self.global_step) == "nan":
+                if faults.hit("step") == "nan":
                     with torch.no_grad():  # a diverged update, as a too-high learning rate makes one
                         for p in self.params:
                             p.fill_(float("nan"))

@@ -254,13 +254,14 @@ def test_item10_a_full_disk_records_the_run_as_failed_with_one_line(tiny, tmp_pa
 
     monkeypatch.setattr(Path, "write_text", write_text)
     real_hit = faults._make_hit(faults._parse("enospc@metrics:3"))
+    seen = {"metrics": 0}
 
-    def hit(point, n=None):
-        if point == "metrics" and n is None:
-            full["on"] = full["on"] or (faults_counter.__setitem__(0, faults_counter[0] + 1) or faults_counter[0] >= 3)
-        return real_hit(point, n)
+    def hit(point):
+        if point == "metrics":
+            seen["metrics"] += 1
+            full["on"] = seen["metrics"] >= 3  # from the failing append on, nothing new can be written
+        return real_hit(point)
 
-    faults_counter = [0]
     monkeypatch.setattr(faults, "hit", hit)
     argv = ["train", "--pretrained_model_name_or_path", str(tiny["sd15"]), "--instance_data_dir", str(tiny["images"]),
             "--instance_prompt", "a photo of sks toy", "--output_dir", str(out), "--resolution", "64",
