@@ -147,7 +147,7 @@ class TrainConfig:
     prodigy_safeguard_warmup: bool = _f(True, "Prodigy safeguard warmup.", "optim")
     max_grad_norm: float = _f(1.0, "Gradient clipping norm.", "optim", gt=0, le=1e6)
     lr_scheduler: str = _f("constant", "Learning-rate schedule.", "optim", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim", ge=0, le=100_000_000)
+    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim", ge=0, le=10**12)
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim", ge=1, le=100_000)
     lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim", gt=0, le=100)
     snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim", gt=0, le=1000)
@@ -156,7 +156,7 @@ class TrainConfig:
     # --- steps ---------------------------------------------------------------------------------------------
     train_batch_size: int = _f(4, "Batch size per device.", "steps", ge=1, le=4096)
     num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps", ge=1, le=1_000_000)
-    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps", ge=1, le=100_000_000)
+    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps", ge=1, le=10**12)
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps", ge=1, le=4096)
     seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps", ge=0, le=2**32 - 1)
 
@@ -175,7 +175,7 @@ class TrainConfig:
     )
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state", ge=1, le=100_000_000)
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state", ge=1, le=10**12)
     checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.", "state", ge=1, le=100_000)
     resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest'.", "state")
 
@@ -183,7 +183,7 @@ class TrainConfig:
     validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation")
     num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000)
     validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1)
-    validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=100_000_000)
+    validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12)
     validation_epochs: int | None = _f(None, "Validate every N epochs (diffusers' flag).", "validation", ge=1, le=1_000_000)
     validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000)
     validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100)
