@@ -145,12 +145,12 @@ class TrainConfig:
     prodigy_decouple: bool = _f(True, "Prodigy decoupled weight decay.", "optim")
     prodigy_use_bias_correction: bool = _f(True, "Prodigy bias correction.", "optim")
     prodigy_safeguard_warmup: bool = _f(True, "Prodigy safeguard warmup.", "optim")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", "optim", gt=0, le=1e6)
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (a huge value: no clipping).", "optim", gt=0)
     lr_scheduler: str = _f("constant", "Learning-rate schedule.", "optim", choices=LR_SCHEDULERS)
     lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim", ge=0, le=10**12)
     lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim", ge=1, le=100_000)
     lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim", gt=0, le=100)
-    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim", gt=0, le=1000)
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim", gt=0)
     noise_offset: float = _f(0.0, "Noise offset.", "optim", ge=0, le=1)
 
     # --- steps ---------------------------------------------------------------------------------------------

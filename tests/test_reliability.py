@@ -33,7 +33,7 @@ BASE = ["--pretrained_model_name_or_path", "org/model", "--instance_data_dir", "
 
 
 @pytest.mark.parametrize("flag,value,fragment", [
-    ("--max_grad_norm", "-1", "--max_grad_norm must be in (0"),
+    ("--max_grad_norm", "-1", "--max_grad_norm must be > 0"),
     ("--learning_rate", "nan", "--learning_rate must be a finite number"),
     ("--learning_rate", "inf", "--learning_rate must be a finite number"),
     ("--lr_warmup_steps", "-5", "--lr_warmup_steps must be in [0"),
