@@ -120,3 +120,26 @@ def test_item8_a_run_whose_lock_is_held_is_followed_not_started_again(lenv):
     wait_for(lambda: launcher.snapshot()["running"] is None)
     assert state(runs_dir, a)["state"] == "failed"  # the holder ended without a final status
     assert json.loads((runs_dir / a / "status.json").read_text())["message"]
+
+
+def test_the_app_with_the_real_trainer_killed_mid_run_marks_it_failed_and_goes_on(tiny, tmp_path):
+    from app.submit import prepare_runs
+    from tests.training_helpers import settings
+
+    runs_dir = tmp_path / "runs"
+    values = settings(tiny, None, output_dir=None, max_train_steps=3, checkpointing_steps=1)
+    [a] = prepare_runs(runs_dir, values, name="killed")
+    [b] = prepare_runs(runs_dir, {**values, "max_train_steps": 1}, name="next")
+    launcher = Launcher(runs_dir, poll_s=0.1, env={"FLATLORA_FAULT": "kill@ckpt_state:2", "OMP_NUM_THREADS": "1",
+                                                   "HF_HUB_OFFLINE": "1"}).start()
+    try:
+        launcher.submit([a, b])
+        assert launcher.wait_idle(120)
+    finally:
+        launcher.shutdown(cancel_running=True)
+    st = state(runs_dir, a)
+    assert st["state"] == "failed" and "signal 9" in st["message"]
+    assert lock_holder(runs_dir / a) is None
+    assert [p.name for p in (runs_dir / a / "checkpoints").iterdir() if not p.name.endswith(".partial")] == \
+        ["checkpoint-1"]
+    assert state(runs_dir, b)["state"] == "completed"
