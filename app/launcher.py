@@ -64,7 +64,7 @@ def _runs_this_config(pid: int, run: Run) -> bool:
 def trainer_pid(run: Run, pid_hint: int | None = None) -> int | None:
     """The pid of the live trainer of `run`, proven (see the module docstring); None if there is none."""
     holder = lock_holder(run.path)
-    if holder:
+    if holder and pid_alive(holder):
         return holder
     if isinstance(pid_hint, int) and pid_hint > 0 and pid_alive(pid_hint) and _runs_this_config(pid_hint, run):
         return pid_hint

@@ -91,7 +91,18 @@ class TrainerLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self.fd = fd
+        # A forked child (a dataloader worker) would share the lock and keep it after the trainer died:
+        # children drop their copy of the descriptor, so the lock lives exactly as long as the trainer.
+        os.register_at_fork(after_in_child=self._drop_in_child)
         return self
+
+    def _drop_in_child(self) -> None:
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = None
 
     def release(self) -> None:
         if self.fd is not None:

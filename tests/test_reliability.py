@@ -429,3 +429,16 @@ def test_export_refuses_nan_loras_and_never_replaces_a_device(tiny, tmp_path, ca
     assert cli.main(["export", str(tmp_path / "nan.safetensors")]) == 2
     assert "NaN/inf" in capsys.readouterr().err
     assert not (tmp_path / "nan_kohya.safetensors").exists()
+
+
+def test_the_trainer_lock_is_not_kept_by_forked_children(tmp_path):
+    from flatlora_diffusion.run_dir import TrainerLock, lock_holder
+
+    lock = TrainerLock(tmp_path).acquire()
+    pid = os.fork()
+    if pid == 0:  # a dataloader worker: it must not hold the lock
+        os._exit(0 if lock.fd is None else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert lock_holder(tmp_path) == os.getpid()
+    lock.release()
+    assert lock_holder(tmp_path) is None
