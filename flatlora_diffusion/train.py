@@ -967,7 +967,7 @@ class _Trainer:
         cfg = self.cfg
         repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
         upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
-                      ignore_patterns=["checkpoints/*", "step_*", "*.partial"])
+                      ignore_patterns=["checkpoints/*", "step_*", "*.partial", "trainer.lock", ".*.tmp"])
 
 
 class _LatentCache(torch.utils.data.Dataset):
