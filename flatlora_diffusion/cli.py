@@ -104,8 +104,12 @@ def export_main(argv: list[str]) -> int:
 
 def demo_main(argv: list[str]) -> int:
     from .demo import main
+    from .train import USER_ERRORS
 
-    return main(argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as e:  # e.g. --output holding the runs of an earlier demo
+        return _fail(str(e))
 
 
 def app_main(argv: list[str]) -> int:
