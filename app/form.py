@@ -26,6 +26,7 @@ APP_MANAGED = {
     "cache_dir": "the hub cache is the user's business, not the form's",
     "resume_from_checkpoint": "resume a run from the Runs tab",
     "local_rank": "set by launchers",
+    "overwrite": "every run gets a folder of its own",
 }
 
 # The settings most runs change, shown at the top in this order; the rest go into accordions by group.

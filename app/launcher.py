@@ -3,7 +3,12 @@
 The child is `flatlora-diffusion train --config <run>/config.yaml`, started in a session of its own so
 that cancel can signal its whole process tree (dataloader workers, accelerate's helpers) at once, and
 so that it survives the app: the app can be restarted while a run trains, and the new app adopts the
-running process (by the pid in status.json) and re-queues the runs that were still waiting.
+running process and re-queues the runs that were still waiting.
+
+A process is adopted (and ever signalled) only when it is provably the trainer of that run: it holds the run
+folder's trainer lock (flatlora_diffusion.run_dir.TrainerLock, taken before the trainer writes anything), or,
+in the seconds before it takes the lock, its command line is `... train --config <run>/config.yaml`. A pid in a
+stale status.json that now belongs to some other process is never adopted, nor killed by Cancel.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from flatlora_diffusion.run_dir import lock_holder
 
 from .runs import LOG_FILE, TERMINAL, Run, get_run, list_runs, pid_alive
 
@@ -33,6 +40,40 @@ def default_trainer_command() -> list[str]:
     return [sys.executable, "-c", "import sys; from flatlora_diffusion.cli import main; sys.exit(main(sys.argv[1:]))"]
 
 
+def _command_line(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _runs_this_config(pid: int, run: Run) -> bool:
+    """The process's command line is `<trainer> train --config <run>/config.yaml` (how the app starts one)."""
+    args = _command_line(pid)
+    config = (run.path / "config.yaml").resolve()
+    for i, arg in enumerate(args[:-1]):
+        if arg == "--config" and "train" in args[:i]:
+            try:
+                return Path(args[i + 1]).resolve() == config
+            except OSError:
+                return False
+    return False
+
+
+def trainer_pid(run: Run, pid_hint: int | None = None) -> int | None:
+    """The pid of the live trainer of `run`, proven (see the module docstring); None if there is none."""
+    holder = lock_holder(run.path)
+    if holder and pid_alive(holder):
+        return holder
+    if isinstance(pid_hint, int) and pid_hint > 0 and pid_alive(pid_hint) and _runs_this_config(pid_hint, run):
+        return pid_hint
+    if holder == 0:  # locked, the holder's pid not written yet (a fraction of a second)
+        time.sleep(0.1)
+        return lock_holder(run.path) or None
+    return None
+
+
 class _Job:
     def __init__(self, run: Run, pid: int, proc: subprocess.Popen | None):
         self.run = run
@@ -43,7 +84,7 @@ class _Job:
     def poll(self) -> int | None:
         if self.proc is not None:
             return self.proc.poll()
-        return None if pid_alive(self.pid) else ADOPTED_GONE
+        return None if trainer_pid(self.run, self.pid) == self.pid else ADOPTED_GONE
 
 
 class Launcher:
@@ -70,17 +111,25 @@ class Launcher:
         adopted = None
         waiting = []
         for run in sorted(list_runs(self.runs_dir), key=lambda r: r.created_at()):
-            status = run.status()
-            state = status.get("state")
-            if state == "running":
-                pid = status.get("pid")
-                if adopted is None and isinstance(pid, int) and pid_alive(pid):
-                    adopted = _Job(run, pid, None)
-                else:
+            try:
+                status = run.status()
+                state = status.get("state")
+                if state not in ("running", "queued"):
+                    continue
+                # "queued" too: the app may have stopped between starting a trainer and its first status write
+                pid = trainer_pid(run, status.get("pid"))
+                if pid is not None:
+                    if adopted is None:
+                        adopted = _Job(run, pid, None)
+                    else:  # a second live trainer (started by hand): it keeps its own status
+                        log.warning("%s is being trained by pid %s outside this app's queue", run.name, pid)
+                elif state == "running":
                     run.update_status(state="failed", eta_seconds=None,
                                       message="the training process is gone (the app or the machine stopped)")
-            elif state == "queued":
-                waiting.append(run.name)
+                else:
+                    waiting.append(run.name)
+            except Exception:  # one unreadable run folder must not keep the app from starting
+                log.exception("cannot take over %s", run.name)
         with self._lock:
             self._job = adopted
             self._queue = waiting + [n for n in self._queue if n not in waiting]
@@ -119,6 +168,10 @@ class Launcher:
     def submit(self, names: list[str]) -> None:
         for name in names:
             get_run(self.runs_dir, name)  # refuse unknown names early
+        if self._thread is not None and not self._thread.is_alive() and not self._stop:
+            log.error("the launcher's worker had stopped; starting it again")
+            self._thread = threading.Thread(target=self._work, name="flatlora-launcher", daemon=True)
+            self._thread.start()
         with self._lock:
             for name in names:
                 if name not in self._queue and not (self._job and self._job.run.name == name):
@@ -141,12 +194,14 @@ class Launcher:
             if state in TERMINAL:
                 return f"{name}: already {state}"
             if state in ("queued", "running"):  # not ours (another app, or the worker lost it): mark it
-                pid = run.status().get("pid")
-                if state == "running" and isinstance(pid, int) and pid_alive(pid):
+                pid = trainer_pid(run, run.status().get("pid"))
+                if pid is not None:  # only a process proven to be this run's trainer is signalled
                     _kill_tree(pid, signal.SIGTERM, lone_process=True)
                 run.update_status(state="cancelled", message="cancelled", eta_seconds=None)
                 return f"{name}: cancelled"
             return f"{name}: not running"
+        if job.proc is None and trainer_pid(job.run, job.pid) != job.pid:
+            return f"{name}: already stopped"  # the adopted trainer ended; its pid may be another process now
         _kill_tree(job.pid, signal.SIGTERM, lone_process=job.proc is None)  # the trainer marks it cancelled
         threading.Thread(target=self._kill_later, args=(job,), daemon=True).start()
         return f"{name}: stopping"
@@ -168,35 +223,61 @@ class Launcher:
             if job.poll() is not None:
                 break
             time.sleep(0.1)
-        # whatever is left of the tree, the leader too if it lingers
+        # whatever is left of the tree, the leader too if it lingers (an adopted one only while still proven)
         _kill_tree(job.pid, signal.SIGKILL, lone_process=job.proc is None and job.poll() is None)
 
     def _work(self) -> None:
+        """The worker thread: whatever one run does (its folder deleted, a full disk, a broken trainer
+        command), the queue goes on."""
         while True:
-            with self._lock:
-                while not self._stop and self._job is None and not self._queue:
-                    self._lock.wait()
-                if self._stop:
+            job = None
+            try:
+                if self._one_job():
                     return
-                if self._job is None:
-                    name = self._queue.pop(0)
+            except Exception:
+                log.exception("launcher: a run failed in the app; the queue goes on")
+                with self._lock:
+                    job, self._job = self._job, None
+                    self._lock.notify_all()
+                if job is not None:
                     try:
-                        run = get_run(self.runs_dir, name)
-                    except KeyError:
-                        continue
-                    if run.state != "queued":
-                        continue  # cancelled, or finished by someone else meanwhile
+                        job.run.update_status(state="failed", eta_seconds=None,
+                                              message="the app lost track of this run (see the app's log)")
+                    except Exception:
+                        pass
+                time.sleep(self.poll_s)
+
+    def _one_job(self) -> bool:
+        """Start (or adopt) and follow one run. True when the launcher is stopping."""
+        with self._lock:
+            while not self._stop and self._job is None and not self._queue:
+                self._lock.wait()
+            if self._stop:
+                return True
+            if self._job is None:
+                name = self._queue.pop(0)
+                try:
+                    run = get_run(self.runs_dir, name)
+                except KeyError:
+                    return False
+                if run.state != "queued":
+                    return False  # cancelled, or finished by someone else meanwhile
+                pid = trainer_pid(run)
+                if pid is not None:  # a trainer already works on it (one run folder, at most one trainer)
+                    self._job = _Job(run, pid, None)
+                else:
                     try:
                         self._job = self._launch(run)
                     except Exception as e:  # a broken trainer command must not kill the worker
                         log.exception("cannot start %s", name)
                         run.update_status(state="failed", message=f"could not start the trainer: {e}")
-                        continue
-                job = self._job
-            self._follow(job)
-            with self._lock:
-                self._job = None
-                self._lock.notify_all()
+                        return False
+            job = self._job
+        next_job = self._follow(job)
+        with self._lock:
+            self._job = next_job
+            self._lock.notify_all()
+        return False
 
     def _launch(self, run: Run) -> _Job:
         env = os.environ.copy()
@@ -213,13 +294,15 @@ class Launcher:
         run.update_status(pid=proc.pid)  # until the trainer writes its own
         return _Job(run, proc.pid, proc)
 
-    def _follow(self, job: _Job) -> None:
+    def _follow(self, job: _Job) -> _Job | None:
+        """Wait for the job's end and record it; returns a job to follow next (another trainer found holding
+        the run folder), or None."""
         while True:
             code = job.poll()
             if code is not None:
                 break
             if self._stop:
-                return  # the app is going away: leave the training running for the next app to adopt
+                return None  # the app is going away: leave the training running for the next app to adopt
             if job.proc is not None:
                 try:
                     job.proc.wait(timeout=self.poll_s)
@@ -228,14 +311,28 @@ class Launcher:
             else:
                 time.sleep(self.poll_s)
         _kill_tree(job.pid, signal.SIGKILL)  # leftovers of the tree (workers whose parent died)
+        other = trainer_pid(job.run) if code != 0 else None
+        if other is not None and other != job.pid:  # ours was refused: another trainer holds the folder
+            self._log(job.run, f"another trainer (pid {other}) holds this run folder; following it")
+            return _Job(job.run, other, None)
         self._finish(job, code)
+        return None
+
+    @staticmethod
+    def _log(run: Run, line: str) -> None:
+        try:
+            with (run.path / LOG_FILE).open("ab") as logf:
+                logf.write(f"\n[app] {line}\n".encode())
+        except OSError as e:  # the folder is gone, or the disk is full: the status says what happened
+            log.warning("cannot write %s's log: %s", run.name, e)
 
     def _finish(self, job: _Job, code: int) -> None:
         run = job.run
+        if not run.path.is_dir():
+            log.warning("run folder %s disappeared while it trained", run.path)
+            return
         status = run.status()
-        with (run.path / LOG_FILE).open("ab") as logf:
-            what = "the adopted trainer process ended" if code == ADOPTED_GONE else f"trainer exited with code {code}"
-            logf.write(f"\n[app] {what}\n".encode())
+        self._log(run, "the adopted trainer process ended" if code == ADOPTED_GONE else f"trainer exited with code {code}")
         if status.get("state") in TERMINAL:
             if job.cancel_requested and status.get("state") != "cancelled" and code != 0:
                 run.update_status(state="cancelled", message="cancelled", eta_seconds=None)

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from flatlora_diffusion.config import safe_load_yaml_text
 from flatlora_diffusion.run_dir import DIFFUSERS_WEIGHTS, write_json_atomic  # the run-directory contract
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -72,8 +73,8 @@ class Run:
 
     def config(self) -> dict[str, Any]:
         try:
-            data = yaml.safe_load((self.path / "config.yaml").read_text())
-        except (OSError, yaml.YAMLError):
+            data = safe_load_yaml_text((self.path / "config.yaml").read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             return {}
         return data if isinstance(data, dict) else {}
 

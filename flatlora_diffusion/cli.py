@@ -57,7 +57,8 @@ def train_main(argv: list[str]) -> int:
     except ConfigError as e:
         return _fail(str(e))
     _setup_logging()
-    from .train import train
+    from .run_dir import RunDir
+    from .train import TrainingDiverged, failure_message, train
 
     try:
         run = train(cfg)
@@ -66,12 +67,21 @@ def train_main(argv: list[str]) -> int:
     except Cancelled:
         print("training cancelled", file=sys.stderr)
         return 130
+    except TrainingDiverged as e:  # not the user's input: exit 1, but one line all the same
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        message = failure_message(e, RunDir(cfg.output_dir))
+        if not message.startswith("cannot write the run folder"):
+            raise  # a bug: its traceback is what a report needs
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     print(f"done: {run.path}")
     return 0
 
 
 def make_tiny_model_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="flatlora-diffusion make-tiny-model",
+    parser = argparse.ArgumentParser(prog="flatlora-diffusion make-tiny-model", allow_abbrev=False,
                                      description="Write a tiny random-weight SD 1.5 or SDXL pipeline folder (offline).")
     parser.add_argument("dir")
     parser.add_argument("--arch", choices=["sd15", "sdxl"], default="sd15")
@@ -86,7 +96,7 @@ def make_tiny_model_main(argv: list[str]) -> int:
 def export_main(argv: list[str]) -> int:
     from .export import add_export_arguments, run_export
 
-    parser = argparse.ArgumentParser(prog="flatlora-diffusion export",
+    parser = argparse.ArgumentParser(prog="flatlora-diffusion export", allow_abbrev=False,
                                      description="Write a kohya (ComfyUI / AUTOMATIC1111) or diffusers LoRA file.")
     add_export_arguments(parser)
     return run_export(parser.parse_args(argv))
@@ -94,8 +104,12 @@ def export_main(argv: list[str]) -> int:
 
 def demo_main(argv: list[str]) -> int:
     from .demo import main
+    from .train import USER_ERRORS
 
-    return main(argv)
+    try:
+        return main(argv)
+    except USER_ERRORS as e:  # e.g. --output holding the runs of an earlier demo
+        return _fail(str(e))
 
 
 def app_main(argv: list[str]) -> int:

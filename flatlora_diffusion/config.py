@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -26,8 +27,11 @@ class ConfigError(ValueError):
     """A mistake in the settings; the message is one line, printed without a traceback."""
 
 
-def _f(default, help: str, group: str, choices=None, **extra):
-    meta = {"help": help, "group": group, "choices": choices, **extra}
+def _f(default, help: str, group: str, choices=None, *, ge=None, gt=None, le=None, lt=None, **extra):
+    """A field with its help, form group, allowed values and, for numbers, its allowed range (ge/gt/le/lt):
+    the range is checked in TrainConfig.validate, so the flags, the YAML file and the web form all get it."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    meta = {"help": help, "group": group, "choices": choices, "bounds": bounds, **extra}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -70,36 +74,36 @@ class TrainConfig:
     instance_prompt: str | None = _f(
         None, "Prompt for images without a caption file, e.g. 'a photo of sks dog'.", "data"
     )
-    repeats: int = _f(1, "How many times to repeat the training data.", "data")
-    resolution: int | None = _f(None, "Training resolution in pixels (default 512 for SD 1.x, 1024 for SDXL).", "data")
+    repeats: int = _f(1, "How many times to repeat the training data.", "data", le=10_000, ge=1)
+    resolution: int | None = _f(None, "Training resolution in pixels (default 512 for SD 1.x, 1024 for SDXL).", "data", ge=8, le=8192)
     center_crop: bool = _f(False, "Center-crop images instead of cropping at random.", "data")
     random_flip: bool = _f(False, "Flip images horizontally at random.", "data")
     image_interpolation_mode: str = _f(
         "lanczos", "Resize filter.", "data", choices=["lanczos", "bilinear", "bicubic", "nearest", "box", "hamming"]
     )
-    dataloader_num_workers: int = _f(0, "Data-loading worker processes (0 = main process).", "data")
+    dataloader_num_workers: int = _f(0, "Data-loading worker processes (0 = main process).", "data", ge=0, le=256)
     aspect_ratio_buckets: bool = _f(False, "Group images into aspect-ratio buckets instead of square crops (kohya).", "data")
-    bucket_reso_steps: int = _f(64, "Bucket side step in pixels.", "data")
-    min_bucket_reso: int | None = _f(None, "Smallest bucket side (default: kohya's).", "data")
-    max_bucket_reso: int | None = _f(None, "Largest bucket side (default: kohya's).", "data")
+    bucket_reso_steps: int = _f(64, "Bucket side step in pixels.", "data", ge=8, le=1024)
+    min_bucket_reso: int | None = _f(None, "Smallest bucket side (default: kohya's).", "data", ge=64, le=8192)
+    max_bucket_reso: int | None = _f(None, "Largest bucket side (default: kohya's).", "data", ge=64, le=8192)
     bucket_no_upscale: bool = _f(False, "Never upscale an image to fill a bucket.", "data")
 
     # --- prior preservation --------------------------------------------------------------------------------
     with_prior_preservation: bool = _f(False, "Train with prior-preservation loss on class images.", "prior")
     class_data_dir: str | None = _f(None, "Folder of class images (missing ones are generated).", "prior")
     class_prompt: str | None = _f(None, "Prompt of the class images, e.g. 'a photo of a dog'.", "prior")
-    num_class_images: int = _f(100, "Number of class images; fewer existing ones are topped up by generation.", "prior")
-    sample_batch_size: int = _f(4, "Batch size for generating class images.", "prior")
+    num_class_images: int = _f(100, "Number of class images; fewer existing ones are topped up by generation.", "prior", ge=1, le=1_000_000)
+    sample_batch_size: int = _f(4, "Batch size for generating class images.", "prior", ge=1, le=1024)
     prior_generation_precision: str | None = _f(
         None, "Precision for generating class images (default fp16 on GPU, fp32 on CPU).", "prior",
         choices=["no", "fp32", "fp16", "bf16"],
     )
-    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", "prior")
+    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", "prior", ge=0, le=1000)
 
     # --- LoRA ----------------------------------------------------------------------------------------------
-    rank: int = _f(4, "LoRA rank.", "lora")
-    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to rank).", "lora")
-    lora_dropout: float = _f(0.0, "LoRA dropout.", "lora")
+    rank: int = _f(4, "LoRA rank.", "lora", ge=1, le=1024)
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to rank).", "lora", gt=0, le=100_000)
+    lora_dropout: float = _f(0.0, "LoRA dropout.", "lora", ge=0, lt=1)
     use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).", "lora")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", "lora")
     init_lora_weights: str = _f(
@@ -111,7 +115,7 @@ class TrainConfig:
     train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", "lora")
 
     # --- Flat-LoRA -----------------------------------------------------------------------------------------
-    flat_sigma: float = _f(0.1, "Flat-LoRA noise level sigma (0 = plain LoRA; the paper uses 0.1 for SDXL).", "flat")
+    flat_sigma: float = _f(0.1, "Flat-LoRA noise level sigma (0 = plain LoRA; the paper uses 0.1 for SDXL).", "flat", ge=0, le=1)
     flat_schedule: str = _f("cosine", "How sigma grows over training.", "flat", choices=["cosine", "linear", "constant"])
     flat_per_microbatch: bool = _f(
         False, "Draw fresh noise for every micro-batch of gradient accumulation (default: one draw per step).", "flat"
@@ -130,32 +134,32 @@ class TrainConfig:
     # --- optimisation --------------------------------------------------------------------------------------
     optimizer: str = _f("AdamW", "Optimizer.", "optim", choices=["AdamW", "prodigy"])
     use_8bit_adam: bool = _f(False, "Use 8-bit AdamW from bitsandbytes.", "optim")
-    learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim")
-    text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim")
+    learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim", gt=0, le=10)
+    text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim", gt=0, le=10)
     scale_lr: bool = _f(False, "Scale the lr by GPUs x accumulation x batch size.", "optim")
-    adam_beta1: float = _f(0.9, "Adam beta1.", "optim")
-    adam_beta2: float = _f(0.999, "Adam beta2.", "optim")
-    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet LoRA.", "optim")
-    adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.", "optim")
-    adam_epsilon: float = _f(1e-8, "Adam epsilon.", "optim")
-    prodigy_beta3: float | None = _f(None, "Prodigy beta3.", "optim")
+    adam_beta1: float = _f(0.9, "Adam beta1.", "optim", ge=0, lt=1)
+    adam_beta2: float = _f(0.999, "Adam beta2.", "optim", ge=0, lt=1)
+    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet LoRA.", "optim", ge=0, le=1)
+    adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.", "optim", ge=0, le=1)
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.", "optim", gt=0, le=1)
+    prodigy_beta3: float | None = _f(None, "Prodigy beta3.", "optim", ge=0, lt=1)
     prodigy_decouple: bool = _f(True, "Prodigy decoupled weight decay.", "optim")
     prodigy_use_bias_correction: bool = _f(True, "Prodigy bias correction.", "optim")
     prodigy_safeguard_warmup: bool = _f(True, "Prodigy safeguard warmup.", "optim")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm.", "optim")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (a huge value: no clipping).", "optim", gt=0)
     lr_scheduler: str = _f("constant", "Learning-rate schedule.", "optim", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim")
-    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim")
-    lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim")
-    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim")
-    noise_offset: float = _f(0.0, "Noise offset.", "optim")
+    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim", ge=0, le=10**12)
+    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim", ge=1, le=100_000)
+    lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim", gt=0, le=100)
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim", gt=0)
+    noise_offset: float = _f(0.0, "Noise offset.", "optim", ge=0, le=1)
 
     # --- steps ---------------------------------------------------------------------------------------------
-    train_batch_size: int = _f(4, "Batch size per device.", "steps")
-    num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps")
-    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps")
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps")
-    seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps")
+    train_batch_size: int = _f(4, "Batch size per device.", "steps", ge=1, le=4096)
+    num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps", ge=1, le=1_000_000)
+    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps", ge=1, le=10**12)
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps", ge=1, le=4096)
+    seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps", ge=0, le=2**32 - 1)
 
     # --- speed and memory ----------------------------------------------------------------------------------
     mixed_precision: str | None = _f(None, "Mixed precision (default: accelerate's config).", "speed", choices=["no", "fp16", "bf16"])
@@ -172,21 +176,25 @@ class TrainConfig:
     )
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state")
-    checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.", "state")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state", ge=1, le=10**12)
+    checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.", "state", ge=1, le=100_000)
     resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest'.", "state")
 
     # --- validation ----------------------------------------------------------------------------------------
     validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation")
-    num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation")
-    validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation")
-    validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation")
-    validation_epochs: int | None = _f(None, "Validate every N epochs (diffusers' flag).", "validation")
-    validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation")
-    validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation")
+    num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000)
+    validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1)
+    validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12)
+    validation_epochs: int | None = _f(None, "Validate every N epochs (diffusers' flag).", "validation", ge=1, le=1_000_000)
+    validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000)
+    validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100)
 
     # --- output --------------------------------------------------------------------------------------------
     output_dir: str = _f("lora-dreambooth-model", "The run directory.", "output")
+    overwrite: bool = _f(
+        False, "Replace the run already in --output_dir (its config, status, metrics, samples, checkpoints and LoRA "
+        "files). Without it, a folder holding a different run is refused.", "output", transient=True,
+    )
     output_name: str | None = _f(None, "Name of the kohya file and of the LoRA in the UIs (default: the folder name).", "output")
     output_kohya_format: bool = _f(True, "Also write the kohya-format file for ComfyUI / AUTOMATIC1111.", "output")
     save_precision: str = _f("fp16", "Precision of the kohya file.", "output", choices=["fp16", "bf16", "fp32"])
@@ -195,7 +203,7 @@ class TrainConfig:
     push_to_hub: bool = _f(False, "Upload the run's LoRA files to the hub at the end.", "output")
     hub_token: str | None = _f(None, "Hub token.", "output", secret=True)
     hub_model_id: str | None = _f(None, "Hub repository to upload to.", "output")
-    local_rank: int = _f(-1, "Set by launchers; accepted for compatibility.", "output", hidden=True)
+    local_rank: int = _f(-1, "Set by launchers; accepted for compatibility.", "output", hidden=True, ge=-1, le=100_000)
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -211,6 +219,8 @@ class TrainConfig:
             raise ConfigError("--pretrained_model_name_or_path is required (a hub id, a diffusers folder or a .safetensors file)")
         if not self.instance_data_dir and not self.dataset_name:
             raise ConfigError("give the training images with --instance_data_dir (a folder) or --dataset_name")
+        if not str(self.output_dir).strip():
+            raise ConfigError("--output_dir must name a folder, got an empty string")
         if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
             lower = max(8, self.resolution - self.resolution % 8)
             raise ConfigError(f"--resolution must be a positive multiple of 8, got {self.resolution} (try {lower})")
@@ -242,6 +252,7 @@ class TrainConfig:
             raise ConfigError(f"--snr_gamma must be positive, got {self.snr_gamma}")
         if self.output_name is not None and (not self.output_name.strip() or any(c in self.output_name for c in "/\\")):
             raise ConfigError(f"--output_name must be a plain file name without slashes, got {self.output_name!r}")
+        self._check_ranges()
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -250,6 +261,26 @@ class TrainConfig:
                     if item not in choices:
                         raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {item!r}")
         return self
+
+    def _check_ranges(self) -> None:
+        """Every number within its field's range (metadata "bounds"), and finite: nan and inf are never settings."""
+        for f in fields(self):
+            bounds = f.metadata.get("bounds") or {}
+            elem, is_list = field_type(f.name)
+            if elem not in (int, float):
+                continue
+            value = getattr(self, f.name)
+            for item in (value if is_list else [value]) if value is not None else []:
+                if isinstance(item, float) and not math.isfinite(item):
+                    raise ConfigError(f"--{f.name} must be a finite number, got {item}")
+                ok = all((
+                    "ge" not in bounds or item >= bounds["ge"],
+                    "gt" not in bounds or item > bounds["gt"],
+                    "le" not in bounds or item <= bounds["le"],
+                    "lt" not in bounds or item < bounds["lt"],
+                ))
+                if not ok:
+                    raise ConfigError(f"--{f.name} must be {describe_range(bounds)}, got {item}")
 
     def resolve_arch_defaults(self, arch: str) -> "TrainConfig":
         """Fill the defaults that depend on the architecture (as diffusers' two scripts differ)."""
@@ -268,6 +299,22 @@ class TrainConfig:
         if self.output_name is None:
             self.output_name = Path(self.output_dir).resolve().name
         return self
+
+
+def describe_range(bounds: dict) -> str:
+    """{"ge": 0, "lt": 1} -> "in [0, 1)"; one-sided -> ">= 0"."""
+    lo = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    hi = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    def num(x):
+        return str(x) if isinstance(x, int) else f"{x:g}"
+
+    if lo and hi:
+        return f"in {lo[0]}{num(lo[1])}, {num(hi[1])}{hi[0]}"
+    if lo:
+        return f"{'>=' if lo[0] == '[' else '>'} {num(lo[1])}"
+    if hi:
+        return f"{'<=' if hi[0] == ']' else '<'} {num(hi[1])}"
+    return "a number"
 
 
 # --- types and parsing ------------------------------------------------------------------------------------
@@ -326,12 +373,41 @@ def closest_key(name: str) -> str | None:
     return match[0] if match else None
 
 
+MAX_YAML_BYTES = 1024 * 1024  # a config is a few KB; the bound keeps a hostile upload from costing memory
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """safe_load without anchors' aliases: a config never needs them, and nested aliases ("billion laughs")
+    expand a 1 KB file into gigabytes."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed in a config file",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml_text(text: str):
+    """yaml.safe_load that refuses aliases (raises yaml.YAMLError)."""
+    return yaml.load(text, Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        with p.open("rb") as f:
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read ({e.strerror or e})") from None
+    if len(raw) > MAX_YAML_BYTES:
+        raise ConfigError(f"config file {p} is larger than {MAX_YAML_BYTES // 1024} KB; a config is a few KB")
+    try:
+        data = safe_load_yaml_text(raw.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {p} is not UTF-8 text") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -352,7 +428,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     """The diffusers-compatible flags, one per TrainConfig field. Only flags actually given end up in the
     namespace (default=SUPPRESS), so they can override a YAML file."""
     parser = parser or argparse.ArgumentParser(
-        prog="flatlora-diffusion train", description="DreamBooth LoRA / Flat-LoRA training for SD 1.x and SDXL."
+        prog="flatlora-diffusion train", description="DreamBooth LoRA / Flat-LoRA training for SD 1.x and SDXL.",
+        allow_abbrev=False,
     )
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (every flag is a key).")
     groups: dict[str, argparse._ArgumentGroup] = {}
@@ -392,7 +469,7 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def config_from_args(argv: list[str] | None) -> TrainConfig:
     """CLI flags (+ optional --config YAML) -> validated TrainConfig. Raises ConfigError."""
-    parser = build_parser(_OneLineParser(prog="flatlora-diffusion train"))
+    parser = build_parser(_OneLineParser(prog="flatlora-diffusion train", allow_abbrev=False))
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     if "config" in ns:
@@ -418,5 +495,9 @@ def save_yaml(cfg: TrainConfig, path: str | os.PathLike) -> None:
     """Write the resolved config atomically; `train --config` on it repeats the run."""
     p = Path(path)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    data = cfg.to_dict()
+    for f in fields(cfg):  # one-off instructions (--overwrite) are not settings of the run
+        if f.metadata.get("transient") and f.name in data:
+            data[f.name] = f.default
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, p)

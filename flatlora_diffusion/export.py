@@ -1048,10 +1048,16 @@ def export_lora(
         raise ExportError(f"{out} already exists (use --overwrite to replace it)")
     if out.is_dir():
         raise ExportError(f"the output {out} is a folder")
+    if out.exists() and not out.is_file():  # --overwrite replaces files, never /dev/... or a pipe
+        raise ExportError(f"the output {out} is not a regular file (a device, pipe or socket); not replacing it")
     if not out.parent.is_dir():
         raise ExportError(f"the output folder {out.parent} does not exist")
 
     tensors, source_metadata = _load_file(weights)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ExportError(f"{weights.name} holds NaN/inf values ({len(bad)} tensors, e.g. {bad[0]}): the training "
+                          f"diverged; a LoRA like that breaks every image, so nothing was written")
     lora, guess = _read_state_dict(tensors, source_metadata, arch)
     if arch is None:
         # The keys decide; where they only show "some SD 1.x-like model" (tiny test models, a UNet

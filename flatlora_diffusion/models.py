@@ -88,10 +88,46 @@ def inspect_model_source(name_or_path: str, revision: str | None = None, cache_d
             data = json.loads(index.read_text())
         except json.JSONDecodeError:
             raise ModelError(f"{index} is not valid JSON") from None
-        return ModelSource("folder", str(path), _arch_from_model_index(data, str(path)))
+        arch = _arch_from_model_index(data, str(path))
+        _check_folder_components(path, data)
+        return ModelSource("folder", str(path), arch)
     if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/", "~")):
         raise ModelError(f"model not found: {name_or_path} is neither an existing path nor a hub id (owner/name)")
     return ModelSource("hub", name_or_path, _arch_from_hub(name_or_path, revision, cache_dir))
+
+
+_NEEDED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+
+
+def _check_folder_components(path: Path, index: dict) -> None:
+    """Every part the training needs is a folder with a config, and its weight files are whole: a missing
+    unet/ or a truncated download fails here in a second, with one line, not while loading."""
+    from .safetensors_io import SafetensorsFormatError, read_header
+
+    for name in _NEEDED:
+        entry = index.get(name)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0]):
+            if name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+                raise ModelError(f"{path} is not a complete pipeline folder: model_index.json names no {name}")
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise ModelError(f"{path} is not a complete pipeline folder: {name}/ is missing")
+        if name.startswith(("tokenizer", "scheduler")):
+            continue
+        if not (folder / "config.json").is_file():
+            raise ModelError(f"{path}: {name}/config.json is missing")
+        weights = [p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file()]
+        if not weights:
+            raise ModelError(f"{path}: {name}/ holds no weights (.safetensors or .bin)")
+        for w in weights:
+            if w.suffix == ".safetensors" and not w.name.endswith(".index.json"):
+                try:
+                    read_header(w)
+                except SafetensorsFormatError as e:
+                    raise ModelError(f"{path}: {name}/{e}") from None
+                except OSError as e:
+                    raise ModelError(f"{path}: {name}/{w.name} cannot be read ({e.strerror or e})") from None
 
 
 def _arch_from_hub(repo_id: str, revision: str | None, cache_dir: str | None) -> str:

@@ -17,6 +17,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
+from . import faults
+
 _MAX_HEADER = 100 * 1024 * 1024  # the limit the safetensors library itself enforces
 _CHUNK = 1024 * 1024
 
@@ -172,6 +174,7 @@ def save_safetensors_atomic(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        faults.hit("lora_tmp")
         _publish(tmp, path, overwrite)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,25 +15,39 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import faults
 from .config import ConfigError, TrainConfig, save_yaml
 from .data import DataError, ImageRecord, validate_data_args
 from .flat import FlatLoRA
 from .models import ModelError, ModelSource, inspect_model_source
-from .run_dir import DIFFUSERS_WEIGHTS, RunDir
+from .run_dir import (DIFFUSERS_WEIGHTS, RunDir, RunLocked, TrainerLock, checkpoint_problem, is_disk_error,
+                      lock_holder)
 
 logger = logging.getLogger("flatlora_diffusion")
 
 USER_ERRORS = (ConfigError, DataError, ModelError)
 
+# Settings that make a run what it is: resuming with another value would train a different run (or fail
+# to load the checkpoint at all), so a resume with a difference is refused.
+IDENTITY = ("seed", "rank", "lora_alpha", "use_dora", "use_rslora", "init_lora_weights", "lora_target_modules",
+            "train_text_encoder", "text_encoder_target_modules", "optimizer", "use_8bit_adam")
+# Settings that do not make a run another run: an equal config except for these is "the same run".
+_NOT_COMPARED = ("overwrite", "resume_from_checkpoint", "local_rank")
+
 
 class Cancelled(Exception):
     pass
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the LoRA weights became NaN/inf; nothing non-finite was saved. One-line message."""
 
 
 # ==========================================================================================================
@@ -45,6 +59,17 @@ class Plan:
     source: ModelSource
     records: list[ImageRecord] | None  # None for --dataset_name (loaded later)
     resume_dir: Path | None
+    # where to resume from, best first: with "latest", the older complete checkpoints are the fall-backs
+    resume_candidates: list[Path] = field(default_factory=list)
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` / torchrun every process runs the trainer; only the main one writes the run
+    files. (Read from the launcher's variables: creating accelerate's state here would fix it before the
+    Accelerator, with its own CPU / process-group settings, exists.)"""
+    from accelerate.utils import get_int_from_env
+
+    return get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
 
 
 def _check_output_writable(output_dir: Path) -> None:
@@ -64,26 +89,106 @@ def _check_output_writable(output_dir: Path) -> None:
         raise ConfigError(f"--output_dir {output_dir} is not writable ({e.strerror} in {probe})") from None
 
 
-def _resolve_resume(cfg: TrainConfig, run: RunDir) -> Path | None:
+def _resolve_resume(cfg: TrainConfig, run: RunDir) -> list[Path]:
+    """The checkpoints to try, best first. "latest" skips (with a warning) those that are incomplete or
+    corrupt and falls back to the previous complete one; an explicit checkpoint must be whole."""
     if not cfg.resume_from_checkpoint:
-        return None
+        return []
     if cfg.resume_from_checkpoint == "latest":
-        found = run.list_checkpoints()
+        found = [p for _, p in reversed(run.list_checkpoints())]
         if not found:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s; starting a new run", run.checkpoints)
-            return None
-        return found[-1][1]
+            return []
+        good = []
+        for path in found:
+            problem = checkpoint_problem(path)
+            if problem:
+                logger.warning("%s cannot be resumed from (%s); falling back to an earlier checkpoint", path.name, problem)
+            else:
+                good.append(path)
+        if not good:
+            raise ConfigError(f"--resume_from_checkpoint latest: no checkpoint in {run.checkpoints} is whole "
+                              f"({found[0].name}: {checkpoint_problem(found[0])})")
+        if good[0] != found[0]:
+            logger.warning("resuming from %s, the newest whole checkpoint", good[0].name)
+        return good
     path = Path(cfg.resume_from_checkpoint)
     if not path.is_dir():
         path = run.checkpoints / Path(cfg.resume_from_checkpoint).name  # diffusers accepts the bare folder name
     if not (path / "training_state.json").is_file():
         raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: no complete checkpoint there")
-    return path
+    problem = checkpoint_problem(path)
+    if problem:
+        raise ConfigError(f"--resume_from_checkpoint {cfg.resume_from_checkpoint}: the checkpoint is damaged ({problem})")
+    return [path]
+
+
+def _comparable(values: dict) -> dict:
+    return {k: v for k, v in values.items() if k not in _NOT_COMPARED}
+
+
+def _check_resume_identity(cfg: TrainConfig, checkpoint: Path, run: RunDir, seed_given: bool) -> None:
+    """A resume continues the run that wrote the checkpoint: its identity settings must be the same."""
+    try:
+        recorded = json.loads((checkpoint / "training_state.json").read_text()).get("settings") or {}
+    except (OSError, ValueError):
+        recorded = {}
+    if not recorded:  # a checkpoint of an older version: the run's config.yaml tells, if it is there
+        from .config import safe_load_yaml_text
+
+        try:
+            data = safe_load_yaml_text(run.config_file.read_text())
+            recorded = {k: data[k] for k in IDENTITY if isinstance(data, dict) and k in data}
+        except Exception:
+            recorded = {}
+    if not seed_given and isinstance(recorded.get("seed"), int):
+        cfg.seed = recorded["seed"]  # no --seed given: the run's own
+    for key in IDENTITY:
+        if key in recorded and recorded[key] != getattr(cfg, key):
+            raise ConfigError(
+                f"--resume_from_checkpoint {checkpoint.name}: the run was trained with --{key} {recorded[key]}, "
+                f"not {getattr(cfg, key)}; resume with the run's own settings (its config.yaml) or train a new run "
+                f"in another --output_dir")
+
+
+def _check_existing_run(cfg: TrainConfig, run: RunDir, given: dict, resuming: bool) -> None:
+    """A folder that holds a run is trained into only to resume that run, to start the very run it holds
+    (the web app's queued run, or one that failed before its first step), or with --overwrite."""
+    holder = lock_holder(run.path)
+    if holder is not None:
+        raise ConfigError(str(RunLocked(run.path, holder or None)))
+    if cfg.overwrite or resuming or not run.path.is_dir() or not run.holds_a_run():
+        return
+    status = run.read_status()
+    where = f"--output_dir {run.path} already holds a run"
+    if status.get("state"):
+        where += f" ({status.get('state')}, step {status.get('step', 0)} of {status.get('total') or '?'})"
+    advice = ("; resume it with --resume_from_checkpoint latest, choose another --output_dir, or pass --overwrite "
+              "to replace it")
+    if run.has_progress():
+        raise ConfigError(where + advice)
+    try:
+        from .config import safe_load_yaml_text
+
+        recorded = safe_load_yaml_text(run.config_file.read_text())
+    except Exception:
+        recorded = None
+    if not isinstance(recorded, dict):
+        raise ConfigError(where + advice)
+    recorded = _comparable(recorded)
+    if recorded not in (_comparable(given), _comparable(cfg.to_dict())):
+        differ = sorted(k for k in set(recorded) | set(_comparable(given))
+                        if recorded.get(k) != given.get(k) and recorded.get(k) != getattr(cfg, k, None))
+        raise ConfigError(where + f" with other settings ({', '.join(differ[:4])})" + advice)
 
 
 def preflight(cfg: TrainConfig) -> Plan:
     """Validate everything cheap. Raises ConfigError / DataError / ModelError with one line; writes nothing."""
     cfg.validate()
+    given = cfg.to_dict()  # before the architecture's defaults: the form a config file holds them in
+    seed_given = cfg.seed is not None
+    if cfg.overwrite and cfg.resume_from_checkpoint:
+        raise ConfigError("--overwrite starts the run afresh; it cannot be combined with --resume_from_checkpoint")
     if cfg.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
         logger.warning("--enable_xformers_memory_efficient_attention needs CUDA; using PyTorch SDPA attention")
         cfg.enable_xformers_memory_efficient_attention = False
@@ -116,8 +221,15 @@ def preflight(cfg: TrainConfig) -> Plan:
         caption_extension=cfg.caption_extension,
         interpolation=cfg.image_interpolation_mode,
     )
-    resume = _resolve_resume(cfg, RunDir(cfg.output_dir))
-    return Plan(cfg, source, records, resume)
+    run = RunDir(cfg.output_dir)
+    candidates = _resolve_resume(cfg, run)
+    if candidates:
+        _check_resume_identity(cfg, candidates[0], run, seed_given)
+    elif cfg.resume_from_checkpoint == "latest" and run.config_file.is_file():
+        _check_resume_identity(cfg, run.path, run, seed_given)  # no checkpoint yet: the run's config.yaml decides
+    if _is_main_process():
+        _check_existing_run(cfg, run, given, resuming=bool(cfg.resume_from_checkpoint))
+    return Plan(cfg, source, records, candidates[0] if candidates else None, candidates)
 
 
 def _require(module: str, message: str) -> None:
@@ -132,38 +244,134 @@ def _require(module: str, message: str) -> None:
 # ==========================================================================================================
 def train(cfg: TrainConfig) -> RunDir:
     """Run training to completion; returns the run directory. User mistakes raise before anything is written."""
-    from accelerate.utils import get_int_from_env
-
     plan = preflight(cfg)
-    # Under `accelerate launch` / torchrun every process runs this; only the main one writes the run files.
-    # (Read from the launcher's variables: creating accelerate's state here would fix it before the
-    # Accelerator, with its own CPU / process-group settings, exists.)
-    main = get_int_from_env(["RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"], 0) == 0
+    main = _is_main_process()
     run = RunDir(cfg.output_dir)
+    lock = None
     if main:
         run.create()
-        save_yaml(cfg, run.config_file)
-        run.set_status("running", step=0, total=cfg.max_train_steps or 0, message="loading models", finished_at=None)
-    cancelled = {"flag": False}
-
-    def on_sigterm(signum, frame):  # the web app's Cancel; checked between micro-steps
-        cancelled["flag"] = True
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+        try:  # taken before anything is written: one run folder, at most one trainer
+            lock = TrainerLock(run.path).acquire()
+        except RunLocked as e:
+            raise ConfigError(str(e)) from None
     try:
-        _Trainer(plan, run, cancelled).run()
-    except (Cancelled, KeyboardInterrupt):
         if main:
-            run.set_status("cancelled", message="cancelled")
-        raise Cancelled() from None
-    except BaseException as e:
-        if main:
-            run.set_status("failed", message=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        raise
+            if cfg.overwrite:
+                run.clear_run_files()
+            run.remove_leftovers()
+            save_yaml(cfg, run.config_file)
+            run.set_status("running", step=0, total=cfg.max_train_steps or 0, message="loading models",
+                           finished_at=None, eta_seconds=None)
+        cancelled = {"flag": False}
+        watch = _CancelWatch(cancelled, run if main else None)
+        watch.install()
+        try:
+            _Trainer(plan, run, cancelled).run()
+        except (Cancelled, KeyboardInterrupt):
+            if main:
+                _final_status(run, "cancelled", "cancelled")
+            raise Cancelled() from None
+        except BaseException as e:
+            if main:
+                _final_status(run, "failed", failure_message(e, run))
+            raise
+        finally:
+            watch.uninstall()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if lock is not None:
+            lock.release()
     return run
+
+
+def _final_status(run: RunDir, state: str, message: str) -> None:
+    """Best effort: a status that cannot be written (a full disk) is logged, never a second traceback."""
+    try:
+        run.set_status(state, message=message, eta_seconds=None)
+    except OSError as e:
+        logger.error("could not record the run as %s in %s: %s", state, run.status_file, e)
+
+
+def failure_message(e: BaseException, run: RunDir) -> str:
+    """One line for status.json and the terminal."""
+    text = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, USER_ERRORS) or isinstance(e, TrainingDiverged):
+        return text
+    if is_disk_error(e) or _disk_full(run.path):
+        what = getattr(e, "strerror", None) or text or type(e).__name__
+        good = run.list_checkpoints()
+        keep = (f"; the last complete checkpoint is {good[-1][1].name} (free some space, then resume with "
+                f"--resume_from_checkpoint latest)") if good else ""
+        return f"cannot write the run folder {run.path}: {what}{keep}"
+    return f"{type(e).__name__}: {text}"
+
+
+def _disk_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 1024 * 1024
+    except OSError:
+        return False
+
+
+class _CancelWatch:
+    """SIGTERM (the web app's Cancel) and Ctrl-C: set the flag the loop and the validation sampler check.
+
+    A Python signal handler only runs between bytecodes, so a main thread stuck in one long native call (a huge
+    allocation, a slow kernel) would ignore it. The C-level handler still writes the signal number to a wakeup
+    pipe; a watcher thread reads it and, when the main thread has not stopped within the grace period, records
+    the run as cancelled and exits the process (the lock goes with it; half-written files are temporary ones).
+    """
+
+    def __init__(self, cancelled: dict, run: RunDir | None):
+        self.cancelled, self.run = cancelled, run
+        self.grace_s = float(os.environ.get("FLATLORA_CANCEL_GRACE_S", "10"))
+        self.done = threading.Event()
+        self.installed = False
+
+    def install(self) -> None:
+        if not _main_thread():
+            return
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.write_fd, False)
+        self.previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        self.thread = threading.Thread(target=self._watch, name="flatlora-cancel-watch", daemon=True)
+        self.thread.start()
+        self.installed = True
+
+    def uninstall(self) -> None:
+        if not self.installed:
+            return
+        self.done.set()
+        signal.set_wakeup_fd(self.previous_fd)
+        signal.signal(signal.SIGTERM, self.previous_handler)
+        try:
+            os.write(self.write_fd, b"\0")  # wake the watcher so that it ends
+        except OSError:
+            pass
+        self.thread.join(2)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+        self.installed = False
+
+    def _on_signal(self, signum, frame):
+        self.cancelled["flag"] = True
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            try:
+                data = os.read(self.read_fd, 64)
+            except OSError:
+                return
+            if self.done.is_set() or not data:
+                return
+            if signal.SIGTERM in data or signal.SIGINT in data:
+                self.cancelled["flag"] = True
+                if self.done.wait(self.grace_s):
+                    return
+                logger.error("cancelled, and the trainer did not stop within %.0f s: exiting now", self.grace_s)
+                if self.run is not None:
+                    _final_status(self.run, "cancelled", "cancelled (the trainer was stuck and was stopped)")
+                os._exit(130)
 
 
 def _available_trackers(report_to: str | None) -> list[str] | None:
@@ -438,6 +646,7 @@ class _Trainer:
                 for i, model in enumerate(models):
                     state = get_peft_model_state_dict(acc.unwrap_model(model))
                     save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(output_dir, f"lora_{i}.safetensors"))
+                    faults.hit("ckpt_file")
             while weights:
                 weights.pop()
 
@@ -454,33 +663,82 @@ class _Trainer:
         acc.register_load_state_pre_hook(load_hook)
 
     def _save_checkpoint(self) -> None:
+        """Write checkpoint-N.partial, then publish it by one rename, then rotate old ones out: at every
+        moment the newest published checkpoint is complete, and nothing non-finite is ever published."""
         cfg, acc, run = self.cfg, self.acc, self.run_dir
+        self._check_finite()
         final = run.checkpoint_dir(self.global_step)
         tmp = final.with_name(final.name + ".partial")
         if acc.is_main_process:
-            if cfg.checkpoints_total_limit is not None:
-                existing = run.list_checkpoints()
-                for _, old in existing[: max(0, len(existing) - cfg.checkpoints_total_limit + 1)]:
-                    shutil.rmtree(old, ignore_errors=True)
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()  # every process has written its part before the folder is published
         if acc.is_main_process:
-            (tmp / "training_state.json").write_text(json.dumps({"global_step": self.global_step}))
-            shutil.rmtree(final, ignore_errors=True)
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            for name in files:
+                if not name.startswith("lora_"):  # the LoRA files had their hit in the save hook
+                    faults.hit("ckpt_file")
+            settings = {k: getattr(cfg, k) for k in IDENTITY}
+            state = {"global_step": self.global_step, "files": files, "settings": settings}
+            (tmp / "training_state.json").write_text(json.dumps(state))
+            faults.hit("ckpt_state")
+            if final.exists():  # the same step again after a resume from an earlier checkpoint
+                run.delete_checkpoint(final)
             os.replace(tmp, final)
+            faults.hit("ckpt_published")
             logger.info("saved checkpoint %s", final)
+            if cfg.checkpoints_total_limit is not None:
+                existing = run.list_checkpoints()
+                for _, old in existing[: max(0, len(existing) - cfg.checkpoints_total_limit)]:
+                    if old != final:
+                        run.delete_checkpoint(old, between=lambda: faults.hit("ckpt_rotate"))
         acc.wait_for_everyone()
 
+    def _check_finite(self) -> None:
+        """Raise TrainingDiverged when any trained LoRA weight is NaN/inf (before it could be saved)."""
+        with torch.no_grad():
+            finite = all(bool(torch.isfinite(p).all()) for p in self.params)
+        if not finite:
+            raise TrainingDiverged(self._diverged(f"the LoRA weights became non-finite (NaN/inf) at step "
+                                                  f"{self.global_step}"))
+
+    def _diverged(self, what: str) -> str:
+        if self.acc.mixed_precision == "fp16":
+            hint = "use bf16 instead of fp16, or lower --learning_rate"
+        else:
+            hint = "lower --learning_rate (or --max_grad_norm)"
+        good = self.run_dir.list_checkpoints()
+        if good:
+            keep = (f"the last good state is {good[-1][1]} (step {good[-1][0]}): resume from it with "
+                    f"--resume_from_checkpoint {good[-1][1].name}")
+        else:
+            keep = "no checkpoint had been written yet"
+        return f"{what}; {hint}. Nothing non-finite was saved; {keep}"
+
     def _resume(self) -> None:
-        path = self.plan.resume_dir
-        if path is None:
+        main = self.acc.is_main_process
+        candidates = self.plan.resume_candidates
+        if not candidates:
+            if main:  # a fresh start: no record of an earlier attempt in this folder counts
+                self.run_dir.truncate_metrics_after(0)
             return
-        self.acc.load_state(str(path))
+        for i, path in enumerate(candidates):
+            try:
+                faults.hit("ckpt_read")
+                self.acc.load_state(str(path))
+                break
+            except Exception as e:  # unreadable (EIO), corrupt, or not of this model
+                lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+                detail = next((ln for ln in lines if "mismatch" in ln), lines[0] if lines else "")
+                reason = f"{type(e).__name__}: {detail}"
+                if i + 1 < len(candidates):
+                    logger.warning("cannot load %s (%s); falling back to %s", path.name, reason, candidates[i + 1].name)
+                    continue
+                raise ConfigError(f"cannot resume from {path} ({reason[:300]})") from None
         self.global_step = json.loads((path / "training_state.json").read_text())["global_step"]
         self.first_epoch = self.global_step // self.steps_per_epoch
-        if self.acc.is_main_process:
+        if main:
             self.run_dir.truncate_metrics_after(self.global_step)
         logger.info("resumed from %s at step %d", path, self.global_step)
 
@@ -540,6 +798,14 @@ class _Trainer:
         self._status("training")
         for model in self.trained_models:
             model.train()
+        try:
+            self._epochs(bar, start_step)
+        finally:
+            bar.close()  # an error message then starts a line of its own
+
+    def _epochs(self, bar, start_step: int) -> None:
+        cfg, acc = self.cfg, self.acc
+        total = cfg.max_train_steps
         losses: list[torch.Tensor] = []
         for epoch in range(self.first_epoch, self.num_epochs):
             self.dataloader.set_epoch(epoch)
@@ -555,11 +821,14 @@ class _Trainer:
                 if not acc.sync_gradients:
                     continue
                 self.global_step += 1
+                if faults.hit("step") == "nan":
+                    with torch.no_grad():  # a diverged update, as a too-high learning rate makes one
+                        for p in self.params:
+                            p.fill_(float("nan"))
                 mean_loss = acc.gather(torch.stack(losses).mean().reshape(1)).mean().item()
                 losses.clear()
                 if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss became {mean_loss} at step {self.global_step}; "
-                                             f"lower --learning_rate or use bf16 instead of fp16")
+                    raise TrainingDiverged(self._diverged(f"the loss became {mean_loss} at step {self.global_step}"))
                 self._log_step(mean_loss, sigma_t, epoch, start_step, bar)
                 if self.global_step % cfg.checkpointing_steps == 0 and self.global_step < total:
                     self._save_checkpoint()
@@ -571,7 +840,6 @@ class _Trainer:
                 break
             if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0:
                 self._validate()
-        bar.close()
 
     def _log_step(self, loss: float, sigma_t: float, epoch: int, start_step: int, bar) -> None:
         cfg = self.cfg
@@ -582,6 +850,7 @@ class _Trainer:
         bar.set_postfix(loss=f"{loss:.4f}", sigma=f"{sigma_t:.3g}", lr=f"{lr:.2e}")
         if not self.acc.is_main_process:
             return
+        faults.hit("metrics")
         self.run_dir.append_metrics({"step": self.global_step, "loss": loss, "lr": lr, "flat_sigma": sigma_t,
                                      "seconds": round(elapsed, 3), "it_per_s": round(rate, 4), "epoch": epoch})
         eta = (cfg.max_train_steps - self.global_step) / rate if rate > 0 else None
@@ -625,14 +894,23 @@ class _Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         size = cfg.resolution
+
+        def stop_if_cancelled(pipe, i, t, kwargs):  # Cancel while sampling: between denoising steps
+            if self.cancelled["flag"]:
+                raise Cancelled()
+            return kwargs
+
         for p, prompt in enumerate(cfg.validation_prompt):
             for seed in cfg.validation_seeds:
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
                 with acc.autocast():
                     image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
                                  guidance_scale=cfg.validation_guidance_scale, generator=gen,
-                                 height=size, width=size).images[0]
+                                 height=size, width=size, callback_on_step_end=stop_if_cancelled).images[0]
                 image.save(tmp / f"{p}_{seed}.png")
+                faults.hit("validation")
+                if self.cancelled["flag"]:
+                    raise Cancelled()
         (tmp / ".complete").write_text("")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -647,6 +925,7 @@ class _Trainer:
         cfg, acc, run = self.cfg, self.acc, self.run_dir
         acc.wait_for_everyone()
         self._validate()  # the final step (skipped when it was just made)
+        self._check_finite()  # a NaN LoRA is never written
         if acc.is_main_process:
             self._status("writing LoRA files")
             c = self.components
@@ -658,6 +937,7 @@ class _Trainer:
                 lora = to_original_base(lora, self.pissa_initial)
             state, metadata = lora_to_diffusers(lora)
             save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
+            faults.hit("lora_file")
             if cfg.output_kohya_format:
                 settings = cfg.to_dict()
                 settings.update(flat_seed=cfg.seed, num_train_images=self.num_images,
@@ -687,7 +967,7 @@ class _Trainer:
         cfg = self.cfg
         repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
         upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
-                      ignore_patterns=["checkpoints/*", "step_*", "*.partial"])
+                      ignore_patterns=["checkpoints/*", "step_*", "*.partial", "trainer.lock", ".*.tmp"])
 
 
 class _LatentCache(torch.utils.data.Dataset):
