@@ -70,7 +70,7 @@ def test_known_answer_of_a_quadratic_loss(kind):
     # a layer-wise law (one std for the whole matrix, the same total variance) gives a clearly different answer
     layerwise = rho ** 2 * float(x @ x) * float(c.sum()) * float((w_merged ** 2).sum()) / (6 * n)
     assert abs(layerwise - expected) > 0.3 * expected
-    curve = sharpness_curve(loss, layers, [rho, 2 * rho], draws=1500, seed=3)
+    curve = sharpness_curve(loss, layers, [rho, 2 * rho], draws=1500, seed=3, antithetic=False)
     p1, p2 = curve.points
     assert curve.clean_loss < 1e-9
     assert abs(p1.mean_increase - expected) < 4 * p1.stderr, (p1.mean_increase, expected, p1.stderr)
@@ -78,6 +78,29 @@ def test_known_answer_of_a_quadratic_loss(kind):
     # common random numbers across rho: the same standard normals, scaled, so the quadratic loss scales by 4
     assert all(math.isclose(b, 4 * a, rel_tol=1e-3, abs_tol=1e-3 * expected) for a, b in zip(p1.increases, p2.increases))
     assert p1.worst_increase == max(p1.increases) >= p1.mean_increase
+
+
+def test_antithetic_pairs_cancel_the_first_order_term():
+    """Away from the minimum (W* != W') the increase is 2 r.(eps x) + (eps x)^2: the linear term has mean zero
+    but large variance. The pair (+eps, -eps) removes it exactly; the expectation is unchanged."""
+    model = _lora_linear()
+    layers = lora_layers([model])
+    w_merged = layers[0].merged_weight()
+    x = torch.randn(12, generator=torch.Generator().manual_seed(1))
+    target = (w_merged @ x).double() + 1.0  # residual r = -1 in every row
+
+    def loss():
+        return float(((model(x[None])[0].double() - target) ** 2).sum())
+
+    rho, n = 0.05, 12
+    expected = rho ** 2 * float(x @ x) * float((w_merged ** 2).sum()) / n
+    single = sharpness_curve(loss, layers, [rho], draws=200, seed=3, antithetic=False).points[0]
+    paired = sharpness_curve(loss, layers, [rho], draws=200, seed=3).points[0]
+    assert paired.stderr < 0.2 * single.stderr
+    assert abs(paired.mean_increase - expected) < 4 * paired.stderr and paired.stderr < 0.1 * expected
+    assert abs(single.mean_increase - expected) < 4 * single.stderr
+    # the worst single evaluation of a pair is at least the pair's mean
+    assert paired.worst_increase >= max(paired.increases)
 
 
 def test_perturbation_leaves_weights_bitwise_and_is_seeded():
@@ -92,6 +115,8 @@ def test_perturbation_leaves_weights_bitwise_and_is_seeded():
         assert torch.equal(model(x), noisy)  # a draw is a function of (seed, draw, layer)
     with perturbed(layers, 0.1, seed=0, draw=1):
         assert not torch.allclose(model(x), noisy)
+    with perturbed(layers, 0.1, seed=0, draw=0, mirrored=True):  # exactly -eps: (y+ - y0) == -(y- - y0)
+        assert torch.allclose(model(x) - clean, clean - noisy, atol=1e-6)
     with pytest.raises(RuntimeError):
         with perturbed(layers, 0.1, seed=0, draw=2):
             raise RuntimeError("a failing loss")
@@ -142,7 +167,7 @@ def test_evaluate_writes_eval_json_and_prints_the_comparison(runs, tmp_path, cap
         for p in sharp["points"]:
             assert len(p["increases"]) == 3 and p["stderr"] > 0
             assert p["mean_loss"] == pytest.approx(sharp["clean_loss"] + p["mean_increase"])
-            assert p["worst_increase"] == max(p["increases"])
+            assert p["worst_increase"] >= max(p["increases"])  # a single evaluation vs pair means
         assert rec["settings"]["images"] == {"instance": 3, "heldout": 2} and rec["image_scores"] == {}
     # training moved the two runs apart; the losses of the two image sets differ
     assert records[0]["loss"]["instance"] != records[1]["loss"]["instance"]
@@ -170,6 +195,7 @@ def test_numbers_are_bit_reproducible_and_draws_are_common_to_runs(runs, tmp_pat
     assert _numbers(first[0]) == _numbers(first[1]) == _numbers(again[0])
     comp = json.loads((tmp_path / "a.json").read_text())["comparisons"][0]
     assert comp["paired"] and all(d["mean"] == 0.0 and d["stderr"] == 0.0 for d in comp["sharpness_difference"])
+    assert first[0]["loss"]["heldout"] is None and first[0]["loss"]["gap"] is None  # no held-out set given
     other_seed = evaluate([str(runs["lora"])], EvalOptions(draws=3, rhos=(0.02, 0.1), triples=6, eval_seed=1))
     assert other_seed[0]["loss"]["instance"] != first[0]["loss"]["instance"]
 
@@ -196,6 +222,16 @@ def test_sdxl_run_with_text_encoder_lora_is_perturbed_everywhere(tiny, tmp_path)
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
     assert record["sharpness"]["layers"] == len(keys)
     assert record["sharpness"]["points"][0]["increases"][0] != 0.0
+
+
+def test_the_heldout_hook_supplies_heldout_images(runs, monkeypatch):
+    """What a toy-world run will do: heldout_images_for(run) names unseen images of its subject."""
+    from flatlora_diffusion.evaluation import heldout
+
+    monkeypatch.setattr(heldout, "heldout_images_for", lambda run: runs["heldout"])
+    (record,) = evaluate([str(runs["lora"])], EvalOptions(draws=1, rhos=(0.1,), triples=2))
+    assert record["settings"]["images"]["heldout"] == 2 and record["sharpness"]["split"] == "heldout"
+    assert record["loss"]["gap"] == pytest.approx(record["loss"]["heldout"] - record["loss"]["instance"])
 
 
 # --- image scores ------------------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help=f"noise draws per radius (default {DEFAULT_DRAWS})")
     p.add_argument("--triples", type=int, default=DEFAULT_TRIPLES,
                    help=f"(image, timestep, noise) triples of the loss (default {DEFAULT_TRIPLES})")
+    p.add_argument("--no_antithetic", action="store_true",
+                   help="one evaluation per draw instead of the pair W'+eps, W'-eps (noisier, half the cost)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: triples and noise draws (default 0)")
     p.add_argument("--batch_size", type=int, default=16, help="triples per UNet forward (default 16)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
@@ -75,7 +77,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     samples = args.samples or (len(args.seeds) if args.seeds else 4)
     seeds = list(args.seeds) if args.seeds else list(range(samples))
     return EvalOptions(eval_data_dir=args.eval_data_dir, samples=samples, seeds=seeds, rhos=parse_rhos(args.rhos),
-                       draws=args.draws, triples=args.triples, eval_seed=args.seed, batch_size=args.batch_size,
+                       draws=args.draws, triples=args.triples, eval_seed=args.seed,
+                       antithetic=not args.no_antithetic, batch_size=args.batch_size,
                        device=args.device, clip_model=args.clip_model, dino_model=args.dino_model)
 
 

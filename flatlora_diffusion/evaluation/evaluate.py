@@ -38,6 +38,7 @@ class EvalOptions:
     draws: int = DEFAULT_DRAWS
     triples: int = DEFAULT_TRIPLES
     eval_seed: int = 0
+    antithetic: bool = True
     batch_size: int = 16
     device: str | None = None
     clip_model: str | None = None
@@ -132,7 +133,8 @@ def evaluate_run(run: RunInfo, components, sets: _EvalSets, instance, heldout, s
         sharp_set = held_set if held_set is not None else inst_set
         curve = sharpness_curve(lambda: denoising_loss(models, sharp_set, opts.batch_size), layers, opts.rhos,
                                 opts.draws, opts.eval_seed,
-                                clean_loss=held_loss if held_set is not None else inst_loss)
+                                clean_loss=held_loss if held_set is not None else inst_loss,
+                                antithetic=opts.antithetic)
     return {
         "schema": SCHEMA,
         "run": str(run.path.resolve()),
@@ -142,8 +144,8 @@ def evaluate_run(run: RunInfo, components, sets: _EvalSets, instance, heldout, s
         "flat_sigma": run.setting("flat_sigma"),
         "train_seed": run.setting("seed"),
         "settings": {"eval_seed": opts.eval_seed, "triples": opts.triples, "rhos": list(opts.rhos),
-                     "draws": opts.draws, "batch_size": opts.batch_size, "device": device,
-                     "eval_data_dir": opts.eval_data_dir,
+                     "draws": opts.draws, "antithetic": opts.antithetic, "batch_size": opts.batch_size,
+                     "device": device, "eval_data_dir": opts.eval_data_dir,
                      "images": {"instance": len(instance), "heldout": None if heldout is None else len(heldout)},
                      "samples": opts.samples, "seeds": list(opts.seeds)},
         "loss": generalization(inst_loss, held_loss),

@@ -3,11 +3,12 @@
 eval.json (one per run folder, written atomically; the web app reads it):
     schema           "flatlora-diffusion/eval/1"
     run, name, base_model, arch, flat_sigma, train_seed
-    settings         what the numbers depend on: eval_seed, triples, rhos, draws, batch_size, device,
+    settings         what the numbers depend on: eval_seed, triples, rhos, draws, antithetic, batch_size, device,
                      eval_data_dir, images {instance, heldout}, samples, seeds
     loss             {instance, heldout, gap}: mean denoising loss of W' on each image set (null: no held-out set)
-    sharpness        {split, clean_loss, draws, seed, layers, points: [{rho, mean_increase, stderr,
-                     worst_increase, mean_loss, increases}]}
+    sharpness        {split, clean_loss, draws, antithetic, seed, layers, points: [{rho, mean_increase, stderr,
+                     worst_increase, mean_loss, increases}]}: increases[k] is draw k's loss increase (the mean
+                     of its +eps / -eps pair when antithetic), worst_increase the largest single evaluation
     image_scores     {clip_t, clip_i, dino, or a judge's scores}; {} when none was asked for
     seconds          wall time of this run's evaluation
 """
@@ -25,7 +26,7 @@ SCHEMA = "flatlora-diffusion/eval/1"
 EVAL_FILE = "eval.json"
 
 # The settings that must agree for draw k of one run to be paired with draw k of another.
-_PAIRING_KEYS = ("eval_seed", "triples", "rhos", "draws", "batch_size", "eval_data_dir", "device")
+_PAIRING_KEYS = ("eval_seed", "triples", "rhos", "draws", "antithetic", "batch_size", "eval_data_dir", "device")
 
 
 def write_eval_json(run_path: Path, record: dict) -> Path:
@@ -106,8 +107,10 @@ def format_table(records: list[dict]) -> str:
                     + [_pm(by_rho[r]["mean_increase"], by_rho[r]["stderr"]) if r in by_rho else "-" for r in rhos]
                     + [_num(rec["image_scores"].get(k)) for k in score_keys])
     split = records[0]["sharpness"]["split"]
-    lines = [f"sharpness: mean loss increase under filter-wise noise of radius ρ on the {split} set "
-             f"({records[0]['settings']['triples']} triples, {records[0]['settings']['draws']} draws)",
+    settings = records[0]["settings"]
+    draws = f"{settings['draws']} antithetic draw pairs" if settings.get("antithetic") else f"{settings['draws']} draws"
+    lines = [f"sharpness: mean loss increase ± standard error under filter-wise noise of radius ρ on the {split} "
+             f"set ({settings['triples']} triples, {draws})",
              _render(rows)]
     for comp in comparisons(records):
         kind = "paired by draw" if comp["paired"] else "unpaired (different settings)"

@@ -13,6 +13,8 @@ Why it is built on flat.FlatLoRA instead of its own perturbation code:
 - the draws come from a dedicated generator keyed by (seed, draw, layer name): draw k of layer L is the same
   standard normal for every run and every rho (common random numbers), and the global RNG is untouched.
 
+By default each draw is an antithetic pair (W' + eps, W' - eps), see sharpness_curve.
+
 Only torch and flat.py are imported, so this module works on any nn.Module with a loss closure.
 """
 
@@ -27,7 +29,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..flat import FlatLoRA, find_lora_layers, noise_key
+from ..flat import FlatLoRA, ReferenceNoise, find_lora_layers, noise_key, noisy_forward, patched_forwards
 
 # Keeps evaluation draws apart from every training draw: training keys Flat-LoRA's noise by the run's seed,
 # so an evaluation seed equal to it would otherwise replay the noise the run was trained against.
@@ -85,9 +87,20 @@ def _engine(layers: Sequence, rho: float, seed: int) -> FlatLoRA:
 
 
 @contextlib.contextmanager
-def perturbed(layers: Sequence, rho: float, seed: int, draw: int) -> Iterator[None]:
-    """Within the block every layer computes with W' + eps of draw `draw`; afterwards exactly as before."""
-    with _engine(layers, rho, seed).perturb(draw):
+def perturbed(layers: Sequence, rho: float, seed: int, draw: int, mirrored: bool = False) -> Iterator[None]:
+    """Within the block every layer computes with W' + eps of draw `draw` (W' - eps when `mirrored`);
+    afterwards exactly as before."""
+    flat = _engine(layers, rho, seed)
+    if not mirrored:
+        with flat.perturb(draw):  # exactly the training code path
+            yield
+        return
+    # -eps: the same keys with the row std negated (z * -s == -(z * s) exactly in IEEE arithmetic). FlatLoRA
+    # refuses a negative sigma, so this patches the layers with the engine's public pieces instead.
+    with patched_forwards() as patch:
+        for layer in flat.layers:
+            source = ReferenceNoise(layer.base.weight, flat.row_std(layer, -rho), flat.key(layer, draw))
+            patch(layer.base, noisy_forward(layer.base, source))
         yield
 
 
@@ -95,8 +108,8 @@ def perturbed(layers: Sequence, rho: float, seed: int, draw: int) -> Iterator[No
 class SharpnessPoint:
     rho: float
     mean_increase: float
-    stderr: float | None  # None with a single draw
-    worst_increase: float
+    stderr: float | None  # over draws; None with a single draw
+    worst_increase: float  # the largest single evaluation (either sign of a pair)
     mean_loss: float
     increases: list[float] = field(default_factory=list)  # per draw: pairs runs draw by draw (common numbers)
 
@@ -105,6 +118,7 @@ class SharpnessPoint:
 class SharpnessCurve:
     clean_loss: float
     draws: int
+    antithetic: bool
     seed: int
     layers: int
     points: list[SharpnessPoint]
@@ -113,17 +127,19 @@ class SharpnessCurve:
         return asdict(self)
 
 
-def summarize(rho: float, clean: float, losses: Sequence[float]) -> SharpnessPoint:
-    """Mean increase, its standard error over draws and the worst draw (a cheap stand-in for SAM's max)."""
-    increases = [loss - clean for loss in losses]
+def summarize(rho: float, clean: float, losses: Sequence[Sequence[float]]) -> SharpnessPoint:
+    """Mean increase, its standard error over draws and the worst single evaluation (a cheap stand-in for SAM's
+    max). `losses[k]` holds the loss(es) of draw k: one, or the antithetic pair, which counts as one draw."""
+    increases = [math.fsum(pair) / len(pair) - clean for pair in losses]
     k = len(increases)
     mean = math.fsum(increases) / k
     stderr = None
     if k > 1:
         var = math.fsum((x - mean) ** 2 for x in increases) / (k - 1)
         stderr = math.sqrt(var / k)
-    return SharpnessPoint(rho=float(rho), mean_increase=mean, stderr=stderr, worst_increase=max(increases),
-                          mean_loss=math.fsum(losses) / k, increases=increases)
+    every = [loss for pair in losses for loss in pair]
+    return SharpnessPoint(rho=float(rho), mean_increase=mean, stderr=stderr, worst_increase=max(every) - clean,
+                          mean_loss=math.fsum(every) / len(every), increases=increases)
 
 
 @torch.no_grad()
@@ -134,23 +150,33 @@ def sharpness_curve(
     draws: int,
     seed: int = 0,
     clean_loss: float | None = None,
+    antithetic: bool = True,
 ) -> SharpnessCurve:
     """The loss increase of `loss_fn` when `layers` are perturbed at each relative radius in `rhos`.
 
     `loss_fn` must be deterministic (fixed data, timesteps, noise): then draw k is the only thing that differs
     between the K evaluations of one rho, and between runs evaluated with the same seed.
+    `antithetic`: each draw evaluates W' + eps and W' - eps and averages them. The first-order term g.eps has
+    mean zero but, away from an exact minimum, dominates the variance of a single draw by orders of magnitude;
+    the pair cancels it (and every odd term) exactly, leaving the curvature part that sharpness is about, at
+    twice the cost per draw. The estimate stays unbiased: both halves follow the same law.
     `clean_loss`: L(W'), when the caller has computed it already."""
     layers = list(layers)
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     clean = float(loss_fn()) if clean_loss is None else float(clean_loss)
+    signs = (False, True) if antithetic else (False,)
     points = []
     for rho in rhos:
         if not (rho >= 0 and math.isfinite(rho)):
             raise ValueError(f"rho must be a finite number >= 0, got {rho}")
         losses = []
         for k in range(draws):
-            with perturbed(layers, rho, seed, k):
-                losses.append(float(loss_fn()))
+            pair = []
+            for mirrored in signs:
+                with perturbed(layers, rho, seed, k, mirrored):
+                    pair.append(float(loss_fn()))
+            losses.append(pair)
         points.append(summarize(rho, clean, losses))
-    return SharpnessCurve(clean_loss=clean, draws=draws, seed=seed, layers=len(layers), points=points)
+    return SharpnessCurve(clean_loss=clean, draws=draws, antithetic=antithetic, seed=seed, layers=len(layers),
+                          points=points)
