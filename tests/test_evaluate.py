@@ -76,7 +76,8 @@ def test_known_answer_of_a_quadratic_loss(kind):
     assert abs(p1.mean_increase - expected) < 4 * p1.stderr, (p1.mean_increase, expected, p1.stderr)
     assert p1.stderr < 0.1 * expected  # the check has teeth
     # common random numbers across rho: the same standard normals, scaled, so the quadratic loss scales by 4
-    assert all(math.isclose(b, 4 * a, rel_tol=1e-3, abs_tol=1e-3 * expected) for a, b in zip(p1.increases, p2.increases))
+    assert all(math.isclose(b, 4 * a, rel_tol=1e-3, abs_tol=1e-3 * expected)
+               for a, b in zip(p1.increases, p2.increases))
     assert p1.worst_increase == max(p1.increases) >= p1.mean_increase
 
 
@@ -215,8 +216,10 @@ def test_lora_is_loaded_for_the_block_and_the_base_restored_bitwise(runs):
 
 def test_sdxl_run_with_text_encoder_lora_is_perturbed_everywhere(tiny, tmp_path):
     out = train_run(tiny, tmp_path / "xl", arch="sdxl", max_train_steps=2, train_text_encoder=True).path
-    (record,) = evaluate([str(out)], EvalOptions(draws=2, rhos=(0.1,), triples=4))
+    twin = _copy_run(out, tmp_path / "xl_twin")
+    record, again = evaluate([str(out), str(twin)], EvalOptions(draws=2, rhos=(0.1,), triples=4))
     assert record["arch"] == "sdxl" and math.isfinite(record["loss"]["instance"])
+    assert _numbers(record) == _numbers(again)  # the first run's LoRA (all three models) was fully unloaded
     # every LoRA layer of the file is perturbed: the UNet's and both text encoders'
     keys = [k for k in load_file(out / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
     assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}

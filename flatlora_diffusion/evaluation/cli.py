@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from .evaluate import DEFAULT_DRAWS, DEFAULT_RHOS, DEFAULT_TRIPLES, EvalOptions
 from .runs import EvalInputError
@@ -28,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (written by `flatlora-diffusion train`)")
     p.add_argument("--eval_data_dir", help="held-out images of the same subject (captions: .txt files, else the "
                                            "run's instance prompt); without it held-out loss and gap are null")
-    p.add_argument("--rhos", nargs="+", metavar="RHO", help=f"relative noise radii (default {' '.join(map(str, DEFAULT_RHOS))})")
+    p.add_argument("--rhos", nargs="+", metavar="RHO",
+                   help=f"relative noise radii (default {' '.join(map(str, DEFAULT_RHOS))})")
     p.add_argument("--draws", type=int, default=DEFAULT_DRAWS, help=f"noise draws per radius (default {DEFAULT_DRAWS})")
     p.add_argument("--triples", type=int, default=DEFAULT_TRIPLES,
                    help=f"(image, timestep, noise) triples of the loss (default {DEFAULT_TRIPLES})")
@@ -73,7 +73,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     if args.samples is not None and args.samples < 1:
         raise EvalInputError(f"--samples must be >= 1, got {args.samples}")
     if args.seeds is not None and args.samples is not None and len(args.seeds) != args.samples:
-        raise EvalInputError(f"--seeds gives {len(args.seeds)} seed(s) for --samples {args.samples}; give one per sample")
+        raise EvalInputError(f"--seeds gives {len(args.seeds)} seed(s) for --samples {args.samples}; "
+                             "give one per sample")
     samples = args.samples or (len(args.seeds) if args.seeds else 4)
     seeds = list(args.seeds) if args.seeds else list(range(samples))
     return EvalOptions(eval_data_dir=args.eval_data_dir, samples=samples, seeds=seeds, rhos=parse_rhos(args.rhos),

@@ -8,6 +8,7 @@ twice, see exactly the same triples, and the loss is a deterministic function of
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -34,6 +35,17 @@ class EvalSet:
 
     def __len__(self) -> int:
         return int(self.timesteps.numel())
+
+    def fingerprint(self) -> str:
+        """A digest of the exact triples (and captions): equal digests mean two evaluations saw the same data,
+        timesteps and noise, which is what pairing runs draw by draw requires."""
+        digest = hashlib.blake2b(digest_size=12)
+        for tensor in (self.latents, self.image_index, self.timesteps, self.noise):
+            digest.update(tensor.contiguous().numpy().tobytes())
+        digest.update("\n".join(self.prompts).encode())
+        if self.time_ids is not None:
+            digest.update(self.time_ids.numpy().tobytes())
+        return digest.hexdigest()
 
 
 def preprocess(records: Sequence[ImageRecord], resolution: int, interpolation: str = "lanczos") -> dict:
@@ -63,7 +75,8 @@ def make_triples(num_images: int, latent_shape: Sequence[int], num_triples: int,
     from ..flat import noise_key
 
     gen = torch.Generator(device="cpu").manual_seed(noise_key(seed, _TRIPLES_DOMAIN, 0, 0, 0))
-    strata = (torch.arange(num_triples, dtype=torch.float64) + torch.rand(num_triples, generator=gen, dtype=torch.float64))
+    strata = torch.arange(num_triples, dtype=torch.float64) + torch.rand(num_triples, generator=gen,
+                                                                         dtype=torch.float64)
     timesteps = (strata * num_train_timesteps / num_triples).floor().long().clamp_(0, num_train_timesteps - 1)
     noise = torch.randn((num_triples, *latent_shape), generator=gen, dtype=torch.float32)
     image_index = torch.arange(num_triples) % num_images

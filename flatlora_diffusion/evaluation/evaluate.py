@@ -142,6 +142,7 @@ def evaluate_run(run: RunInfo, components, sets: _EvalSets, instance, heldout, s
         "base_model": run.base_model,
         "arch": run.arch,
         "flat_sigma": run.setting("flat_sigma"),
+        "flat_targets": run.setting("flat_targets"),
         "train_seed": run.setting("seed"),
         "settings": {"eval_seed": opts.eval_seed, "triples": opts.triples, "rhos": list(opts.rhos),
                      "draws": opts.draws, "antithetic": opts.antithetic, "batch_size": opts.batch_size,
@@ -149,7 +150,8 @@ def evaluate_run(run: RunInfo, components, sets: _EvalSets, instance, heldout, s
                      "images": {"instance": len(instance), "heldout": None if heldout is None else len(heldout)},
                      "samples": opts.samples, "seeds": list(opts.seeds)},
         "loss": generalization(inst_loss, held_loss),
-        "sharpness": {"split": "heldout" if held_set is not None else "instance", **curve.to_dict()},
+        "sharpness": {"split": "heldout" if held_set is not None else "instance",
+                      "triples_digest": sharp_set.fingerprint(), **curve.to_dict()},
         "image_scores": scores,
         "seconds": round(time.time() - started, 3),
     }

@@ -2,13 +2,14 @@
 
 eval.json (one per run folder, written atomically; the web app reads it):
     schema           "flatlora-diffusion/eval/1"
-    run, name, base_model, arch, flat_sigma, train_seed
+    run, name, base_model, arch, flat_sigma, flat_targets, train_seed
     settings         what the numbers depend on: eval_seed, triples, rhos, draws, antithetic, batch_size, device,
                      eval_data_dir, images {instance, heldout}, samples, seeds
     loss             {instance, heldout, gap}: mean denoising loss of W' on each image set (null: no held-out set)
-    sharpness        {split, clean_loss, draws, antithetic, seed, layers, points: [{rho, mean_increase, stderr,
-                     worst_increase, mean_loss, increases}]}: increases[k] is draw k's loss increase (the mean
-                     of its +eps / -eps pair when antithetic), worst_increase the largest single evaluation
+    sharpness        {split, triples_digest, clean_loss, draws, antithetic, seed, layers, points: [{rho,
+                     mean_increase, stderr, worst_increase, mean_loss, increases}]}: increases[k] is draw k's loss
+                     increase (the mean of its +eps / -eps pair when antithetic), worst_increase the largest
+                     single evaluation; equal triples_digest = the very same (image, timestep, noise) triples
     image_scores     {clip_t, clip_i, dino, or a judge's scores}; {} when none was asked for
     seconds          wall time of this run's evaluation
 """
@@ -53,8 +54,7 @@ def comparisons(records: list[dict]) -> list[dict]:
     out = []
     for rec in records[1:]:
         paired = (all(rec["settings"][k] == ref["settings"][k] for k in _PAIRING_KEYS)
-                  and rec["sharpness"]["split"] == ref["sharpness"]["split"]
-                  and rec["settings"]["images"] == ref["settings"]["images"])
+                  and rec["sharpness"]["triples_digest"] == ref["sharpness"]["triples_digest"])
         per_rho = []
         for pa, pb in zip(ref["sharpness"]["points"], rec["sharpness"]["points"]):
             if paired:
@@ -102,7 +102,8 @@ def format_table(records: list[dict]) -> str:
     rows = [header]
     for rec in records:
         by_rho = {p["rho"]: p for p in rec["sharpness"]["points"]}
-        rows.append([rec["name"], _num(rec.get("flat_sigma")), _num(rec["loss"]["instance"]),
+        sigma = rec.get("flat_sigma") if rec.get("flat_targets", ["unet"]) else 0.0  # no targets: plain LoRA
+        rows.append([rec["name"], _num(sigma), _num(rec["loss"]["instance"]),
                      _num(rec["loss"]["heldout"]), _num(rec["loss"]["gap"])]
                     + [_pm(by_rho[r]["mean_increase"], by_rho[r]["stderr"]) if r in by_rho else "-" for r in rhos]
                     + [_num(rec["image_scores"].get(k)) for k in score_keys])
