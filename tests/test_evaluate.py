@@ -161,6 +161,7 @@ def test_evaluate_writes_eval_json_and_prints_the_comparison(runs, tmp_path, cap
         assert rec["schema"] == "flatlora-diffusion/eval/1" and rec["flat_sigma"] == sigma and rec["arch"] == "sd15"
         loss = rec["loss"]
         assert loss["heldout"] is not None and loss["gap"] == pytest.approx(loss["heldout"] - loss["instance"])
+        assert loss["heldout"] != loss["instance"]  # two different image sets
         sharp = rec["sharpness"]
         assert sharp["split"] == "heldout" and sharp["clean_loss"] == loss["heldout"]
         assert sharp["layers"] == 48  # to_q/k/v/out of attn1 and attn2 in the tiny UNet's 6 transformer blocks
@@ -371,13 +372,15 @@ def _bad_case(case, runs, tiny, tmp: Path):
         return [str(good), "--eval_data_dir", str(tmp / "none")], "does not exist"
     if case == "bad_output":
         return [str(good), "--output", str(tmp / "no" / "dir" / "x.json")], "--output"
+    if case == "seeds_mismatch":
+        return [str(good), "--samples", "3", "--seeds", "0", "1"], "--seeds"
     rhos = {"rhos_text": ["0.1", "abc"], "rhos_negative": ["-0.1"], "rhos_nan": ["nan"], "rhos_zero": ["0,0.1"]}
     return [str(good), "--rhos", *rhos[case]], "--rhos"
 
 
 @pytest.mark.parametrize("case", ["not_a_folder", "not_a_run", "no_lora", "other_arch", "other_base", "missing_clip",
                                   "broken_clip", "missing_heldout", "bad_output", "rhos_text", "rhos_negative",
-                                  "rhos_nan", "rhos_zero"])
+                                  "rhos_nan", "rhos_zero", "seeds_mismatch"])
 def test_bad_input_one_line_exit_2_nothing_written(case, runs, tiny, tmp_path, capsys, no_model_loading):
     argv, fragment = _bad_case(case, runs, tiny, tmp_path)
     before = _tree(tmp_path)

@@ -93,7 +93,7 @@ class _EvalSets:
     def get(self, run: RunInfo, records) -> EvalSet | None:
         if records is None:
             return None
-        key = (tuple((str(r.path), r.caption) for r in records), run.resolution,
+        key = (tuple((r.name, r.caption) for r in records), run.resolution,  # name: the path, or the dataset row
                run.setting("image_interpolation_mode", "lanczos"))
         if key not in self.cache:
             c = self.components
@@ -110,7 +110,8 @@ def _generator(components, run: RunInfo):
     from ..sample import generate
 
     def gen(prompts, seeds):
-        pipe = components.pipeline(scheduler=DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config))
+        scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+        pipe = components.pipeline(scheduler=scheduler)
         return generate(pipe, prompts, seeds, lora_path=run.lora_file,
                         steps=int(run.setting("validation_inference_steps", 25)),
                         guidance_scale=float(run.setting("validation_guidance_scale", 7.0)),
