@@ -181,7 +181,7 @@ def test_evaluate_writes_eval_json_and_prints_the_comparison(runs, tmp_path, cap
         diffs = [b - a for a, b in zip(pa["increases"], pb["increases"])]
         assert d["mean"] == pytest.approx(sum(diffs) / 3)
     lines = printed.strip().splitlines()
-    assert lines[1].split()[:5] == ["run", "sigma", "loss", "held-out", "gap"]
+    assert lines[1].split()[:5] == ["run", "sigma", "instance", "held-out", "gap"]
     assert lines[2].startswith("lora") and lines[3].startswith("flat")
     assert "Δ@ρ=0.02" in lines[1] and "flat − lora (paired by draw)" in lines[4]
 

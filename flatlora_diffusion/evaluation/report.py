@@ -98,20 +98,21 @@ def format_table(records: list[dict]) -> str:
     scores; then, with several runs, each run's paired sharpness difference to the first."""
     rhos = [p["rho"] for p in records[0]["sharpness"]["points"]]
     score_keys = sorted({k for r in records for k in r["image_scores"]})
-    header = ["run", "sigma", "loss", "held-out", "gap"] + [f"Δ@ρ={r:g}" for r in rhos] + score_keys
+    header = ["run", "sigma", "instance", "held-out", "gap"] + [f"Δ@ρ={r:g}" for r in rhos] + score_keys
     rows = [header]
     for rec in records:
         by_rho = {p["rho"]: p for p in rec["sharpness"]["points"]}
         sigma = rec.get("flat_sigma") if rec.get("flat_targets", ["unet"]) else 0.0  # no targets: plain LoRA
-        rows.append([rec["name"], _num(sigma), _num(rec["loss"]["instance"]),
+        rows.append([rec["name"], "-" if sigma is None else f"{sigma:g}", _num(rec["loss"]["instance"]),
                      _num(rec["loss"]["heldout"]), _num(rec["loss"]["gap"])]
                     + [_pm(by_rho[r]["mean_increase"], by_rho[r]["stderr"]) if r in by_rho else "-" for r in rhos]
                     + [_num(rec["image_scores"].get(k)) for k in score_keys])
     split = records[0]["sharpness"]["split"]
     settings = records[0]["settings"]
     draws = f"{settings['draws']} antithetic draw pairs" if settings.get("antithetic") else f"{settings['draws']} draws"
-    lines = [f"sharpness: mean loss increase ± standard error under filter-wise noise of radius ρ on the {split} "
-             f"set ({settings['triples']} triples, {draws})",
+    lines = [f"loss: denoising loss on the instance / held-out images; Δ@ρ: mean loss increase ± standard error "
+             f"under filter-wise noise of radius ρ, on the {split.replace('heldout', 'held-out')} set "
+             f"({settings['triples']} triples, {draws})",
              _render(rows)]
     for comp in comparisons(records):
         kind = "paired by draw" if comp["paired"] else "unpaired (different settings)"
