@@ -1,4 +1,4 @@
-"""`flatlora-diffusion` subcommands: train, demo, export, app, make-tiny-model.
+"""`flatlora-diffusion` subcommands: train, demo, export, evaluate, app, make-tiny-model.
 
 User mistakes end with one line `error: ...` on stderr and exit code 2, never a traceback.
 """
@@ -9,7 +9,7 @@ import argparse
 import logging
 import sys
 
-SUBCOMMANDS = ("train", "demo", "export", "app", "make-tiny-model")
+SUBCOMMANDS = ("train", "demo", "export", "evaluate", "app", "make-tiny-model")
 
 
 def _fail(message: str) -> int:
@@ -112,6 +112,12 @@ def demo_main(argv: list[str]) -> int:
         return _fail(str(e))
 
 
+def evaluate_main(argv: list[str]) -> int:
+    from .evaluation.cli import main
+
+    return main(argv)
+
+
 def app_main(argv: list[str]) -> int:
     try:
         import app
@@ -127,12 +133,13 @@ def main(argv: list[str] | None = None) -> int:
               "  train            DreamBooth LoRA / Flat-LoRA training (diffusers' flags, or --config FILE)\n"
               "  demo             train LoRA and Flat-LoRA on a tiny offline model and compare them\n"
               "  export           write kohya (ComfyUI/AUTOMATIC1111) or diffusers LoRA files\n"
+              "  evaluate         score runs: held-out loss, sharpness curve, CLIP/DINO; writes eval.json\n"
               "  app              the web app (Gradio)\n"
               "  make-tiny-model  write a tiny random-weight SD 1.5 / SDXL pipeline folder")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": train_main, "demo": demo_main, "export": export_main, "app": app_main,
-                "make-tiny-model": make_tiny_model_main}
+    handlers = {"train": train_main, "demo": demo_main, "export": export_main, "evaluate": evaluate_main,
+                "app": app_main, "make-tiny-model": make_tiny_model_main}
     if command not in handlers:
         import difflib
 
