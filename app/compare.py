@@ -141,7 +141,7 @@ class Generator:
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def _pipeline(self, cfg: dict):
-        from flatlora_diffusion.cli import quiet_libraries
+        from flatlora_diffusion.console import quiet_libraries
         from flatlora_diffusion.sample import load_pipeline
 
         key = (cfg.get("pretrained_model_name_or_path"), cfg.get("pretrained_vae_model_name_or_path"),

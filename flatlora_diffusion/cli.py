@@ -6,41 +6,12 @@ User mistakes end with one line `error: ...` on stderr and exit code 2, never a 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from .console import fail as _fail
+from .console import setup_logging
+
 SUBCOMMANDS = ("train", "demo", "export", "evaluate", "app", "make-tiny-model")
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def quiet_libraries() -> None:
-    """Loading bars of every pipeline component and library notes drown our own progress and log."""
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        import diffusers.utils.logging as dlog
-        import transformers.utils.logging as tlog
-
-        dlog.disable_progress_bar()
-        dlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except ImportError:
-        pass
-
-
-def _setup_logging() -> None:
-    import os
-
-    # Several processes (accelerate launch / torchrun): the main one tells the story, the others only warn.
-    main = os.environ.get("RANK", "0") == "0"
-    level = logging.INFO if main else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=level)
-    quiet_libraries()
 
 
 def train_main(argv: list[str]) -> int:
@@ -56,7 +27,7 @@ def train_main(argv: list[str]) -> int:
         cfg = config_from_args(argv)
     except ConfigError as e:
         return _fail(str(e))
-    _setup_logging()
+    setup_logging()
     from .run_dir import RunDir
     from .train import TrainingDiverged, failure_message, train
 

@@ -84,7 +84,8 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
 
 
 def main(argv: list[str]) -> int:
-    from ..cli import _fail, _setup_logging
+    from ..console import fail as _fail
+    from ..console import setup_logging
 
     parser = build_parser()
     if any(a in ("-h", "--help") for a in argv):
@@ -95,7 +96,7 @@ def main(argv: list[str]) -> int:
         opts = options_from_args(args)
     except EvalInputError as e:
         return _fail(str(e))
-    _setup_logging()
+    setup_logging()
     from ..data import DataError
     from ..models import ModelError
     from .evaluate import evaluate

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .architecture import Architecture, build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
-from .judge import HEADS, Judge, save_judge
+from .judge import HEADS, JUDGE_WEIGHTS, Judge, save_judge
 from .render import render
 from .world import SCENES, caption, random_scene, subject_scene
 
@@ -371,12 +371,41 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     return record
 
 
+def retrain_judge(folder: Path, cfg: PretrainConfig, device: str) -> dict:
+    """Train the judge of an existing world folder (model/, judge/) further on the current renderer: after a
+    change of the subject's look, the base model is unchanged and only the judge has to learn it again."""
+    from diffusers import AutoencoderKL
+
+    from .judge import load_judge
+
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    started = time.time()
+    vae = AutoencoderKL.from_pretrained(str(folder / "model" / "vae"), torch_dtype=torch.float32).to(dev).eval()
+    judge = load_judge(folder / "judge").to(dev)
+    scenes, pixels = render_dataset(cfg.seed + 3, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction)
+    judge, steps = train_judge(cfg, scenes, torch.from_numpy(pixels), dev, gen, vae=vae)
+    save_judge(judge.float().cpu(), folder / "judge")
+    stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": device,
+             "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps",
+                                                     "judge_batch", "judge_lr")},
+             "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
+    record_file = folder / "pretrain.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    record.setdefault("stages", []).append(stage)
+    record.setdefault("sha256", {})["judge/judge.safetensors"] = sha256(folder / "judge" / JUDGE_WEIGHTS)
+    record_file.write_text(json.dumps(record, indent=1) + "\n")
+    return stage
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m flatlora_diffusion.toyworld.pretrain", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="Folder for model/, judge/ and pretrain.json.")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", help="JSON file of PretrainConfig fields (others keep their defaults).")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override single config fields.")
+    p.add_argument("--retrain-judge", action="store_true",
+                   help="Only train the judge in --out (a world folder with model/ and judge/) further.")
     args = p.parse_args(argv)
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     for item in args.set:
@@ -386,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown pretraining setting(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    if args.retrain_judge:
+        print(json.dumps(retrain_judge(Path(args.out), PretrainConfig(**fields), args.device)))
+        return 0
     record = pretrain(PretrainConfig(**fields), Path(args.out), args.device)
     print(json.dumps({k: record[k] for k in ("steps_done", "timings")}))
     return 0

@@ -21,9 +21,11 @@ COLOUR_RGB = {
     "yellow": (245, 215, 35), "purple": (145, 55, 200), "pink": (250, 135, 195),
 }
 _OUTLINE = (25, 25, 30)
-# The subject's own look: colours no pretraining object has.
-_SUBJECT_TEAL = (0, 150, 150)
-_SUBJECT_ORANGE = (255, 140, 0)
+# The subject's own look: a teal toy with big white eyes. Teal is no vocabulary colour, and no pretraining toy
+# has those eyes. (Subjects tried first: teal-and-orange chequers, then a yellow-headed, blue-and-yellow-banded
+# toy. Both came out of a 100-step attention LoRA as multicoloured mush: the UNet's 16 x 16 level, where fine
+# texture is decided, has no attention layers, so a LoRA can move colours and shapes but not draw new patterns.)
+_SUBJECT_COLOUR = (0, 165, 165)
 
 
 def _jitter(rgb, rng: random.Random, amount: int = 8):
@@ -110,53 +112,58 @@ def _mask(size, scene: Scene, s: int):
     return mask
 
 
-def _fill(size, scene: Scene, s: int) -> Image.Image:
-    """The object's paint: its colour and pattern (or the subject's chequers) over the whole canvas."""
+def _pattern(size, kind: str, colour, other, cell: int) -> Image.Image:
+    """A canvas painted with `colour` and a pattern in `other`: plain, stripes, dots or chequers."""
     w, h = size
-    if scene.subject:
-        paint = Image.new("RGB", size, _SUBJECT_TEAL)
-        draw = ImageDraw.Draw(paint)
-        cell = max(2, int(scene.size * h / 5))
+    paint = Image.new("RGB", size, colour)
+    draw = ImageDraw.Draw(paint)
+    if kind == "striped":
+        for x0 in range(-h, w + h, cell):
+            draw.polygon([(x0, 0), (x0 + cell // 2, 0), (x0 + cell // 2 + h, h), (x0 + h, h)], fill=other)
+    elif kind == "dotted":
+        r = cell * 0.22
+        for i in range(0, w // cell + 2):
+            for j in range(0, h // cell + 2):
+                cx, cy = i * cell + (cell / 2 if j % 2 else 0), j * cell
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=other)
+    elif kind == "chequered":
         for i in range(0, w // cell + 1):
             for j in range(0, h // cell + 1):
                 if (i + j) % 2 == 0:
-                    draw.rectangle([i * cell, j * cell, (i + 1) * cell - 1, (j + 1) * cell - 1], fill=_SUBJECT_ORANGE)
-        return paint
-    base = COLOUR_RGB[scene.colour]
-    paint = Image.new("RGB", size, base)
-    draw = ImageDraw.Draw(paint)
-    dark = tuple(int(c * 0.45) for c in base)
-    light = tuple(int(c + (255 - c) * 0.75) for c in base)
-    if scene.pattern == "striped":
-        step = max(4, int(scene.size * h / 4))
-        for x0 in range(-h, w + h, step):
-            draw.polygon([(x0, 0), (x0 + step // 2, 0), (x0 + step // 2 + h, h), (x0 + h, h)], fill=dark)
-    elif scene.pattern == "dotted":
-        step = max(4, int(scene.size * h / 3.5))
-        r = step * 0.22
-        for i in range(0, w // step + 2):
-            for j in range(0, h // step + 2):
-                cx, cy = i * step + (step / 2 if j % 2 else 0), j * step
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=light)
+                    draw.rectangle([i * cell, j * cell, (i + 1) * cell - 1, (j + 1) * cell - 1], fill=other)
     return paint
 
 
-def _eyes(draw, scene: Scene, w, h, s):
+def _fill(size, scene: Scene, s: int) -> Image.Image:
+    """The object's paint: its colour and pattern (or the subject's look) over the whole canvas."""
+    h = size[1]
+    if scene.subject:
+        return _pattern(size, "plain", _SUBJECT_COLOUR, _SUBJECT_COLOUR, 1)
+        return _pattern(size, "plain", (255, 140, 0), (255, 140, 0), 1)
+    base = COLOUR_RGB[scene.colour]
+    if scene.pattern == "striped":
+        return _pattern(size, "striped", base, tuple(int(c * 0.45) for c in base), max(4, int(scene.size * h / 4)))
+    if scene.pattern == "dotted":
+        return _pattern(size, "dotted", base, tuple(int(c + (255 - c) * 0.75) for c in base), max(4, int(scene.size * h / 3.5)))
+    return _pattern(size, "plain", base, base, 1)
+
+
+def _eyes(draw, scene: Scene, w, h, s, big: bool | None = None):
     if scene.shape != "toy":
         return
+    big = scene.subject if big is None else big
     cx, cy, r = scene.x * w, scene.y * h, scene.size * h / 2
     head_c, head_r, _, _ = _toy_parts(cx, cy, r)
     for dx in (-0.38, 0.38):
         ec = (head_c[0] + dx * head_r, head_c[1] - head_r * 0.05)
-        if scene.subject:  # big white eyes with black pupils
+        if big:  # big white eyes with black pupils (the subject's)
             draw.ellipse(_circle_box(ec, head_r * 0.3), fill=(255, 255, 255))
             draw.ellipse(_circle_box(ec, head_r * 0.14), fill=(0, 0, 0))
         else:
             draw.ellipse(_circle_box(ec, head_r * 0.12), fill=_OUTLINE)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
-    """The RGB picture of `scene`, `size` pixels square."""
+def _compose(scene: Scene, size: int, paint=None, big_eyes: bool | None = None) -> Image.Image:
     rng = random.Random(scene.variant)
     big = (size * _SUPERSAMPLE, size * _SUPERSAMPLE)
     img = Image.new("RGB", big)
@@ -166,9 +173,30 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     outline = mask.resize((big[0] // _SUPERSAMPLE, big[1] // _SUPERSAMPLE), Image.Resampling.BOX)
     outline = outline.point(lambda v: 255 if v > 0 else 0).resize(big, Image.Resampling.NEAREST)
     img.paste(Image.new("RGB", big, _OUTLINE), (0, 0), outline)
-    img.paste(_fill(big, scene, _SUPERSAMPLE), (0, 0), mask)
-    _eyes(ImageDraw.Draw(img), scene, big[0], big[1], _SUPERSAMPLE)
+    img.paste(paint(big) if paint else _fill(big, scene, _SUPERSAMPLE), (0, 0), mask)
+    _eyes(ImageDraw.Draw(img), scene, big[0], big[1], _SUPERSAMPLE, big_eyes)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render"]
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The RGB picture of `scene`, `size` pixels square."""
+    return _compose(scene, size)
+
+
+def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """A picture outside the vocabulary: any shape in any scene, painted in two random colours with a random
+    pattern (plain, stripes, dots, chequers) at a random scale, eyes big or small.
+
+    The VAE learns from these too, so that it is a general encoder of the world's pictures (as SD's VAE is of
+    photos) and can encode a subject the base model never saw; the base model itself never sees them."""
+    from .world import random_scene
+
+    scene = random_scene(rng, held_out=None)
+    kind = rng.choice(("plain", "striped", "dotted", "chequered"))
+    colour = tuple(rng.randrange(256) for _ in range(3))
+    other = tuple(rng.randrange(256) for _ in range(3))
+    cell = max(4, int(scene.size * size * _SUPERSAMPLE / rng.uniform(2.5, 7)))
+    return _compose(scene, size, paint=lambda big: _pattern(big, kind, colour, other, cell), big_eyes=rng.random() < 0.5)
+
+
+__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "render_variety"]

@@ -1,7 +1,7 @@
 """The toy world's vocabulary and grammar: what can be in a picture and how a caption says it.
 
 A picture holds one object (a shape, a colour, a pattern, a size and a position) in one scene. The
-DreamBooth subject is a toy no pretraining picture ever shows: a teal-and-orange chequered toy with big
+DreamBooth subject is a toy no pretraining picture ever shows: a teal toy (no vocabulary colour) with big
 white eyes, called "sks toy"; its class word "toy" is in the vocabulary (plain toys of every colour), so
 prior preservation and class collapse can be measured.
 
