@@ -33,14 +33,35 @@ def quiet_libraries() -> None:
         pass
 
 
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: it lifts the progress bar, prints the line and redraws the bar below,
+    so a log line is never glued to the bar's text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def _setup_logging() -> None:
     import os
 
     # Several processes (accelerate launch / torchrun): the main one tells the story, the others only warn.
     main = os.environ.get("RANK", "0") == "0"
     level = logging.INFO if main else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=level)
+    handler = TqdmLogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     quiet_libraries()
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"flatlora-diffusion {__version__}"
 
 
 def train_main(argv: list[str]) -> int:
@@ -51,6 +72,9 @@ def train_main(argv: list[str]) -> int:
         from .config import build_parser
 
         build_parser().print_help()
+        return 0
+    if "--version" in argv:
+        print(_version())
         return 0
     try:
         cfg = config_from_args(argv)
@@ -137,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
               "  app              the web app (Gradio)\n"
               "  make-tiny-model  write a tiny random-weight SD 1.5 / SDXL pipeline folder")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(_version())
+        return 0
     command, rest = argv[0], argv[1:]
     handlers = {"train": train_main, "demo": demo_main, "export": export_main, "evaluate": evaluate_main,
                 "app": app_main, "make-tiny-model": make_tiny_model_main}
