@@ -673,6 +673,8 @@ class _Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if acc.is_main_process:
+            self._write_checkpoint_lora_file(tmp)
         acc.wait_for_everyone()  # every process has written its part before the folder is published
         if acc.is_main_process:
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -919,37 +921,62 @@ class _Trainer:
 
     # --- the end ------------------------------------------------------------------------------------------------
     def _finish(self) -> None:
-        from .export import lora_from_models, lora_to_diffusers, save_kohya_lora
-        from .safetensors_io import save_safetensors_atomic
-
         cfg, acc, run = self.cfg, self.acc, self.run_dir
         acc.wait_for_everyone()
         self._validate()  # the final step (skipped when it was just made)
         self._check_finite()  # a NaN LoRA is never written
         if acc.is_main_process:
             self._status("writing LoRA files")
-            c = self.components
-            parts = self._lora_parts(c)
-            lora = lora_from_models(parts)
-            if self.pissa_initial is not None:
-                from .pissa import to_original_base
-
-                lora = to_original_base(lora, self.pissa_initial)
-            state, metadata = lora_to_diffusers(lora)
-            save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
-            faults.hit("lora_file")
-            if cfg.output_kohya_format:
-                settings = cfg.to_dict()
-                settings.update(flat_seed=cfg.seed, num_train_images=self.num_images,
-                                num_reg_images=self.num_class_images,
-                                training_started_at=run.read_status().get("started_at"),
-                                mixed_precision=acc.mixed_precision, optimizer=cfg.optimizer)
-                save_kohya_lora(parts, run.path / f"{cfg.output_name}.safetensors", settings, arch=c.arch,
-                                dtype=cfg.save_precision, overwrite=True, lora=lora)
+            self._write_run_lora_files()
             if cfg.push_to_hub:
                 self._push_to_hub()
             run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message="done", eta_seconds=0)
         acc.end_training()
+
+    def _trained_lora(self):
+        """The LoRA of the current step as export.py's normalized form (for the original base under PiSSA)."""
+        from .export import lora_from_models
+
+        lora = lora_from_models(self._lora_parts(self.components))
+        if self.pissa_initial is not None:
+            from .pissa import to_original_base
+
+            lora = to_original_base(lora, self.pissa_initial)
+        return lora
+
+    def _file_settings(self) -> dict:
+        """What every LoRA file of this run says about its training (safetensors metadata): one source, so
+        the diffusers file, the kohya file and a checkpoint's file carry the same provenance."""
+        cfg, acc = self.cfg, self.acc
+        settings = cfg.to_dict()
+        settings.update(flat_seed=cfg.seed, num_train_images=self.num_images, num_reg_images=self.num_class_images,
+                        training_started_at=self.run_dir.read_status().get("started_at"),
+                        mixed_precision=acc.mixed_precision, optimizer=cfg.optimizer, global_step=self.global_step)
+        return settings
+
+    def _write_run_lora_files(self) -> None:
+        """pytorch_lora_weights.safetensors (diffusers) and, unless turned off, the kohya file, of this step."""
+        from .export import diffusers_file_contents, save_kohya_lora
+        from .safetensors_io import save_safetensors_atomic
+
+        cfg, run, c = self.cfg, self.run_dir, self.components
+        lora, settings = self._trained_lora(), self._file_settings()
+        state, metadata = diffusers_file_contents(lora, settings, c.arch)
+        save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
+        faults.hit("lora_file")
+        if cfg.output_kohya_format:
+            save_kohya_lora(self._lora_parts(c), run.path / f"{cfg.output_name}.safetensors", settings, arch=c.arch,
+                            dtype=cfg.save_precision, overwrite=True, lora=lora)
+
+    def _write_checkpoint_lora_file(self, folder: Path) -> None:
+        """checkpoint-N/pytorch_lora_weights.safetensors: the step's LoRA for diffusers' load_lora_weights(dir)
+        and for `export`. Written into the unpublished folder, so the folder's rename publishes it."""
+        from safetensors.torch import save_file
+
+        from .export import diffusers_file_contents
+
+        state, metadata = diffusers_file_contents(self._trained_lora(), self._file_settings(), self.components.arch)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / DIFFUSERS_WEIGHTS), metadata=metadata)
 
     def _lora_parts(self, c, unwrap: bool = True) -> dict:
         """The LoRA-carrying models by export component name."""
