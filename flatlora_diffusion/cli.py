@@ -88,8 +88,8 @@ def train_main(argv: list[str]) -> int:
         run = train(cfg)
     except USER_ERRORS as e:
         return _fail(str(e))
-    except Cancelled:
-        print("training cancelled", file=sys.stderr)
+    except Cancelled as e:
+        print(f"training {e}" if str(e) else "training cancelled", file=sys.stderr)
         return 130
     except TrainingDiverged as e:  # not the user's input: exit 1, but one line all the same
         print(f"error: {e}", file=sys.stderr)

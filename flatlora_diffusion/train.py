@@ -43,7 +43,7 @@ _NOT_COMPARED = ("overwrite", "resume_from_checkpoint", "local_rank")
 
 
 class Cancelled(Exception):
-    pass
+    """Cancel (SIGTERM, Ctrl-C) was heard; the message says what of the run was saved."""
 
 
 class TrainingDiverged(FloatingPointError):
@@ -267,10 +267,11 @@ def train(cfg: TrainConfig) -> RunDir:
         watch.install()
         try:
             _Trainer(plan, run, cancelled).run()
-        except (Cancelled, KeyboardInterrupt):
+        except (Cancelled, KeyboardInterrupt) as e:
+            message = str(e) if isinstance(e, Cancelled) and str(e) else "cancelled"
             if main:
-                _final_status(run, "cancelled", "cancelled")
-            raise Cancelled() from None
+                _final_status(run, "cancelled", message)
+            raise Cancelled(message) from None
         except BaseException as e:
             if main:
                 _final_status(run, "failed", failure_message(e, run))
@@ -333,6 +334,7 @@ class _CancelWatch:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
         self.previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        self.previous_int_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.thread = threading.Thread(target=self._watch, name="flatlora-cancel-watch", daemon=True)
         self.thread.start()
@@ -344,6 +346,7 @@ class _CancelWatch:
         self.done.set()
         signal.set_wakeup_fd(self.previous_fd)
         signal.signal(signal.SIGTERM, self.previous_handler)
+        signal.signal(signal.SIGINT, self.previous_int_handler)
         try:
             os.write(self.write_fd, b"\0")  # wake the watcher so that it ends
         except OSError:
@@ -356,6 +359,12 @@ class _CancelWatch:
     def _on_signal(self, signum, frame):
         self.cancelled["flag"] = True
 
+    def _on_interrupt(self, signum, frame):
+        """The first Ctrl-C cancels like SIGTERM (the step finishes and is saved); a second one interrupts at
+        once, as Ctrl-C does everywhere else."""
+        self.cancelled["flag"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def _watch(self) -> None:
         while not self.done.is_set():
             try:
@@ -366,6 +375,7 @@ class _CancelWatch:
                 return
             if signal.SIGTERM in data or signal.SIGINT in data:
                 self.cancelled["flag"] = True
+                logger.warning("cancel requested: finishing this step, then saving a checkpoint and the LoRA files")
                 if self.done.wait(self.grace_s):
                     return
                 logger.error("cancelled, and the trainer did not stop within %.0f s: exiting now", self.grace_s)
@@ -430,8 +440,11 @@ class _Trainer:
         self._build_flat()
         self._prepare_accelerate()
         self._resume()
-        self._loop()
-        self._finish()
+        try:
+            self._loop()
+            self._finish()
+        except Cancelled:
+            raise Cancelled(self._save_cancelled_step()) from None
 
     def _load_models(self) -> None:
         from .models import add_lora, load_components, lora_config
@@ -810,14 +823,15 @@ class _Trainer:
         total = cfg.max_train_steps
         losses: list[torch.Tensor] = []
         for epoch in range(self.first_epoch, self.num_epochs):
+            self._stop_if_cancelled()
             self.dataloader.set_epoch(epoch)
             loader = self.dataloader
             done_in_epoch = (self.global_step - epoch * self.steps_per_epoch) * cfg.gradient_accumulation_steps
             if done_in_epoch > 0:
                 loader = acc.skip_first_batches(self.dataloader, done_in_epoch)
             for batch in loader:
-                if self.cancelled["flag"]:
-                    raise Cancelled()
+                if not losses:  # between optimizer steps only: a half-accumulated step is never saved
+                    self._stop_if_cancelled()
                 loss, sigma_t = self.step(self._make_step_batch(batch), self.global_step)
                 losses.append(loss)
                 if not acc.sync_gradients:
@@ -838,10 +852,34 @@ class _Trainer:
                     self._validate()
                 if self.global_step >= total:
                     break
+                self._stop_if_cancelled()  # before the next batch is drawn: the state a checkpoint of this step has
             if self.global_step >= total:
                 break
             if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0:
                 self._validate()
+
+    def _stop_if_cancelled(self) -> None:
+        if self.cancelled["flag"]:
+            raise Cancelled()
+
+    def _save_cancelled_step(self) -> str:
+        """Cancel keeps the work: a checkpoint (so that --resume_from_checkpoint latest continues exactly) and
+        the LoRA files of the last finished step. Cancelled is raised only between optimizer steps (or during
+        validation images, which come after a step), so the state saved is a whole step's. Returns the
+        run's status message."""
+        acc, run, step = self.acc, self.run_dir, self.global_step
+        if step == 0:
+            return "cancelled before the first step; nothing to save"
+        if acc.num_processes > 1:  # the other processes may not have heard the cancel: no collective save
+            return f"cancelled at step {step}"
+        self._status(f"cancelled: saving step {step}")
+        if not run.checkpoint_dir(step).exists():
+            self._save_checkpoint()
+        self._check_finite()
+        self._write_run_lora_files()
+        logger.info("cancelled at step %d: saved %s and the LoRA files", step, run.checkpoint_dir(step).name)
+        return (f"cancelled at step {step}; {run.checkpoint_dir(step).name} and the LoRA files of that step are saved "
+                f"(resume with --resume_from_checkpoint latest)")
 
     def _log_step(self, loss: float, sigma_t: float, epoch: int, start_step: int, bar) -> None:
         cfg = self.cfg
