@@ -202,6 +202,8 @@ def preflight(cfg: TrainConfig) -> Plan:
         _require("prodigyopt", "--optimizer prodigy needs prodigyopt: pip install 'flatlora-diffusion[prodigy]'")
     if cfg.init_lora_weights == "pissa" and cfg.use_dora:
         raise ConfigError("--init_lora_weights pissa cannot be combined with --use_dora; choose one")
+    if cfg.push_to_hub:
+        _check_hub(cfg)
     _check_output_writable(Path(cfg.output_dir))
     source = inspect_model_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.cache_dir)
     if cfg.pretrained_vae_model_name_or_path and not (
@@ -230,6 +232,37 @@ def preflight(cfg: TrainConfig) -> Plan:
     if _is_main_process():
         _check_existing_run(cfg, run, given, resuming=bool(cfg.resume_from_checkpoint))
     return Plan(cfg, source, records, candidates[0] if candidates else None, candidates)
+
+
+def _hub_repo_id(cfg: TrainConfig) -> str:
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name  # diffusers' default: the folder's name
+
+
+def _check_hub(cfg: TrainConfig) -> None:
+    """--push_to_hub: everything the upload needs is checked before hours of training, not after."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id = _hub_repo_id(cfg)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(f"--push_to_hub: {repo_id!r} is not a hub repository name (letters, digits, '-', '_', "
+                          f"'.', optionally 'user/'); set --hub_model_id") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    if offline or constants.HF_HUB_OFFLINE:
+        raise ConfigError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it, or train without "
+                          "--push_to_hub and upload the run folder later")
+    token = cfg.hub_token or huggingface_hub.get_token()
+    if not token:
+        raise ConfigError("--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass "
+                          "--hub_token")
+    try:
+        huggingface_hub.HfApi().whoami(token=token)
+    except Exception as e:  # no network, a revoked token: either way the upload would fail at the end
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--push_to_hub: the hub did not accept the token ({detail})") from None
 
 
 def _require(module: str, message: str) -> None:
@@ -966,9 +999,8 @@ class _Trainer:
         if acc.is_main_process:
             self._status("writing LoRA files")
             self._write_run_lora_files()
-            if cfg.push_to_hub:
-                self._push_to_hub()
-            run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message="done", eta_seconds=0)
+            message = self._push_to_hub() if cfg.push_to_hub else "done"
+            run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message=message, eta_seconds=0)
         acc.end_training()
 
     def _trained_lora(self):
@@ -1026,13 +1058,24 @@ class _Trainer:
                 parts["text_encoder_2"] = unwrap_model(c.text_encoders[1])
         return parts
 
-    def _push_to_hub(self) -> None:
-        from huggingface_hub import create_repo, upload_folder
+    def _push_to_hub(self) -> str:
+        """Upload the run's files; returns the status message. The training succeeded whatever the upload
+        does, so a failure is one logged line and the run stays "completed" (its files are all there)."""
+        import huggingface_hub
 
         cfg = self.cfg
-        repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
-                      ignore_patterns=["checkpoints/*", "step_*", "*.partial", "trainer.lock", ".*.tmp"])
+        self._status("uploading to the hub")
+        try:
+            repo_id = huggingface_hub.create_repo(_hub_repo_id(cfg), exist_ok=True, token=cfg.hub_token).repo_id
+            huggingface_hub.upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
+                                          ignore_patterns=["checkpoints/*", "step_*", "*.partial", "trainer.lock",
+                                                           ".*.tmp"])
+        except Exception as e:  # network, permissions, quota: none of them undoes the training
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            logger.error("the upload to the hub failed (%s); the run's files are in %s", detail, self.run_dir.path)
+            return f"done; the upload to the hub failed: {detail}"
+        logger.info("uploaded to https://huggingface.co/%s", repo_id)
+        return f"done; uploaded to {repo_id}"
 
 
 class _LatentCache(torch.utils.data.Dataset):

@@ -626,3 +626,24 @@ def test_flat_lora_metadata_lists_only_what_was_perturbed():
     nothing_perturbed = build_metadata({**base, "flat_targets": ["text_encoder"]})
     assert "Flat-LoRA" not in nothing_perturbed["ss_training_comment"]
     assert nothing_perturbed["flatlora_sigma"] == "0.0" and "flatlora_targets" not in nothing_perturbed
+
+
+# ==========================================================================================================
+# 15. an upload that fails after training is one line; the run stays completed (issue 16, item 4)
+# ==========================================================================================================
+def test_a_failed_upload_is_one_line_and_the_run_stays_completed(tiny, tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+
+    monkeypatch.setattr(train_module, "_check_hub", lambda cfg: None)  # the checks before training: test_cli_errors
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\n(a long traceback-like tail)")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", no_network)
+    out = run(tiny, tmp_path / "run", push_to_hub=True, hub_model_id="me/sks-toy").path
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed"
+    assert status["message"] == "done; the upload to the hub failed: Failed to resolve 'huggingface.co'"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and "upload to the hub failed" in errors[0]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
