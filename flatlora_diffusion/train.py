@@ -435,6 +435,13 @@ def _available_trackers(report_to: str | None) -> list[str] | None:
     return found or None
 
 
+def _bar(total: int, desc: str):
+    """A progress bar on stderr like the steps bar (log lines go through tqdm.write and stay off it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
 def _main_thread() -> bool:
     import threading
 
@@ -540,9 +547,21 @@ class _Trainer:
         if cfg.with_prior_preservation:
             self._status("generating class images")
             if self.acc.is_main_process:
-                generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
-                                      cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
-                                      pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+                bars: list = []
+
+                def progress(done: int, missing: int) -> None:  # a bar for what generation really makes
+                    if not bars:
+                        bars.append(_bar(missing, "Class images"))
+                    bars[0].update(done - bars[0].n)
+
+                try:
+                    generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
+                                          cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
+                                          progress=progress,
+                                          pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+                finally:
+                    for bar in bars:
+                        bar.close()
             self.acc.wait_for_everyone()
             class_records = load_class_records(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
                                                cfg.caption_extension)
@@ -839,6 +858,7 @@ class _Trainer:
         start_step = self.global_step
         if acc.is_main_process:
             run.write_prompts(cfg.validation_prompt)
+        self._log_summary()
         if self.global_step == 0:
             self._validate()  # the untrained baseline, step 0
         bar = tqdm(total=total, initial=self.global_step, desc="Steps", disable=not acc.is_local_main_process,
@@ -850,6 +870,27 @@ class _Trainer:
             self._epochs(bar, start_step)
         finally:
             bar.close()  # an error message then starts a line of its own
+
+    def _log_summary(self) -> None:
+        """The summary diffusers' scripts print before training, so their users find the numbers they know."""
+        cfg, acc = self.cfg, self.acc
+        total_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        lines = [
+            "***** Running training *****",
+            f"  Num examples = {len(self.dataset)}",
+            f"  Num batches each epoch = {len(self.dataloader)}",
+            f"  Num Epochs = {self.num_epochs}",
+            f"  Instantaneous batch size per device = {cfg.train_batch_size}",
+            f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
+            f"  Gradient Accumulation steps = {cfg.gradient_accumulation_steps}",
+            f"  Total optimization steps = {cfg.max_train_steps}",
+            f"  Flat-LoRA sigma = {cfg.flat_sigma} ({cfg.flat_schedule})" if self.flat is not None and cfg.flat_sigma
+            else "  Flat-LoRA = off (plain LoRA)",
+        ]
+        if self.global_step:
+            lines.append(f"  Resuming at step {self.global_step}")
+        for line in lines:
+            logger.info(line)
 
     def _epochs(self, bar, start_step: int) -> None:
         cfg, acc = self.cfg, self.acc
@@ -944,6 +985,7 @@ class _Trainer:
         c = self.components
         scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
         pipe = c.pipeline(scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)  # one bar per image set (ours), not one per image
         return pipe
 
     def _validate(self) -> None:
@@ -973,6 +1015,7 @@ class _Trainer:
                 raise Cancelled()
             return kwargs
 
+        bar = _bar(len(cfg.validation_prompt) * len(cfg.validation_seeds), f"Validation images (step {self.global_step})")
         for p, prompt in enumerate(cfg.validation_prompt):
             for seed in cfg.validation_seeds:
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -981,9 +1024,12 @@ class _Trainer:
                                  guidance_scale=cfg.validation_guidance_scale, generator=gen,
                                  height=size, width=size, callback_on_step_end=stop_if_cancelled).images[0]
                 image.save(tmp / f"{p}_{seed}.png")
+                bar.update(1)
                 faults.hit("validation")
                 if self.cancelled["flag"]:
+                    bar.close()
                     raise Cancelled()
+        bar.close()
         (tmp / ".complete").write_text("")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
