@@ -14,6 +14,12 @@ from .console import setup_logging
 SUBCOMMANDS = ("train", "demo", "export", "evaluate", "app", "make-tiny-model")
 
 
+def _version() -> str:
+    from . import __version__
+
+    return f"flatlora-diffusion {__version__}"
+
+
 def train_main(argv: list[str]) -> int:
     from .config import ConfigError, config_from_args
     from .train import USER_ERRORS, Cancelled
@@ -22,6 +28,9 @@ def train_main(argv: list[str]) -> int:
         from .config import build_parser
 
         build_parser().print_help()
+        return 0
+    if "--version" in argv:
+        print(_version())
         return 0
     try:
         cfg = config_from_args(argv)
@@ -35,8 +44,8 @@ def train_main(argv: list[str]) -> int:
         run = train(cfg)
     except USER_ERRORS as e:
         return _fail(str(e))
-    except Cancelled:
-        print("training cancelled", file=sys.stderr)
+    except Cancelled as e:
+        print(f"training {e}" if str(e) else "training cancelled", file=sys.stderr)
         return 130
     except TrainingDiverged as e:  # not the user's input: exit 1, but one line all the same
         print(f"error: {e}", file=sys.stderr)
@@ -108,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
               "  app              the web app (Gradio)\n"
               "  make-tiny-model  write a tiny random-weight SD 1.5 / SDXL pipeline folder")
         return 0 if argv else 2
+    if argv[0] == "--version":
+        print(_version())
+        return 0
     command, rest = argv[0], argv[1:]
     handlers = {"train": train_main, "demo": demo_main, "export": export_main, "evaluate": evaluate_main,
                 "app": app_main, "make-tiny-model": make_tiny_model_main}

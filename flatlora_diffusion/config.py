@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -36,6 +37,19 @@ def _f(default, help: str, group: str, choices=None, *, ge=None, gt=None, le=Non
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
 
+
+# Flags of diffusers' train_dreambooth_lora.py / train_dreambooth_lora_sdxl.py (and older versions) that mean
+# nothing for SD / SDXL DreamBooth here: accepted, so that a diffusers command line runs unchanged, with a
+# one-line warning. name -> (what it takes: "bool", "value" or "list"; why it is ignored).
+IGNORED_FLAGS = {
+    "class_labels_conditioning": ("value", "it conditions DeepFloyd IF's UNet on timesteps; SD and SDXL UNets take no class labels"),
+    "tokenizer_max_length": ("value", "it is for T5 tokenizers (DeepFloyd IF); CLIP prompts here are 77 tokens"),
+    "text_encoder_use_attention_mask": ("bool", "it is for T5 text encoders (DeepFloyd IF); SD's CLIP encoders were trained without a mask"),
+    "validation_images": ("list", "it is for image-conditioned pipelines (the DeepFloyd IF upscaler); validation here is text-to-image"),
+    "do_edm_style_training": ("bool", "EDM-style training is for EDM models (Playground v2.5); training here is DDPM-style"),
+    "crops_coords_top_left_h": ("value", "(an older SDXL script's flag) the crop coordinates here are each image's own crop"),
+    "crops_coords_top_left_w": ("value", "(an older SDXL script's flag) the crop coordinates here are each image's own crop"),
+}
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -79,7 +93,7 @@ class TrainConfig:
     center_crop: bool = _f(False, "Center-crop images instead of cropping at random.", "data")
     random_flip: bool = _f(False, "Flip images horizontally at random.", "data")
     image_interpolation_mode: str = _f(
-        "lanczos", "Resize filter.", "data", choices=["lanczos", "bilinear", "bicubic", "nearest", "box", "hamming"]
+        "lanczos", "Resize filter.", "data", choices=["lanczos", "bilinear", "bicubic", "nearest", "nearest_exact", "box", "hamming"]
     )
     dataloader_num_workers: int = _f(0, "Data-loading worker processes (0 = main process).", "data", ge=0, le=256)
     aspect_ratio_buckets: bool = _f(False, "Group images into aspect-ratio buckets instead of square crops (kohya).", "data")
@@ -132,14 +146,18 @@ class TrainConfig:
     )
 
     # --- optimisation --------------------------------------------------------------------------------------
-    optimizer: str = _f("AdamW", "Optimizer.", "optim", choices=["AdamW", "prodigy"])
+    optimizer: str = _f("AdamW", "Optimizer (any case, as diffusers: AdamW, adamw, Prodigy...).", "optim",
+                        choices=["AdamW", "prodigy"], case_insensitive=True)
     use_8bit_adam: bool = _f(False, "Use 8-bit AdamW from bitsandbytes.", "optim")
     learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim", gt=0, le=10)
     text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim", gt=0, le=10)
     scale_lr: bool = _f(False, "Scale the lr by GPUs x accumulation x batch size.", "optim")
     adam_beta1: float = _f(0.9, "Adam beta1.", "optim", ge=0, lt=1)
     adam_beta2: float = _f(0.999, "Adam beta2.", "optim", ge=0, lt=1)
-    adam_weight_decay: float = _f(1e-2, "Weight decay of the UNet LoRA.", "optim", ge=0, le=1)
+    adam_weight_decay: float | None = _f(
+        None, "Weight decay of the UNet LoRA (default 1e-2 for SD 1.x, 1e-4 for SDXL, as diffusers' scripts).", "optim",
+        ge=0, le=1,
+    )
     adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.", "optim", ge=0, le=1)
     adam_epsilon: float = _f(1e-8, "Adam epsilon.", "optim", gt=0, le=1)
     prodigy_beta3: float | None = _f(None, "Prodigy beta3.", "optim", ge=0, lt=1)
@@ -172,7 +190,8 @@ class TrainConfig:
     )
     cache_latents: bool = _f(False, "Encode every image with the VAE once, before training.", "speed")
     cache_text_embeddings: bool = _f(
-        True, "When the text encoders are frozen, encode each distinct prompt once.", "speed"
+        True, "When the text encoders are frozen, encode each distinct prompt once.", "speed",
+        aliases=["pre_compute_text_embeddings"],  # diffusers' SD script's name for the same thing
     )
 
     # --- checkpoints ---------------------------------------------------------------------------------------
@@ -185,7 +204,8 @@ class TrainConfig:
     num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000)
     validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1)
     validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12)
-    validation_epochs: int | None = _f(None, "Validate every N epochs (diffusers' flag).", "validation", ge=1, le=1_000_000)
+    validation_epochs: int | None = _f(50, "Validate every N completed epochs (diffusers' flag and default).", "validation",
+                                       ge=1, le=1_000_000)
     validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000)
     validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100)
 
@@ -288,6 +308,8 @@ class TrainConfig:
             self.resolution = 1024 if arch == "sdxl" else 512
         if self.learning_rate is None:
             self.learning_rate = 1e-4 if arch == "sdxl" else 5e-4
+        if self.adam_weight_decay is None:
+            self.adam_weight_decay = 1e-4 if arch == "sdxl" else 1e-2
         if self.lora_alpha is None:
             self.lora_alpha = float(self.rank)
         if self.validation_seeds:  # explicit seeds decide how many images per prompt
@@ -347,23 +369,37 @@ def _coerce(name: str, value):
     return _coerce_scalar(name, elem, value)
 
 
+def parse_bool(value) -> bool:
+    """true/false, yes/no, on/off, 1/0 in any case (diffusers' `--flag=True`); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _canonical_choice(name: str, value):
+    """A case-insensitive setting (--optimizer adamw) in the spelling of its choices (AdamW)."""
+    meta = TrainConfig.__dataclass_fields__[name].metadata
+    if not meta.get("case_insensitive") or not isinstance(value, str):
+        return value
+    return next((c for c in meta["choices"] if c.lower() == value.lower()), value)
+
+
 def _coerce_scalar(name, elem, value):
     try:
         if elem is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "yes", "1", "on"):
-                return True
-            if str(value).lower() in ("false", "no", "0", "off"):
-                return False
-            raise ValueError
+            return parse_bool(value)
         if elem is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
             return int(value)
         if elem is float:
             return float(value)
-        return str(value)
+        return _canonical_choice(name, str(value))
     except (TypeError, ValueError):
         raise ConfigError(f"config key {name!r} must be {elem.__name__}, got {value!r}") from None
 
@@ -415,6 +451,9 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     known = set(TrainConfig.field_names())
     out = {}
     for key, value in data.items():
+        if key in IGNORED_FLAGS:
+            warn_ignored(str(key))
+            continue
         if key not in known:
             hint = closest_key(str(key))
             raise ConfigError(
@@ -424,36 +463,82 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return out
 
 
+def warn_ignored(name: str) -> None:
+    """One line on stderr (before logging is set up): the flag was accepted and has no effect here."""
+    print(f"warning: --{name} is ignored: {IGNORED_FLAGS[name][1]}", file=sys.stderr)
+
+
+def _bool_arg(text: str) -> bool:
+    try:
+        return parse_bool(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _default_of(f) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _with_default(help_text: str, default) -> str:
+    """--help shows each default (argparse cannot: defaults are SUPPRESSed so a YAML file can be overridden)."""
+    if default is None or default == [] or "default" in help_text.lower():
+        return help_text
+    shown = " ".join(map(str, default)) if isinstance(default, list) else str(default).lower() if isinstance(default, bool) else default
+    return f"{help_text} [default: {shown}]"
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"flatlora-diffusion {__version__}"
+
+
+# The full list of flags would be a 150-line usage block; --help lists them by group below it.
+USAGE = "%(prog)s [--config FILE.yaml] [--<setting> VALUE ...]  (the flags of diffusers' DreamBooth LoRA scripts)"
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """The diffusers-compatible flags, one per TrainConfig field. Only flags actually given end up in the
-    namespace (default=SUPPRESS), so they can override a YAML file."""
+    namespace (default=SUPPRESS), so they can override a YAML file. Booleans take an optional value, as
+    diffusers' `--prodigy_decouple=False` does; a default-on boolean also has --no_<name>."""
     parser = parser or argparse.ArgumentParser(
         prog="flatlora-diffusion train", description="DreamBooth LoRA / Flat-LoRA training for SD 1.x and SDXL.",
-        allow_abbrev=False,
+        allow_abbrev=False, usage=USAGE,
     )
     parser.add_argument("--config", default=argparse.SUPPRESS, help="YAML file of settings (every flag is a key).")
+    parser.add_argument("--version", action="version", version=_version())
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(TrainConfig):
         meta = f.metadata
         group = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         elem, is_list = field_type(f.name)
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
-        help_text = meta["help"] if not meta.get("hidden") else argparse.SUPPRESS
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = _default_of(f)
+        help_text = _with_default(meta["help"], default) if not meta.get("hidden") else argparse.SUPPRESS
+        names = [f"--{f.name}", *(f"--{a}" for a in meta.get("aliases", ()))]
         if elem is bool:
+            group.add_argument(*names, nargs="?", const=True, type=_bool_arg, metavar="true|false",
+                               help=help_text, **kwargs)
             if default is True:
-                group.add_argument(f"--no_{f.name}", action="store_false", help=f"Disable: {meta['help']}", **kwargs)
-                group.add_argument(f"--{f.name}", action="store_true", help=argparse.SUPPRESS, **kwargs)
-            else:
-                group.add_argument(f"--{f.name}", action="store_true", help=help_text, **kwargs)
+                group.add_argument(f"--no_{f.name}", action="store_false", help=f"Disable {f.name}.", **kwargs)
             continue
         kwargs["type"] = elem
-        if meta.get("choices"):
+        if meta.get("choices") and not meta.get("case_insensitive"):
             kwargs["choices"] = meta["choices"]
+        elif meta.get("choices"):
+            kwargs["metavar"] = "{" + ",".join(meta["choices"]) + "}"
         if is_list:
             kwargs["nargs"] = "+"
-        group.add_argument(f"--{f.name}", help=help_text, **kwargs)
+        group.add_argument(*names, help=help_text, **kwargs)
+    ignored = parser.add_argument_group("accepted for diffusers compatibility, ignored (with a warning)")
+    for name, (takes, why) in IGNORED_FLAGS.items():
+        shape = {"bool": {"nargs": "?", "const": True}, "list": {"nargs": "+"}, "value": {}}[takes]
+        ignored.add_argument(f"--{name}", dest=f"{_IGNORED_PREFIX}{name}", default=argparse.SUPPRESS,
+                             help=f"Ignored: {why}.", **shape)
     return parser
+
+
+_IGNORED_PREFIX = "ignored:"
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -469,8 +554,11 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def config_from_args(argv: list[str] | None) -> TrainConfig:
     """CLI flags (+ optional --config YAML) -> validated TrainConfig. Raises ConfigError."""
-    parser = build_parser(_OneLineParser(prog="flatlora-diffusion train", allow_abbrev=False))
+    parser = build_parser(_OneLineParser(prog="flatlora-diffusion train", allow_abbrev=False, usage=USAGE))
     ns = vars(parser.parse_args(argv))
+    for key in [k for k in ns if k.startswith(_IGNORED_PREFIX)]:
+        del ns[key]
+        warn_ignored(key[len(_IGNORED_PREFIX):])
     values: dict[str, Any] = {}
     if "config" in ns:
         values.update(load_yaml(ns.pop("config")))

@@ -33,9 +33,24 @@ def quiet_libraries() -> None:
         pass
 
 
+class TqdmLogHandler(logging.StreamHandler):
+    """Log lines through tqdm.write: it lifts the progress bar, prints the line and redraws the bar below,
+    so a log line is never glued to the bar's text."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging() -> None:
     # Several processes (accelerate launch / torchrun): the main one tells the story, the others only warn.
     main = os.environ.get("RANK", "0") == "0"
     level = logging.INFO if main else logging.WARNING
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", level=level)
+    handler = TqdmLogHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler])
     quiet_libraries()

@@ -69,6 +69,8 @@ INTERPOLATION_MODES: dict[str, Image.Resampling] = {
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "nearest": Image.Resampling.NEAREST,
+    # torchvision's NEAREST_EXACT is the pixel-centre rule that PIL's NEAREST already follows
+    "nearest_exact": Image.Resampling.NEAREST,
     "box": Image.Resampling.BOX,
     "hamming": Image.Resampling.HAMMING,
 }

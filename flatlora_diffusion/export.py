@@ -49,6 +49,7 @@ __all__ = [
     "LoraModule",
     "kohya_state_dict",
     "save_kohya_lora",
+    "diffusers_file_contents",
     "diffusers_state_dict",
     "kohya_to_diffusers",
     "diffusers_to_kohya",
@@ -787,6 +788,40 @@ def _num(value) -> str:
     return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
 
 
+def _text_encoder_trained(s: Mapping, lora: Lora | None) -> bool:
+    """The file holds text-encoder LoRA (the truth when the weights are at hand), or the run trained one."""
+    if lora:
+        return any(lora.get(c) for c in (TE1, TE2))
+    return bool(s.get("train_text_encoder"))
+
+
+def _warmup_steps_used(s: Mapping):
+    """The warm-up the schedule really had: diffusers' "constant" schedule ignores --lr_warmup_steps."""
+    if not _present(s.get("lr_warmup_steps")):
+        return None
+    return 0 if s.get("lr_scheduler") == "constant" else s["lr_warmup_steps"]
+
+
+def _flat_settings(s: Mapping, lora: Lora | None) -> dict:
+    """The flat_* settings that describe what training did. Plain LoRA (sigma 0, or no perturbed model)
+    keeps only flat_sigma = 0; the perturbed targets are those that were trained."""
+    flat = {k: v for k, v in s.items() if k.startswith("flat_") and _present(v)}
+    if isinstance(s.get("flat_targets"), (list, tuple)):
+        trained_te = _text_encoder_trained(s, lora)
+        flat["flat_targets"] = [t for t in s["flat_targets"] if t != "text_encoder" or trained_te]
+    if "flat_sigma" in flat and (not float(flat["flat_sigma"]) or flat.get("flat_targets") == []):
+        return {"flat_sigma": 0.0}
+    return flat
+
+
+def _comment(s: Mapping, flat: Mapping) -> str:
+    if "flat_sigma" not in flat:
+        return "written by flatlora-diffusion"
+    if not float(flat["flat_sigma"]):
+        return "DreamBooth LoRA (flatlora-diffusion; plain LoRA, sigma 0)"
+    return f"DreamBooth Flat-LoRA (flatlora-diffusion; sigma {flat['flat_sigma']}, {flat.get('flat_schedule', 'cosine')})"
+
+
 def build_metadata(
     settings: Mapping | None = None,
     arch: str = SD15,
@@ -854,14 +889,14 @@ def build_metadata(
     lr = s.get("learning_rate")
     put("ss_learning_rate", lr)
     put("ss_unet_lr", s.get("unet_lr", lr))
-    if s.get("train_text_encoder") or _present(s.get("text_encoder_lr")):
+    if _text_encoder_trained(s, lora):  # a text-encoder lr of a run that never trained one is no fact of the file
         put("ss_text_encoder_lr", s.get("text_encoder_lr") if _present(s.get("text_encoder_lr")) else lr)
     optimizer = s.get("optimizer")
     if s.get("use_8bit_adam") and str(optimizer or "adamw").lower() == "adamw":
         optimizer = "AdamW8bit"
     put("ss_optimizer", optimizer)
     put("ss_lr_scheduler", s.get("lr_scheduler"))
-    put("ss_lr_warmup_steps", s.get("lr_warmup_steps"))
+    put("ss_lr_warmup_steps", _warmup_steps_used(s))
     put("ss_seed", s.get("seed"))
     steps = next((s[k] for k in ("global_step", "steps", "max_train_steps") if _present(s.get(k))), None)
     put("ss_steps", steps)
@@ -877,7 +912,8 @@ def build_metadata(
         put("ss_prior_loss_weight", s.get("prior_loss_weight"))
     put("ss_clip_skip", s.get("clip_skip"))
     put("ss_caption_dropout_rate", s.get("caption_dropout_rate"))
-    md["ss_training_comment"] = _str(s.get("training_comment") or "Flat-LoRA DreamBooth (flatlora-diffusion)")
+    flat = _flat_settings(s, lora)
+    md["ss_training_comment"] = _str(s.get("training_comment") or _comment(s, flat))
 
     # --- ModelSpec (Stability AI), as sd-scripts writes it
     md["modelspec.sai_model_spec"] = "1.0.0"
@@ -903,9 +939,8 @@ def build_metadata(
     put("modelspec.encoder_layer", s.get("clip_skip"))
 
     # --- Flat-LoRA settings under our own keys
-    for key, value in sorted(s.items()):
-        if key.startswith("flat_") and _present(value):
-            md["flatlora_" + key[len("flat_") :]] = _str(value)
+    for key, value in sorted(flat.items()):
+        md["flatlora_" + key[len("flat_") :]] = _str(value)
     try:
         from . import __version__
 
@@ -1000,11 +1035,56 @@ def _arch_hint_from_settings(settings: Mapping) -> str | None:
     return None
 
 
-def _default_output(input_path: Path, weights: Path, fmt: str, settings: Mapping, is_run: bool) -> Path:
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a trainer checkpoint folder (checkpoint-N with training_state.json), else None."""
+    try:
+        step = json.loads((folder / "training_state.json").read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def _checkpoint_settings(checkpoint: Path, step: int) -> tuple[dict, Path | None]:
+    """The settings of the run a checkpoint belongs to (its config.yaml two levels up, when there), as of
+    the checkpoint's step, and that run folder."""
+    run_dir = checkpoint.parent.parent
+    if not (run_dir / RUN_CONFIG).is_file():
+        return {"global_step": step}, None
+    settings = _read_run_settings(run_dir)
+    settings.pop("training_finished_at", None)  # the run's end is not this file's
+    settings["global_step"] = step
+    return settings, run_dir
+
+
+def _default_output(input_path: Path, weights: Path, fmt: str, settings: Mapping, is_run: bool,
+                    step: int | None = None, run_dir: Path | None = None) -> Path:
+    suffix = ".safetensors" if fmt == "kohya" else "_diffusers.safetensors"
+    if step is not None:  # a checkpoint: next to the run's own files, named as sd-scripts names step saves
+        name = str(settings.get("output_name") or (run_dir or input_path).name)
+        return (run_dir or input_path) / f"{name}-step{step:08d}{suffix}"
     if is_run:
         name = str(settings.get("output_name") or input_path.name)
-        return input_path / (f"{name}.safetensors" if fmt == "kohya" else f"{name}_diffusers.safetensors")
+        return input_path / f"{name}{suffix}"
     return weights.with_name(f"{weights.stem}_{fmt}.safetensors")
+
+
+def _same_tensors(path: Path, state: Mapping[str, torch.Tensor]) -> bool:
+    """An existing file holds exactly these tensors (names, dtypes, shapes, bytes): re-exporting is a no-op."""
+    try:
+        header, _ = read_header(path)
+    except (OSError, SafetensorsFormatError):
+        return False
+    names = {k for k in header if k != "__metadata__"}
+    if names != set(state):
+        return False
+    for key, tensor in state.items():
+        entry = header[key]
+        if list(entry.get("shape", [])) != list(tensor.shape) or entry.get("dtype") != _SAFETENSORS_DTYPE.get(tensor.dtype):
+            return False
+    return file_data_sha256(path) == sshs_model_hash(state)
+
+
+_SAFETENSORS_DTYPE = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64"}
 
 
 def export_lora(
@@ -1022,6 +1102,14 @@ def export_lora(
     kohya file goes to ``<output_name>.safetensors`` there) or any LoRA file `load_any_lora` reads.
     Every check runs before anything is written; a failure raises ExportError and leaves no file.
     """
+    return _export(input_path, output, fmt, dtype, overwrite, metadata_overrides, arch)[0]
+
+
+def _export(input_path, output, fmt, dtype, overwrite, metadata_overrides, arch) -> tuple[Path, bool]:
+    """export_lora's work: (the output path, whether it was written; False: it already held these weights).
+
+    A trainer checkpoint folder (checkpoint-N/pytorch_lora_weights.safetensors) exports like its run, as
+    of step N; its file's own metadata (written at step N) wins over the run's final settings."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; expected kohya or diffusers")
     if dtype not in DTYPES:
@@ -1032,20 +1120,26 @@ def export_lora(
         raise ExportError(f"input not found: {input_path}")
 
     is_run = input_path.is_dir()
+    step = _checkpoint_step(input_path) if is_run else None
     settings: dict = {}
+    run_dir = None
     if is_run:
         weights = input_path / RUN_WEIGHTS
         if not weights.is_file():
-            raise ExportError(f"{input_path} has no {RUN_WEIGHTS}: not a finished run directory")
-        settings = _read_run_settings(input_path)
+            what = ("a checkpoint of an older version: resume the run to get checkpoints with LoRA files"
+                    if step is not None else "not a finished run directory or a checkpoint folder")
+            raise ExportError(f"{input_path} has no {RUN_WEIGHTS}: {what}")
+        if step is not None:
+            settings, run_dir = _checkpoint_settings(input_path, step)
+        else:
+            settings = _read_run_settings(input_path)
     else:
         weights = input_path
 
-    out = Path(output) if output is not None else _default_output(input_path, weights, fmt, settings, is_run)
+    out = Path(output) if output is not None else _default_output(input_path, weights, fmt, settings, is_run,
+                                                                  step, run_dir)
     if out.exists() and out.resolve() == weights.resolve():
         raise ExportError(f"the output {out} is the input file itself")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists (use --overwrite to replace it)")
     if out.is_dir():
         raise ExportError(f"the output {out} is a folder")
     if out.exists() and not out.is_file():  # --overwrite replaces files, never /dev/... or a pipe
@@ -1074,8 +1168,8 @@ def export_lora(
         for k, v in source_metadata.items()
         if k.startswith(("ss_", "modelspec.", "flatlora_")) and k not in _STRUCTURAL_KEYS and not k.startswith("sshs_")
     }
-    # A run directory's settings describe the training; a bare file's own metadata does.
-    metadata = {**carried, **built} if is_run else {**built, **carried}
+    # A run directory's settings describe the training; a bare file's (or a checkpoint's) own metadata does.
+    metadata = {**carried, **built} if is_run and step is None else {**built, **carried}
     for key, value in (metadata_overrides or {}).items():
         metadata[str(key)] = _str(value)
 
@@ -1085,7 +1179,11 @@ def export_lora(
     else:
         state, diffusers_metadata = lora_to_diffusers(lora, dtype=torch_dtype)
         metadata.update(diffusers_metadata)
-    return _write_with_hash(state, out, metadata, overwrite)
+    if out.exists() and not overwrite:
+        if out.is_file() and not metadata_overrides and _same_tensors(out, state):
+            return out, False  # e.g. the kohya file the trainer wrote: nothing to do, and not an error
+        raise ExportError(f"{out} already exists (use --overwrite to replace it)")
+    return _write_with_hash(state, out, metadata, overwrite), True
 
 
 def _write_with_hash(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str], overwrite: bool) -> Path:
@@ -1099,6 +1197,18 @@ def _write_with_hash(state: dict[str, torch.Tensor], out: Path, metadata: dict[s
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.strerror or e}") from None
     return out
+
+
+def diffusers_file_contents(
+    lora: Lora, settings: Mapping | None, arch: str, dtype: torch.dtype | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a diffusers file (what `pipe.load_lora_weights` reads): the adapter metadata
+    that keeps lora_alpha, the same provenance (ss_*, modelspec.*, flatlora_*) as the kohya file, its hash."""
+    _check_arch(arch)
+    state, adapter_metadata = lora_to_diffusers(lora, dtype)
+    metadata = {**build_metadata(dict(settings or {}), arch, lora), **adapter_metadata,
+                "sshs_model_hash": sshs_model_hash(state)}
+    return state, metadata
 
 
 def save_kohya_lora(
@@ -1191,19 +1301,19 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 def run_export(args: argparse.Namespace) -> int:
     """Run the export for parsed arguments: prints the written path, or `error: ...` and returns 2."""
     try:
-        path = export_lora(
+        path, written = _export(
             args.input,
-            output=getattr(args, "output", None),
-            fmt=getattr(args, "format", "kohya"),
-            dtype=getattr(args, "dtype", "fp16"),
-            overwrite=getattr(args, "overwrite", False),
-            metadata_overrides=dict(getattr(args, "metadata", None) or []),
-            arch=getattr(args, "arch", None),
+            getattr(args, "output", None),
+            getattr(args, "format", "kohya"),
+            getattr(args, "dtype", "fp16"),
+            getattr(args, "overwrite", False),
+            dict(getattr(args, "metadata", None) or []),
+            getattr(args, "arch", None),
         )
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(path)
+    print(path if written else f"{path} is up to date (it holds these weights already); nothing written")
     return 0
 
 

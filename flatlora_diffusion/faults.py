@@ -18,6 +18,7 @@ step this process makes):
 Actions:
   kill     SIGKILL this process (no handler, no finally: a power cut for the files)
   term     SIGTERM this process (the web app's Cancel)
+  int      SIGINT this process (Ctrl-C)
   enospc   raise OSError(ENOSPC)     eio   raise OSError(EIO)
   nan      return "nan": the caller makes the LoRA weights non-finite (a diverged update)
   hang     sleep 10 minutes, as a stuck native call would (signal handlers cannot break in)
@@ -30,7 +31,7 @@ import os
 import signal
 import time
 
-_ACTIONS = ("kill", "term", "enospc", "eio", "nan", "hang")
+_ACTIONS = ("kill", "term", "int", "enospc", "eio", "nan", "hang")
 
 
 def _parse(spec: str) -> dict[str, list[tuple[str, int]]]:
@@ -61,6 +62,8 @@ def _make_hit(plan: dict[str, list[tuple[str, int]]]):
                 time.sleep(60)  # SIGKILL is delivered asynchronously; never run on
             if action == "term":
                 os.kill(os.getpid(), signal.SIGTERM)
+            if action == "int":
+                os.kill(os.getpid(), signal.SIGINT)
             if action == "enospc":
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + f" (injected at {point})")
             if action == "eio":

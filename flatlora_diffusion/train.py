@@ -43,7 +43,7 @@ _NOT_COMPARED = ("overwrite", "resume_from_checkpoint", "local_rank")
 
 
 class Cancelled(Exception):
-    pass
+    """Cancel (SIGTERM, Ctrl-C) was heard; the message says what of the run was saved."""
 
 
 class TrainingDiverged(FloatingPointError):
@@ -202,6 +202,8 @@ def preflight(cfg: TrainConfig) -> Plan:
         _require("prodigyopt", "--optimizer prodigy needs prodigyopt: pip install 'flatlora-diffusion[prodigy]'")
     if cfg.init_lora_weights == "pissa" and cfg.use_dora:
         raise ConfigError("--init_lora_weights pissa cannot be combined with --use_dora; choose one")
+    if cfg.push_to_hub:
+        _check_hub(cfg)
     _check_output_writable(Path(cfg.output_dir))
     source = inspect_model_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.cache_dir)
     if cfg.pretrained_vae_model_name_or_path and not (
@@ -230,6 +232,37 @@ def preflight(cfg: TrainConfig) -> Plan:
     if _is_main_process():
         _check_existing_run(cfg, run, given, resuming=bool(cfg.resume_from_checkpoint))
     return Plan(cfg, source, records, candidates[0] if candidates else None, candidates)
+
+
+def _hub_repo_id(cfg: TrainConfig) -> str:
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name  # diffusers' default: the folder's name
+
+
+def _check_hub(cfg: TrainConfig) -> None:
+    """--push_to_hub: everything the upload needs is checked before hours of training, not after."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id = _hub_repo_id(cfg)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(f"--push_to_hub: {repo_id!r} is not a hub repository name (letters, digits, '-', '_', "
+                          f"'.', optionally 'user/'); set --hub_model_id") from None
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+    if offline or constants.HF_HUB_OFFLINE:
+        raise ConfigError("--push_to_hub needs the network, but HF_HUB_OFFLINE is set; unset it, or train without "
+                          "--push_to_hub and upload the run folder later")
+    token = cfg.hub_token or huggingface_hub.get_token()
+    if not token:
+        raise ConfigError("--push_to_hub needs a Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass "
+                          "--hub_token")
+    try:
+        huggingface_hub.HfApi().whoami(token=token)
+    except Exception as e:  # no network, a revoked token: either way the upload would fail at the end
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"--push_to_hub: the hub did not accept the token ({detail})") from None
 
 
 def _require(module: str, message: str) -> None:
@@ -267,10 +300,11 @@ def train(cfg: TrainConfig) -> RunDir:
         watch.install()
         try:
             _Trainer(plan, run, cancelled).run()
-        except (Cancelled, KeyboardInterrupt):
+        except (Cancelled, KeyboardInterrupt) as e:
+            message = str(e) if isinstance(e, Cancelled) and str(e) else "cancelled"
             if main:
-                _final_status(run, "cancelled", "cancelled")
-            raise Cancelled() from None
+                _final_status(run, "cancelled", message)
+            raise Cancelled(message) from None
         except BaseException as e:
             if main:
                 _final_status(run, "failed", failure_message(e, run))
@@ -333,6 +367,7 @@ class _CancelWatch:
         self.read_fd, self.write_fd = os.pipe()
         os.set_blocking(self.write_fd, False)
         self.previous_handler = signal.signal(signal.SIGTERM, self._on_signal)
+        self.previous_int_handler = signal.signal(signal.SIGINT, self._on_interrupt)
         self.previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.thread = threading.Thread(target=self._watch, name="flatlora-cancel-watch", daemon=True)
         self.thread.start()
@@ -344,6 +379,7 @@ class _CancelWatch:
         self.done.set()
         signal.set_wakeup_fd(self.previous_fd)
         signal.signal(signal.SIGTERM, self.previous_handler)
+        signal.signal(signal.SIGINT, self.previous_int_handler)
         try:
             os.write(self.write_fd, b"\0")  # wake the watcher so that it ends
         except OSError:
@@ -356,6 +392,12 @@ class _CancelWatch:
     def _on_signal(self, signum, frame):
         self.cancelled["flag"] = True
 
+    def _on_interrupt(self, signum, frame):
+        """The first Ctrl-C cancels like SIGTERM (the step finishes and is saved); a second one interrupts at
+        once, as Ctrl-C does everywhere else."""
+        self.cancelled["flag"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def _watch(self) -> None:
         while not self.done.is_set():
             try:
@@ -366,6 +408,7 @@ class _CancelWatch:
                 return
             if signal.SIGTERM in data or signal.SIGINT in data:
                 self.cancelled["flag"] = True
+                logger.warning("cancel requested: finishing this step, then saving a checkpoint and the LoRA files")
                 if self.done.wait(self.grace_s):
                     return
                 logger.error("cancelled, and the trainer did not stop within %.0f s: exiting now", self.grace_s)
@@ -390,6 +433,13 @@ def _available_trackers(report_to: str | None) -> list[str] | None:
         else:
             found.append(name)
     return found or None
+
+
+def _bar(total: int, desc: str):
+    """A progress bar on stderr like the steps bar (log lines go through tqdm.write and stay off it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def _main_thread() -> bool:
@@ -430,8 +480,11 @@ class _Trainer:
         self._build_flat()
         self._prepare_accelerate()
         self._resume()
-        self._loop()
-        self._finish()
+        try:
+            self._loop()
+            self._finish()
+        except Cancelled:
+            raise Cancelled(self._save_cancelled_step()) from None
 
     def _load_models(self) -> None:
         from .models import add_lora, load_components, lora_config
@@ -494,9 +547,21 @@ class _Trainer:
         if cfg.with_prior_preservation:
             self._status("generating class images")
             if self.acc.is_main_process:
-                generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
-                                      cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
-                                      pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+                bars: list = []
+
+                def progress(done: int, missing: int) -> None:  # a bar for what generation really makes
+                    if not bars:
+                        bars.append(_bar(missing, "Class images"))
+                    bars[0].update(done - bars[0].n)
+
+                try:
+                    generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
+                                          cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
+                                          progress=progress,
+                                          pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+                finally:
+                    for bar in bars:
+                        bar.close()
             self.acc.wait_for_everyone()
             class_records = load_class_records(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
                                                cfg.caption_extension)
@@ -673,6 +738,8 @@ class _Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if acc.is_main_process:
+            self._write_checkpoint_lora_file(tmp)
         acc.wait_for_everyone()  # every process has written its part before the folder is published
         if acc.is_main_process:
             files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -791,6 +858,7 @@ class _Trainer:
         start_step = self.global_step
         if acc.is_main_process:
             run.write_prompts(cfg.validation_prompt)
+        self._log_summary()
         if self.global_step == 0:
             self._validate()  # the untrained baseline, step 0
         bar = tqdm(total=total, initial=self.global_step, desc="Steps", disable=not acc.is_local_main_process,
@@ -803,19 +871,41 @@ class _Trainer:
         finally:
             bar.close()  # an error message then starts a line of its own
 
+    def _log_summary(self) -> None:
+        """The summary diffusers' scripts print before training, so their users find the numbers they know."""
+        cfg, acc = self.cfg, self.acc
+        total_batch = cfg.train_batch_size * acc.num_processes * cfg.gradient_accumulation_steps
+        lines = [
+            "***** Running training *****",
+            f"  Num examples = {len(self.dataset)}",
+            f"  Num batches each epoch = {len(self.dataloader)}",
+            f"  Num Epochs = {self.num_epochs}",
+            f"  Instantaneous batch size per device = {cfg.train_batch_size}",
+            f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}",
+            f"  Gradient Accumulation steps = {cfg.gradient_accumulation_steps}",
+            f"  Total optimization steps = {cfg.max_train_steps}",
+            f"  Flat-LoRA sigma = {cfg.flat_sigma} ({cfg.flat_schedule})" if self.flat is not None and cfg.flat_sigma
+            else "  Flat-LoRA = off (plain LoRA)",
+        ]
+        if self.global_step:
+            lines.append(f"  Resuming at step {self.global_step}")
+        for line in lines:
+            logger.info(line)
+
     def _epochs(self, bar, start_step: int) -> None:
         cfg, acc = self.cfg, self.acc
         total = cfg.max_train_steps
         losses: list[torch.Tensor] = []
         for epoch in range(self.first_epoch, self.num_epochs):
+            self._stop_if_cancelled()
             self.dataloader.set_epoch(epoch)
             loader = self.dataloader
             done_in_epoch = (self.global_step - epoch * self.steps_per_epoch) * cfg.gradient_accumulation_steps
             if done_in_epoch > 0:
                 loader = acc.skip_first_batches(self.dataloader, done_in_epoch)
             for batch in loader:
-                if self.cancelled["flag"]:
-                    raise Cancelled()
+                if not losses:  # between optimizer steps only: a half-accumulated step is never saved
+                    self._stop_if_cancelled()
                 loss, sigma_t = self.step(self._make_step_batch(batch), self.global_step)
                 losses.append(loss)
                 if not acc.sync_gradients:
@@ -836,10 +926,34 @@ class _Trainer:
                     self._validate()
                 if self.global_step >= total:
                     break
+                self._stop_if_cancelled()  # before the next batch is drawn: the state a checkpoint of this step has
             if self.global_step >= total:
                 break
             if cfg.validation_epochs and (epoch + 1) % cfg.validation_epochs == 0:
                 self._validate()
+
+    def _stop_if_cancelled(self) -> None:
+        if self.cancelled["flag"]:
+            raise Cancelled()
+
+    def _save_cancelled_step(self) -> str:
+        """Cancel keeps the work: a checkpoint (so that --resume_from_checkpoint latest continues exactly) and
+        the LoRA files of the last finished step. Cancelled is raised only between optimizer steps (or during
+        validation images, which come after a step), so the state saved is a whole step's. Returns the
+        run's status message."""
+        acc, run, step = self.acc, self.run_dir, self.global_step
+        if step == 0:
+            return "cancelled before the first step; nothing to save"
+        if acc.num_processes > 1:  # the other processes may not have heard the cancel: no collective save
+            return f"cancelled at step {step}"
+        self._status(f"cancelled: saving step {step}")
+        if not run.checkpoint_dir(step).exists():
+            self._save_checkpoint()
+        self._check_finite()
+        self._write_run_lora_files()
+        logger.info("cancelled at step %d: saved %s and the LoRA files", step, run.checkpoint_dir(step).name)
+        return (f"cancelled at step {step}; {run.checkpoint_dir(step).name} and the LoRA files of that step are saved "
+                f"(resume with --resume_from_checkpoint latest)")
 
     def _log_step(self, loss: float, sigma_t: float, epoch: int, start_step: int, bar) -> None:
         cfg = self.cfg
@@ -871,6 +985,7 @@ class _Trainer:
         c = self.components
         scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
         pipe = c.pipeline(scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)  # one bar per image set (ours), not one per image
         return pipe
 
     def _validate(self) -> None:
@@ -900,6 +1015,7 @@ class _Trainer:
                 raise Cancelled()
             return kwargs
 
+        bar = _bar(len(cfg.validation_prompt) * len(cfg.validation_seeds), f"Validation images (step {self.global_step})")
         for p, prompt in enumerate(cfg.validation_prompt):
             for seed in cfg.validation_seeds:
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -908,9 +1024,12 @@ class _Trainer:
                                  guidance_scale=cfg.validation_guidance_scale, generator=gen,
                                  height=size, width=size, callback_on_step_end=stop_if_cancelled).images[0]
                 image.save(tmp / f"{p}_{seed}.png")
+                bar.update(1)
                 faults.hit("validation")
                 if self.cancelled["flag"]:
+                    bar.close()
                     raise Cancelled()
+        bar.close()
         (tmp / ".complete").write_text("")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -919,37 +1038,61 @@ class _Trainer:
 
     # --- the end ------------------------------------------------------------------------------------------------
     def _finish(self) -> None:
-        from .export import lora_from_models, lora_to_diffusers, save_kohya_lora
-        from .safetensors_io import save_safetensors_atomic
-
         cfg, acc, run = self.cfg, self.acc, self.run_dir
         acc.wait_for_everyone()
         self._validate()  # the final step (skipped when it was just made)
         self._check_finite()  # a NaN LoRA is never written
         if acc.is_main_process:
             self._status("writing LoRA files")
-            c = self.components
-            parts = self._lora_parts(c)
-            lora = lora_from_models(parts)
-            if self.pissa_initial is not None:
-                from .pissa import to_original_base
-
-                lora = to_original_base(lora, self.pissa_initial)
-            state, metadata = lora_to_diffusers(lora)
-            save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
-            faults.hit("lora_file")
-            if cfg.output_kohya_format:
-                settings = cfg.to_dict()
-                settings.update(flat_seed=cfg.seed, num_train_images=self.num_images,
-                                num_reg_images=self.num_class_images,
-                                training_started_at=run.read_status().get("started_at"),
-                                mixed_precision=acc.mixed_precision, optimizer=cfg.optimizer)
-                save_kohya_lora(parts, run.path / f"{cfg.output_name}.safetensors", settings, arch=c.arch,
-                                dtype=cfg.save_precision, overwrite=True, lora=lora)
-            if cfg.push_to_hub:
-                self._push_to_hub()
-            run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message="done", eta_seconds=0)
+            self._write_run_lora_files()
+            message = self._push_to_hub() if cfg.push_to_hub else "done"
+            run.set_status("completed", step=self.global_step, total=cfg.max_train_steps, message=message, eta_seconds=0)
         acc.end_training()
+
+    def _trained_lora(self):
+        """The LoRA of the current step as export.py's normalized form (for the original base under PiSSA)."""
+        from .export import lora_from_models
+
+        lora = lora_from_models(self._lora_parts(self.components))
+        if self.pissa_initial is not None:
+            from .pissa import to_original_base
+
+            lora = to_original_base(lora, self.pissa_initial)
+        return lora
+
+    def _file_settings(self) -> dict:
+        """What every LoRA file of this run says about its training (safetensors metadata): one source, so
+        the diffusers file, the kohya file and a checkpoint's file carry the same provenance."""
+        cfg, acc = self.cfg, self.acc
+        settings = cfg.to_dict()
+        settings.update(flat_seed=cfg.seed, num_train_images=self.num_images, num_reg_images=self.num_class_images,
+                        training_started_at=self.run_dir.read_status().get("started_at"),
+                        mixed_precision=acc.mixed_precision, optimizer=cfg.optimizer, global_step=self.global_step)
+        return settings
+
+    def _write_run_lora_files(self) -> None:
+        """pytorch_lora_weights.safetensors (diffusers) and, unless turned off, the kohya file, of this step."""
+        from .export import diffusers_file_contents, save_kohya_lora
+        from .safetensors_io import save_safetensors_atomic
+
+        cfg, run, c = self.cfg, self.run_dir, self.components
+        lora, settings = self._trained_lora(), self._file_settings()
+        state, metadata = diffusers_file_contents(lora, settings, c.arch)
+        save_safetensors_atomic(state, run.path / DIFFUSERS_WEIGHTS, metadata, overwrite=True)
+        faults.hit("lora_file")
+        if cfg.output_kohya_format:
+            save_kohya_lora(self._lora_parts(c), run.path / f"{cfg.output_name}.safetensors", settings, arch=c.arch,
+                            dtype=cfg.save_precision, overwrite=True, lora=lora)
+
+    def _write_checkpoint_lora_file(self, folder: Path) -> None:
+        """checkpoint-N/pytorch_lora_weights.safetensors: the step's LoRA for diffusers' load_lora_weights(dir)
+        and for `export`. Written into the unpublished folder, so the folder's rename publishes it."""
+        from safetensors.torch import save_file
+
+        from .export import diffusers_file_contents
+
+        state, metadata = diffusers_file_contents(self._trained_lora(), self._file_settings(), self.components.arch)
+        save_file({k: v.contiguous() for k, v in state.items()}, str(folder / DIFFUSERS_WEIGHTS), metadata=metadata)
 
     def _lora_parts(self, c, unwrap: bool = True) -> dict:
         """The LoRA-carrying models by export component name."""
@@ -961,13 +1104,24 @@ class _Trainer:
                 parts["text_encoder_2"] = unwrap_model(c.text_encoders[1])
         return parts
 
-    def _push_to_hub(self) -> None:
-        from huggingface_hub import create_repo, upload_folder
+    def _push_to_hub(self) -> str:
+        """Upload the run's files; returns the status message. The training succeeded whatever the upload
+        does, so a failure is one logged line and the run stays "completed" (its files are all there)."""
+        import huggingface_hub
 
         cfg = self.cfg
-        repo_id = create_repo(cfg.hub_model_id or Path(cfg.output_dir).name, exist_ok=True, token=cfg.hub_token).repo_id
-        upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
-                      ignore_patterns=["checkpoints/*", "step_*", "*.partial", "trainer.lock", ".*.tmp"])
+        self._status("uploading to the hub")
+        try:
+            repo_id = huggingface_hub.create_repo(_hub_repo_id(cfg), exist_ok=True, token=cfg.hub_token).repo_id
+            huggingface_hub.upload_folder(repo_id=repo_id, folder_path=cfg.output_dir, token=cfg.hub_token,
+                                          ignore_patterns=["checkpoints/*", "step_*", "*.partial", "trainer.lock",
+                                                           ".*.tmp"])
+        except Exception as e:  # network, permissions, quota: none of them undoes the training
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            logger.error("the upload to the hub failed (%s); the run's files are in %s", detail, self.run_dir.path)
+            return f"done; the upload to the hub failed: {detail}"
+        logger.info("uploaded to https://huggingface.co/%s", repo_id)
+        return f"done; uploaded to {repo_id}"
 
 
 class _LatentCache(torch.utils.data.Dataset):

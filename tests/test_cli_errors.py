@@ -59,9 +59,9 @@ def _replace(argv, flag, value):
     "case",
     ["missing_dir", "empty_dir", "no_readable", "unknown_model", "unknown_hub_id", "not_a_pipeline",
      "resolution", "rank", "sigma", "prior_no_prompt", "unknown_flag", "output_is_file", "output_unwritable",
-     "cuda_graph_without_gpu"],
+     "cuda_graph_without_gpu", "push_offline", "push_no_token", "push_bad_repo_id", "push_token_refused"],
 )
-def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, case):
+def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, case, monkeypatch):
     out = tmp_path / "out"
     argv = _good(tiny, out)
     empty = tmp_path / "empty"
@@ -95,6 +95,26 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, cas
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU: --cuda_graph on is valid here")
         argv, frag = argv + ["--cuda_graph", "on"], "needs a CUDA GPU"
+    elif case.startswith("push_"):
+        import huggingface_hub
+
+        argv = argv + ["--push_to_hub"]
+        if case == "push_offline":  # the test environment is offline (HF_HUB_OFFLINE=1)
+            frag = "HF_HUB_OFFLINE is set"
+        else:
+            monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+            monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+            monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+        if case == "push_no_token":
+            frag = "needs a Hugging Face token"
+        elif case == "push_bad_repo_id":
+            argv, frag = argv + ["--hub_model_id", "me/not a name!"], "not a hub repository name"
+        elif case == "push_token_refused":
+            def refuse(self, token=None, **kwargs):
+                raise RuntimeError("401 Client Error: Unauthorized\nmore detail")
+
+            monkeypatch.setattr(huggingface_hub.HfApi, "whoami", refuse)
+            argv, frag = argv + ["--hub_token", "hf_revoked"], "did not accept the token (401 Client Error"
     elif case == "output_is_file":
         f = tmp_path / "file"
         f.write_text("x")

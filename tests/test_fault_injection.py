@@ -50,7 +50,7 @@ def reachable(point: str, resumed_at: int, limit: int | None) -> int:
     depend on earlier processes' validation images)."""
     checkpoints = len([s for s in range(2, STEPS, 2) if s > resumed_at])
     rotations = max(0, checkpoints - (1 if resumed_at == 0 else 0)) if limit else 0
-    return {"step": STEPS - resumed_at, "metrics": STEPS - resumed_at, "ckpt_file": 4 * checkpoints,
+    return {"step": STEPS - resumed_at, "metrics": STEPS - resumed_at, "ckpt_file": 5 * checkpoints,
             "ckpt_state": checkpoints, "ckpt_published": checkpoints, "ckpt_rotate": rotations, "validation": 1,
             "lora_tmp": 2, "lora_file": 1}[point]
 

@@ -442,3 +442,59 @@ def test_the_trainer_lock_is_not_kept_by_forked_children(tmp_path):
     assert lock_holder(tmp_path) == os.getpid()
     lock.release()
     assert lock_holder(tmp_path) is None
+
+
+# ==========================================================================================================
+# issue 16, item 3: Cancel (SIGTERM, Ctrl-C) saves the step it stopped at; a resume continues exactly
+# ==========================================================================================================
+@pytest.mark.parametrize("signal_action", ["term", "int"])
+def test_cancel_saves_a_checkpoint_and_usable_lora_files_and_resume_is_exact(tiny, tmp_path, inject, reference,
+                                                                             signal_action):
+    from flatlora_diffusion.train import Cancelled
+
+    out = tmp_path / "run"
+    inject(f"{signal_action}@step:2")  # the signal arrives inside step 2, as a user's Cancel would
+    with pytest.raises(Cancelled, match="cancelled at step 2"):
+        run(tiny, out, checkpointing_steps=1000)  # no regular checkpoint would exist before the end
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "cancelled" and "resume with --resume_from_checkpoint latest" in status["message"]
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / "training_state.json").is_file()
+    partial = lora_weights(out)  # the LoRA of step 2, in the run folder and in the checkpoint
+    assert_same(partial, lora_weights(checkpoint))
+    assert (out / f"{out.name}.safetensors").is_file()
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+    no_leftovers(out)
+
+    inject("term@never:1")  # disarmed
+    run(tiny, out, checkpointing_steps=1000, resume_from_checkpoint="latest")
+    assert_same(lora_weights(out), reference)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert json.loads((out / "status.json").read_text())["state"] == "completed"
+
+
+def test_ctrl_c_in_a_terminal_saves_then_exits_130(tiny, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "flatlora_diffusion.cli", "train",
+                             *settings_argv(tiny, out, max_train_steps=400)],
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err[-2000:]
+    status = json.loads((out / "status.json").read_text())
+    step = status["step"]
+    assert status["state"] == "cancelled" and 2 <= step < 400
+    assert (out / "checkpoints" / f"checkpoint-{step}" / "pytorch_lora_weights.safetensors").is_file()
+    assert_same(lora_weights(out), lora_weights(out / "checkpoints" / f"checkpoint-{step}"))

@@ -206,3 +206,28 @@ def test_two_processes_share_the_work_through_accelerate(tiny, tmp_path):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["prompts.json", "step_000000", "step_000002",
                                                                   "step_000004"]
     assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)
+
+
+def test_terminal_shows_the_summary_progress_bars_and_log_lines_on_their_own(tiny, tmp_path):
+    """What a terminal user sees (issue 16, item 5): diffusers' "Running training" summary, bars for class
+    images and validation images, and log lines that never share a line with a progress bar."""
+    import re
+
+    out = tmp_path / "out"
+    result = _cli(["-m", "flatlora_diffusion.cli", "train", f"--pretrained_model_name_or_path={tiny['sd15']}",
+                   f"--instance_data_dir={tiny['images']}", "--instance_prompt=a photo of sks toy",
+                   f"--output_dir={out}", "--resolution=64", "--train_batch_size=1", "--gradient_accumulation_steps=2",
+                   "--max_train_steps=4", "--checkpointing_steps=2", "--validation_prompt=a sks toy",
+                   "--num_validation_images=2", "--validation_inference_steps=2", "--with_prior_preservation",
+                   "--class_prompt=a toy", f"--class_data_dir={tmp_path / 'class'}", "--num_class_images=2",
+                   "--sample_batch_size=1", "--seed=0"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    err = result.stderr
+    for line in ("***** Running training *****", "Num examples = 3", "Num batches each epoch = 3", "Num Epochs = 2",
+                 "Instantaneous batch size per device = 1",
+                 "Total train batch size (w. parallel, distributed & accumulation) = 2",
+                 "Gradient Accumulation steps = 2", "Total optimization steps = 4"):
+        assert line in err, line
+    assert "Class images:" in err and "Validation images (step 0):" in err and "Validation images (step 4):" in err
+    logged = [line.split("\r")[-1] for line in err.split("\n") if "saved checkpoint" in line]
+    assert logged and all(re.match(r"^\d\d:\d\d:\d\d INFO saved checkpoint ", line) for line in logged), logged

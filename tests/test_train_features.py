@@ -497,12 +497,24 @@ def test_export_command_on_a_run_directory(tiny, tmp_path, capsys):
     assert any(k.startswith("lora_te_") for k in exported) and any(k.startswith("lora_unet_") for k in exported)
 
     before = (target.read_bytes(), target.stat().st_mtime_ns)
-    assert main(["export", str(out), "--format", "kohya", "--output", str(target)]) == 2
+    assert main(["export", str(out), "--format", "kohya", "--output", str(target), "--dtype", "fp32"]) == 2
     err = capsys.readouterr().err
     assert err.splitlines() == [f"error: {target} already exists (use --overwrite to replace it)"]
     assert (target.read_bytes(), target.stat().st_mtime_ns) == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["X.safetensors"]  # no temporary file left
     assert main(["export", str(out), "--format", "kohya", "--output", str(target), "--overwrite"]) == 0
+
+
+def test_export_of_an_up_to_date_run_says_so_and_succeeds(tiny, tmp_path, capsys):
+    from flatlora_diffusion.cli import main
+
+    out = run(tiny, tmp_path / "run", output_name="sks_toy").path
+    kohya = out / "sks_toy.safetensors"
+    before = (kohya.read_bytes(), kohya.stat().st_mtime_ns)
+    capsys.readouterr()
+    assert main(["export", str(out)]) == 0  # the trainer already wrote this very file
+    assert capsys.readouterr().out.strip() == f"{kohya} is up to date (it holds these weights already); nothing written"
+    assert (kohya.read_bytes(), kohya.stat().st_mtime_ns) == before
 
 
 # ==========================================================================================================
@@ -539,3 +551,99 @@ def test_kohya_repeat_folders_in_the_kohya_file_metadata(tiny, tmp_path):
     assert json.loads(md["ss_dataset_dirs"]) == {"3_sks toy": {"n_repeats": 3, "img_count": 2}}
     assert md["ss_num_train_images"] == "6"
     assert json.loads(md["ss_tag_frequency"]) == {"3_sks toy": {"sks toy": 2}}
+
+
+# ==========================================================================================================
+# 13. checkpoints hold a LoRA file: diffusers loads the folder, export converts it (issue 16, item 2)
+# ==========================================================================================================
+def test_a_checkpoint_folder_loads_in_diffusers_and_exports(tiny, tmp_path, capsys):
+    from flatlora_diffusion.cli import main
+
+    out = run(tiny, tmp_path / "run", output_name="sks_toy", train_text_encoder=True, learning_rate=2e-2,
+              text_encoder_lr=2e-2, max_train_steps=4, checkpointing_steps=2).path
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    # the same two steps trained as a whole run (constant lr and sigma): the checkpoint's LoRA is that run's
+    two = run(tiny, tmp_path / "two", output_name="sks_toy", train_text_encoder=True, learning_rate=2e-2,
+              text_encoder_lr=2e-2, max_train_steps=2, checkpointing_steps=2).path
+    in_checkpoint, two_steps = lora_weights(checkpoint), lora_weights(two)
+    assert in_checkpoint.keys() == two_steps.keys()
+    assert all(torch.equal(in_checkpoint[k], two_steps[k]) for k in two_steps)
+    assert file_metadata(checkpoint / "pytorch_lora_weights.safetensors")["ss_steps"] == "2"
+
+    base_pipe = _fresh_sd15(tiny)
+    base = _outputs(base_pipe.unet, base_pipe.text_encoder, base_pipe.tokenizer)
+    pipe = _fresh_sd15(tiny, checkpoint)  # load_lora_weights(<folder>), as diffusers users do
+    loaded = _outputs(pipe.unet, pipe.text_encoder, pipe.tokenizer)
+    for part, b, got in zip(("unet", "text_encoder"), base, loaded):
+        assert (got - b).abs().max() > 1e-3, part
+
+    capsys.readouterr()
+    assert main(["export", str(checkpoint)]) == 0
+    kohya_file = out / "sks_toy-step00000002.safetensors"
+    assert capsys.readouterr().out.strip() == str(kohya_file)
+    kohya = load_file(kohya_file)
+    assert any(k.startswith("lora_te_") for k in kohya) and any(k.startswith("lora_unet_") for k in kohya)
+    md = file_metadata(kohya_file)
+    assert md["ss_steps"] == "2" and md["ss_output_name"] == "sks_toy" and "ss_training_finished_at" not in md
+    assert main(["export", str(checkpoint), "--format", "diffusers", "--dtype", "fp32"]) == 0
+    diffusers_file = out / "sks_toy-step00000002_diffusers.safetensors"
+    exported = load_file(diffusers_file)
+    assert exported.keys() == in_checkpoint.keys() and all(torch.equal(exported[k], in_checkpoint[k]) for k in exported)
+
+
+# ==========================================================================================================
+# 14. metadata says exactly what training did (issue 16, item 6)
+# ==========================================================================================================
+PROVENANCE = ("ss_", "modelspec.", "flatlora_")
+
+
+def test_plain_lora_metadata_is_exactly_true_and_the_diffusers_file_carries_it_too(tiny, tmp_path):
+    out = run(tiny, tmp_path / "run", output_name="plain", flat_sigma=0.0, lr_scheduler="constant",
+              lr_warmup_steps=100).path
+    kohya = file_metadata(out / "plain.safetensors")
+    diffusers = file_metadata(out / "pytorch_lora_weights.safetensors")
+    assert "Flat-LoRA" not in kohya["ss_training_comment"]
+    assert {k: v for k, v in kohya.items() if k.startswith("flatlora_")} == {
+        "flatlora_sigma": "0.0", "flatlora_version": kohya["flatlora_version"]}
+    assert "ss_text_encoder_lr" not in kohya  # no text encoder was trained
+    assert kohya["ss_lr_warmup_steps"] == "0"  # diffusers' "constant" schedule has no warm-up whatever the flag
+    provenance = {k: v for k, v in kohya.items() if k.startswith(PROVENANCE)}
+    assert {k: v for k, v in diffusers.items() if k.startswith(PROVENANCE)} == provenance
+    assert diffusers["modelspec.trigger_phrase"] == "a photo of sks toy" and diffusers["ss_seed"] == "7"
+    assert "lora_adapter_metadata" in diffusers
+
+
+def test_flat_lora_metadata_lists_only_what_was_perturbed():
+    from flatlora_diffusion.export import build_metadata
+
+    base = {"flat_sigma": 0.1, "flat_schedule": "cosine", "flat_targets": ["unet", "text_encoder"],
+            "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 100, "text_encoder_lr": 5e-6}
+    unet_only = build_metadata({**base, "train_text_encoder": False})
+    assert unet_only["flatlora_targets"] == '["unet"]' and "ss_text_encoder_lr" not in unet_only
+    assert "Flat-LoRA" in unet_only["ss_training_comment"] and unet_only["ss_lr_warmup_steps"] == "100"
+    both = build_metadata({**base, "train_text_encoder": True})
+    assert both["flatlora_targets"] == '["unet", "text_encoder"]' and both["ss_text_encoder_lr"] == "5e-06"
+    nothing_perturbed = build_metadata({**base, "flat_targets": ["text_encoder"]})
+    assert "Flat-LoRA" not in nothing_perturbed["ss_training_comment"]
+    assert nothing_perturbed["flatlora_sigma"] == "0.0" and "flatlora_targets" not in nothing_perturbed
+
+
+# ==========================================================================================================
+# 15. an upload that fails after training is one line; the run stays completed (issue 16, item 4)
+# ==========================================================================================================
+def test_a_failed_upload_is_one_line_and_the_run_stays_completed(tiny, tmp_path, monkeypatch, caplog):
+    import huggingface_hub
+
+    monkeypatch.setattr(train_module, "_check_hub", lambda cfg: None)  # the checks before training: test_cli_errors
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'\n(a long traceback-like tail)")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", no_network)
+    out = run(tiny, tmp_path / "run", push_to_hub=True, hub_model_id="me/sks-toy").path
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "completed"
+    assert status["message"] == "done; the upload to the hub failed: Failed to resolve 'huggingface.co'"
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0] and "upload to the hub failed" in errors[0]
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
