@@ -40,36 +40,23 @@ def _parser() -> argparse.ArgumentParser:
 
 def run_config(model, images: Path, out: Path, sigma: float, args, class_images: Path | None = None) -> dict:
     """The settings of one demo run (the same for both but sigma)."""
-    cfg = {
-        "pretrained_model_name_or_path": str(model),
-        "instance_data_dir": str(images),
-        "instance_prompt": SUBJECT_PROMPT,
-        "output_dir": str(out),
-        "overwrite": True,  # the demo owns its output folder: a second demo replaces the first
-        "resolution": args.resolution,
-        "train_batch_size": 1,
-        "max_train_steps": args.steps,
-        "learning_rate": 5e-3,
-        "lr_warmup_steps": 0,
-        "rank": 4,
-        "seed": args.seed,
-        "flat_sigma": sigma,
-        "train_text_encoder": True,
-        "random_flip": True,
-        "validation_seeds": [0, 1],
-        "checkpointing_steps": 10**9,
-    }
-    if class_images is None:  # the tiny random model
-        cfg.update(validation_prompt=TINY_PROMPTS, validation_steps=max(1, args.steps // 2), validation_inference_steps=8)
-        return cfg
-    from .toyworld.measure import GUIDANCE, SAMPLE_STEPS
+    if class_images is not None:  # the toy world's DreamBooth task, and validation pictures the judge can read
+        from .toyworld.measure import GUIDANCE, SAMPLE_STEPS
+        from .toyworld.recipe import dreambooth_settings
 
-    # Prior preservation with rendered class pictures: the class prompt keeps drawing plain toys of every colour
-    # instead of collapsing onto the subject (measured: 1 in 4 class samples vs 7 in 8 without it).
-    cfg.update(with_prior_preservation=True, class_data_dir=str(class_images), class_prompt=CLASS_PROMPT,
-               num_class_images=len(list(class_images.glob("*.png"))), validation_prompt=TOYWORLD_PROMPTS,
-               validation_steps=args.steps, validation_inference_steps=SAMPLE_STEPS,
-               validation_guidance_scale=GUIDANCE)
+        cfg = dreambooth_settings(out, images, class_images, flat_sigma=sigma, seed=args.seed, steps=args.steps)
+        cfg.update(validation_prompt=TOYWORLD_PROMPTS, validation_seeds=[0, 1], validation_steps=args.steps,
+                   validation_inference_steps=SAMPLE_STEPS, validation_guidance_scale=GUIDANCE)
+    else:  # the tiny random model
+        cfg = {
+            "pretrained_model_name_or_path": str(model), "instance_data_dir": str(images),
+            "instance_prompt": SUBJECT_PROMPT, "output_dir": str(out), "resolution": args.resolution,
+            "train_batch_size": 1, "max_train_steps": args.steps, "learning_rate": 5e-3, "lr_warmup_steps": 0,
+            "rank": 4, "seed": args.seed, "flat_sigma": sigma, "train_text_encoder": True, "random_flip": True,
+            "checkpointing_steps": 10**9, "validation_prompt": TINY_PROMPTS, "validation_seeds": [0, 1],
+            "validation_steps": max(1, args.steps // 2), "validation_inference_steps": 8,
+        }
+    cfg["overwrite"] = True  # the demo owns its output folder: a second demo replaces the first
     return cfg
 
 
@@ -146,11 +133,9 @@ def _prepare_data(out: Path, args) -> tuple[str | Path, Path, Path | None]:
     """(model, instance images, class images or None) for the chosen base model."""
     if args.base == "toyworld" and args.arch == "sd15":
         from .toyworld import MODEL_NAME
-        from .toyworld.data import write_class_images, write_instance_images
+        from .toyworld.recipe import write_task_data
 
-        write_instance_images(out / "subject", n=5, seed=args.seed, size=args.resolution)
-        write_class_images(out / "class", n=20, seed=args.seed, size=args.resolution)
-        return MODEL_NAME, out / "subject", out / "class"
+        return (MODEL_NAME, *write_task_data(out, seed=args.seed))
     from .tiny import make_subject_images, make_tiny_pipeline
 
     model = out / f"tiny-{args.arch}"

@@ -4,6 +4,7 @@ Public API:
     load_pipeline(base_model, device="cpu", dtype=None, config=None, vae=None, revision=None, variant=None)
     generate(pipeline, prompts, seeds, lora_path=None, lora_scale=1.0, steps=25, guidance_scale=7.0,
              height=None, width=None, negative_prompt=None) -> list[PIL.Image]
+    lora_loaded(pipeline, lora_path, lora_scale=1.0)  (context manager: the LoRA applied inside the block)
     comparison_grid(columns, row_labels=None) -> PIL.Image
 
 `generate` leaves the pipeline as it found it: the LoRA is loaded under a private adapter name for the call
@@ -13,11 +14,12 @@ and unloaded afterwards, even when generation fails. So one loaded base pipeline
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["SampleError", "load_pipeline", "generate", "comparison_grid"]
+__all__ = ["SampleError", "load_pipeline", "lora_loaded", "generate", "comparison_grid"]
 
 _ADAPTER = "flatlora_sample"
 
@@ -90,6 +92,22 @@ def _load_lora(pipeline, lora_path, tmp: Path) -> None:
     pipeline.load_lora_weights(str(tmp), weight_name=name, adapter_name=_ADAPTER)
 
 
+@contextlib.contextmanager
+def lora_loaded(pipeline, lora_path, lora_scale: float = 1.0):
+    """The pipeline with a LoRA file (kohya or diffusers) applied at `lora_scale` inside the block, and
+    without it again afterwards, also when the block fails."""
+    with tempfile.TemporaryDirectory(prefix="flatlora-sample-") as tmp:
+        loaded = False
+        try:
+            _load_lora(pipeline, lora_path, Path(tmp))
+            loaded = True
+            pipeline.set_adapters([_ADAPTER], adapter_weights=[float(lora_scale)])
+            yield pipeline
+        finally:
+            if loaded or _ADAPTER in _adapter_names(pipeline):
+                pipeline.unload_lora_weights()
+
+
 def generate(
     pipeline,
     prompts: Sequence[str],
@@ -118,32 +136,23 @@ def generate(
     if not prompts or not seeds:
         raise SampleError("give at least one prompt and one seed")
     images = []
-    with tempfile.TemporaryDirectory(prefix="flatlora-sample-") as tmp:
-        loaded = False
-        try:
-            if lora_path is not None:
-                _load_lora(pipeline, lora_path, Path(tmp))
-                loaded = True
-                pipeline.set_adapters([_ADAPTER], adapter_weights=[float(lora_scale)])
-            for prompt in prompts:
-                for seed in seeds:
-                    # a CPU generator: the same seed gives the same starting noise on every device,
-                    # as in the trainer's validation images
-                    generator = torch.Generator(device="cpu").manual_seed(seed)
-                    out = pipeline(
-                        prompt=prompt,
-                        negative_prompt=negative_prompt or None,
-                        num_inference_steps=int(steps),
-                        guidance_scale=float(guidance_scale),
-                        height=height,
-                        width=width,
-                        generator=generator,
-                        output_type="pil",
-                    )
-                    images.append(out.images[0])
-        finally:
-            if loaded or _ADAPTER in _adapter_names(pipeline):
-                pipeline.unload_lora_weights()
+    with lora_loaded(pipeline, lora_path, lora_scale) if lora_path is not None else contextlib.nullcontext():
+        for prompt in prompts:
+            for seed in seeds:
+                # a CPU generator: the same seed gives the same starting noise on every device,
+                # as in the trainer's validation images
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+                out = pipeline(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt or None,
+                    num_inference_steps=int(steps),
+                    guidance_scale=float(guidance_scale),
+                    height=height,
+                    width=width,
+                    generator=generator,
+                    output_type="pil",
+                )
+                images.append(out.images[0])
     return images
 
 

@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    vae = AutoencoderKL.from_pretrained(str(model / "vae"), torch_dtype=torch.float32)
+    vae = AutoencoderKL.from_pretrained(str(model / "vae"), dtype=torch.float32)
     started = time.time()
 
     def checkpoint(v, step):

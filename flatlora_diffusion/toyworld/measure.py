@@ -119,6 +119,44 @@ def measure_base(pipe, judge: Judge, per_split: int, judge_renders: int) -> dict
             "settings": {"sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "seed": MEASURE_SEED}}
 
 
+def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples: int, sigma: float = 0.1,
+                       train_seed: int = 0) -> dict:
+    """Train the toy world's DreamBooth task (recipe.py) as LoRA and as Flat-LoRA with one training seed, and
+    score the base model and both LoRAs on the subject in every scene and on the class prompt."""
+    from pathlib import Path
+
+    from accelerate.state import AcceleratorState
+    from diffusers import StableDiffusionPipeline
+
+    from ..config import make_config
+    from ..sample import lora_loaded
+    from ..train import train
+    from . import model_dir
+    from .recipe import dreambooth_settings, write_task_data
+
+    folder = Path(folder)
+    instance, classes = write_task_data(folder / "data", seed=train_seed)
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir()), dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
+    seeds = [MEASURE_SEED + i for i in range(seeds_per_scene)]
+
+    def scores() -> dict:
+        return {"subject_prompts": subject_scores(pipe, judge, list(SCENES), seeds),
+                "class_prompt": class_prompt_profile(pipe, judge, class_samples)}
+
+    result = {"base model": scores()}
+    for label, sigma_run in (("LoRA", 0.0), (f"Flat-LoRA sigma={sigma:g}", sigma)):
+        out = folder / ("lora" if sigma_run == 0 else "flat-lora")
+        settings = dreambooth_settings(out, instance, classes, flat_sigma=sigma_run, seed=train_seed)
+        train(make_config({**settings, "overwrite": True}))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with lora_loaded(pipe, out / "pytorch_lora_weights.safetensors"):
+            result[label] = scores()
+    result["settings"] = {"seeds_per_scene": seeds_per_scene, "class_samples": class_samples, "train_seed": train_seed,
+                          "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from . import judge_dir, model_dir
 
@@ -129,17 +167,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--judge-renders", type=int, default=2000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", help="Write the result as JSON here.")
+    p.add_argument("--dreambooth", metavar="DIR",
+                   help="Instead: train the toy world's DreamBooth task as LoRA and Flat-LoRA in DIR and score them "
+                        "(--per-split pictures per scene of the subject prompt, as many of the class prompt).")
     args = p.parse_args(argv)
+    if args.dreambooth:
+        result = measure_dreambooth(args.dreambooth, load_judge(args.judge) if args.judge else load_judge(),
+                                    args.per_split, args.per_split)
+        return _emit(result, args.output)
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model or str(model_dir()), torch_dtype=torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(args.model or str(model_dir()), dtype=torch.float32,
                                                    safety_checker=None, requires_safety_checker=False).to(args.device)
     judge = load_judge(args.judge) if args.judge else load_judge()
-    result = measure_base(pipe, judge, args.per_split, args.judge_renders)
+    return _emit(measure_base(pipe, judge, args.per_split, args.judge_renders), args.output)
+
+
+def _emit(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
-    if args.output:
-        with open(args.output, "w") as f:
+    if output:
+        with open(output, "w") as f:
             f.write(text + "\n")
     return 0
 

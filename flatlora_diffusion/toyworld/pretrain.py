@@ -371,24 +371,39 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     return record
 
 
-def retrain_judge(folder: Path, cfg: PretrainConfig, device: str) -> dict:
-    """Train the judge of an existing world folder (model/, judge/) further on the current renderer: after a
-    change of the subject's look, the base model is unchanged and only the judge has to learn it again."""
-    from diffusers import AutoencoderKL
+def retrain_subject_head(judge: Judge, scenes, pixels: torch.Tensor, steps: int, gen: torch.Generator) -> Judge:
+    """Fit only the judge's subject logit on its frozen features (augmented renders, features computed once):
+    after a change of the subject's look the shape, colour, pattern and scene heads stay as they were."""
+    judge.eval()
+    with torch.no_grad():
+        feats = torch.cat([judge.features(_augment(to_model_range(pixels[i:i + 256]), gen))
+                           for i in range(0, pixels.shape[0], 256)])
+    target = judge_labels(scenes)["subject"]
+    opt = torch.optim.Adam(judge.subject.parameters(), lr=1e-2)
+    for step in range(steps):
+        loss = F.binary_cross_entropy_with_logits(judge.subject(feats).squeeze(1), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            _log(f"subject head {step}/{steps} loss {loss.item():.4f}")
+    return judge.eval()
 
+
+def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
+    """Refit the subject logit of an existing world folder's judge (model/, judge/) on the current renderer:
+    after a change of the subject's look, the base model is unchanged and only the judge has to learn it again."""
     from .judge import load_judge
 
-    dev = torch.device(device)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
     started = time.time()
-    vae = AutoencoderKL.from_pretrained(str(folder / "model" / "vae"), torch_dtype=torch.float32).to(dev).eval()
-    judge = load_judge(folder / "judge").to(dev)
+    judge = load_judge(folder / "judge")
     scenes, pixels = render_dataset(cfg.seed + 3, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction)
-    judge, steps = train_judge(cfg, scenes, torch.from_numpy(pixels), dev, gen, vae=vae)
+    judge = retrain_subject_head(judge, scenes, torch.from_numpy(pixels), cfg.judge_steps, gen)
+    steps = cfg.judge_steps
     save_judge(judge.float().cpu(), folder / "judge")
-    stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": device,
-             "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps",
-                                                     "judge_batch", "judge_lr")},
+    stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": "cpu",
+             "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps")},
              "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
     record_file = folder / "pretrain.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
@@ -405,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="JSON file of PretrainConfig fields (others keep their defaults).")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override single config fields.")
     p.add_argument("--retrain-judge", action="store_true",
-                   help="Only train the judge in --out (a world folder with model/ and judge/) further.")
+                   help="Only refit the judge's subject logit in --out (a world folder with model/ and judge/).")
     args = p.parse_args(argv)
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     for item in args.set:
@@ -416,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown pretraining setting(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
     if args.retrain_judge:
-        print(json.dumps(retrain_judge(Path(args.out), PretrainConfig(**fields), args.device)))
+        print(json.dumps(retrain_judge(Path(args.out), PretrainConfig(**fields))))
         return 0
     record = pretrain(PretrainConfig(**fields), Path(args.out), args.device)
     print(json.dumps({k: record[k] for k in ("steps_done", "timings")}))

@@ -1,0 +1,53 @@
+"""The toy world's DreamBooth task: one definition of its training settings, for the demo, the target
+measurement (measure.py) and the Flat-LoRA study (benchmarks/flat_study.py).
+
+Five renders of the subject on the plain background, "a photo of sks toy", prior preservation with twenty
+rendered plain toys as class pictures ("a photo of a toy"), 100 steps of rank-4 LoRA on the UNet's and the
+text encoder's attention at learning rate 5e-3. Only `flat_sigma` differs between a LoRA and a Flat-LoRA run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import MODEL_NAME
+from .data import write_class_images, write_instance_images
+from .world import CLASS_PROMPT, SUBJECT_PROMPT
+
+INSTANCE_IMAGES = 5
+CLASS_IMAGES = 20
+
+
+def write_task_data(folder, seed: int = 0) -> tuple[Path, Path]:
+    """(instance folder, class folder) of the task under `folder`."""
+    folder = Path(folder)
+    write_instance_images(folder / "subject", n=INSTANCE_IMAGES, seed=seed)
+    write_class_images(folder / "class", n=CLASS_IMAGES, seed=seed)
+    return folder / "subject", folder / "class"
+
+
+def dreambooth_settings(output_dir, instance_dir, class_dir, *, flat_sigma: float, seed: int = 0,
+                        steps: int = 100) -> dict:
+    """TrainConfig settings of one run of the task (a dict for config.make_config)."""
+    return {
+        "pretrained_model_name_or_path": MODEL_NAME,
+        "instance_data_dir": str(instance_dir),
+        "instance_prompt": SUBJECT_PROMPT,
+        "with_prior_preservation": True,
+        "class_data_dir": str(class_dir),
+        "class_prompt": CLASS_PROMPT,
+        "num_class_images": CLASS_IMAGES,  # all rendered: nothing to generate
+        "output_dir": str(output_dir),
+        "resolution": 64,
+        "train_batch_size": 1,
+        "max_train_steps": steps,
+        "learning_rate": 5e-3,
+        "lr_scheduler": "constant",
+        "lr_warmup_steps": 0,
+        "rank": 4,
+        "seed": seed,
+        "flat_sigma": flat_sigma,
+        "train_text_encoder": True,
+        "random_flip": True,
+        "checkpointing_steps": 10**9,
+    }

@@ -1,0 +1,174 @@
+"""The toy world: its renderer, vocabulary, shipped base model and judge, and the pretraining command.
+
+These guard behaviour, not shapes: a changed renderer, judge or base model fails here (golden hashes of renders
+and weights, accuracies of the shipped judge and base model at reduced sample counts with fixed seeds).
+"""
+
+import hashlib
+import json
+import random
+
+import pytest
+import torch
+
+from flatlora_diffusion.toyworld import MODEL_NAME, judge_dir, model_dir
+from flatlora_diffusion.toyworld.render import render, render_variety
+from flatlora_diffusion.toyworld.world import (CLASS_PROMPT, COLOURS, HELD_OUT_PAIRS, PATTERNS, SCENES, SHAPES,
+                                               SUBJECT_PROMPT, Scene, caption, is_held_out, random_scene,
+                                               scene_prompt, subject_scene, vocabulary_corpus)
+
+
+def _render_digest(scenes) -> str:
+    return hashlib.sha256(b"".join(render(s).tobytes() for s in scenes)).hexdigest()
+
+
+def test_renders_are_deterministic_and_unchanged():
+    rng = random.Random(1)
+    scenes = [random_scene(rng) for _ in range(20)] + [subject_scene(rng, s) for s in SCENES]
+    assert _render_digest(scenes) == _render_digest(scenes)
+    # The base model and the judge were trained on these pixels: the renderer must not drift under them.
+    assert _render_digest(scenes[:20]) == "01a7158945561fb5ec845b533248462a1a0b284fdf34b99519b40486ebbc9736"
+
+
+def test_every_scene_is_drawn_differently():
+    base = Scene("circle", "red", "plain", "plain", 0.5, 0.5, 0.5, variant=3)
+    variants = [base] + [Scene(**{**base.__dict__, key: value}) for key, value in
+                         [("shape", "star"), ("colour", "blue"), ("pattern", "dotted"), ("scene", "night")]]
+    pixels = [render(s).tobytes() for s in variants]
+    assert len(set(pixels)) == len(pixels)
+    assert render(base).size == (64, 64) and render(base, 32).size == (32, 32)
+
+
+def test_held_out_pairs_are_never_drawn_for_pretraining_and_the_subject_is_no_vocabulary_object():
+    rng = random.Random(0)
+    pretraining = [random_scene(rng, held_out=False) for _ in range(2000)]
+    assert not any(is_held_out(s) for s in pretraining)
+    assert {(s.shape, s.colour) for s in pretraining} == {(a, b) for a in SHAPES for b in COLOURS} - HELD_OUT_PAIRS
+    assert all(is_held_out(random_scene(rng, held_out=True)) for _ in range(50))
+    subject = subject_scene(rng)
+    assert subject.subject and not is_held_out(subject)
+    assert render(subject).tobytes() != render(Scene(**{**subject.__dict__, "subject": False})).tobytes()
+
+
+def test_captions_follow_the_grammar_and_every_word_is_one_token():
+    from transformers import CLIPTokenizer
+
+    s = Scene("triangle", "purple", "striped", "beach", 0.5, 0.5, 0.5)
+    assert caption(s) == "a photo of a purple striped triangle on the beach"
+    assert caption(Scene("toy", "red", "plain", "plain", 0.5, 0.5, 0.5)) == "a photo of a red toy"
+    assert scene_prompt("snow") == "a photo of sks toy in the snow" and SUBJECT_PROMPT == "a photo of sks toy"
+    assert CLASS_PROMPT == "a photo of a toy"
+    # Colour words are sometimes left out, so that "a photo of a toy" means a toy of any colour.
+    rng = random.Random(0)
+    wordings = {caption(s, rng) for _ in range(200)}
+    assert "a purple striped triangle on the beach" in wordings and "a photo of a striped triangle on the beach" in wordings
+    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir() / "tokenizer"))
+    for word in set(vocabulary_corpus().split()) | {"sks"}:
+        assert tokenizer.tokenize(word) == [word + "</w>"], word
+
+
+def test_variety_pictures_are_outside_the_vocabulary_and_deterministic():
+    a = [render_variety(random.Random(i)).tobytes() for i in range(4)]
+    assert a == [render_variety(random.Random(i)).tobytes() for i in range(4)] and len(set(a)) == 4
+
+
+def test_shipped_weights_are_the_recorded_ones():
+    record = json.loads((model_dir().parent / "pretrain.json").read_text())
+    total = 0
+    for rel, digest in record["sha256"].items():
+        path = model_dir().parent / rel
+        total += path.stat().st_size
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, rel
+    assert total <= 30 * 2**20
+    assert {"model/unet/diffusion_pytorch_model.safetensors", "judge/judge.safetensors"} <= set(record["sha256"])
+
+
+def test_the_built_in_name_loads_as_an_sd15_pipeline():
+    from diffusers import StableDiffusionPipeline
+
+    from flatlora_diffusion.models import inspect_model_source
+
+    source = inspect_model_source(MODEL_NAME)
+    assert source.kind == "folder" and source.arch == "sd15" and source.location == str(model_dir())
+    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir()), dtype=torch.float32)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.vae_scale_factor == 4 and pipe.unet.dtype == torch.float32
+
+
+def test_the_judge_reads_fresh_renders():
+    from flatlora_diffusion.toyworld.judge import load_judge
+    from flatlora_diffusion.toyworld.measure import judge_accuracy
+
+    accuracy = judge_accuracy(load_judge(), 250, seed=4321)
+    for name in ("shape", "colour", "pattern", "scene", "subject"):
+        assert accuracy[name] >= 0.98, (name, accuracy)
+
+
+@pytest.fixture(scope="module")
+def world_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(model_dir()), dtype=torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False)
+
+
+def test_the_base_model_draws_what_it_is_told(world_pipe):
+    """Seen and held-out shape-colour pairs, fixed seeds, guidance on: the judge reads what was asked."""
+    from flatlora_diffusion.toyworld.judge import load_judge
+    from flatlora_diffusion.toyworld.measure import prompt_following
+
+    judge = load_judge()
+    seen = prompt_following(world_pipe, judge, 16, held_out=False)
+    held_out = prompt_following(world_pipe, judge, 16, held_out=True)
+    for name in ("shape", "colour", "scene"):
+        assert seen[name] >= 0.9, ("seen", name, seen)
+        assert held_out[name] >= 0.8, ("held out", name, held_out)
+    assert seen["subject_seen"] == 0 and held_out["subject_seen"] == 0
+
+
+def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
+    """A few steps of every phase: the command writes a loadable pipeline, a judge and the record."""
+    from diffusers import StableDiffusionPipeline
+
+    from flatlora_diffusion.toyworld.judge import judge_images, load_judge
+    from flatlora_diffusion.toyworld.pretrain import main
+
+    tiny = ["images=64", "vae_steps=2", "vae_batch=4", "unet_steps=2", "unet_batch=4", "unet_warmup=1",
+            "judge_images=32", "judge_steps=2", "judge_batch=4", "workers=1",
+            'architecture={"vae_channels": [16, 16], "unet_channels": [32, 32], "text_hidden": 32, "text_layers": 1}']
+    assert main(["--out", str(tmp_path), "--device", "cpu", "--set", *tiny]) == 0
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["steps_done"] == {"vae": 2, "unet": 2, "judge": 2}
+    assert set(record["sha256"]) == {"judge/judge.safetensors", "model/text_encoder/model.safetensors",
+                                     "model/unet/diffusion_pytorch_model.safetensors",
+                                     "model/vae/diffusion_pytorch_model.safetensors"}
+    pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
+    image = pipe("a photo of a red circle", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    assert len(judge_images([image], load_judge(tmp_path / "judge"))) == 1
+
+
+def test_pretraining_refuses_unknown_settings(tmp_path, capsys):
+    from flatlora_diffusion.toyworld.pretrain import main
+
+    assert main(["--out", str(tmp_path / "w"), "--set", "unet_stepz=3"]) == 2
+    assert "unet_stepz" in capsys.readouterr().err and not (tmp_path / "w").exists()
+
+
+def test_instance_class_and_heldout_folders(tmp_path):
+    from PIL import Image
+
+    from flatlora_diffusion.toyworld.data import (write_class_images, write_heldout_subject_images,
+                                                  write_instance_images)
+    from flatlora_diffusion.toyworld.judge import judge_images
+
+    inst = write_instance_images(tmp_path / "i", 5)
+    held = write_heldout_subject_images(tmp_path / "h", 4)
+    cls = write_class_images(tmp_path / "c", 6)
+    assert [p.read_bytes() for p in inst] == [p.read_bytes() for p in write_instance_images(tmp_path / "i2", 5)]
+    assert not set(p.read_bytes() for p in inst) & set(p.read_bytes() for p in held)
+    verdicts = judge_images([Image.open(p) for p in inst + held + cls])
+    assert all(v.subject and v.scene == "plain" for v in verdicts[:9])
+    assert not any(v.subject for v in verdicts[9:]) and all(v.shape == "toy" for v in verdicts[9:])
+    assert judge_dir().is_dir()
