@@ -399,6 +399,12 @@ def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
     started = time.time()
     judge = load_judge(folder / "judge")
     scenes, pixels = render_dataset(cfg.seed + 3, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction)
+    # Plain toys of every colour are the subject's nearest neighbours (a green toy was taken for the teal
+    # subject): a quarter as many again of them as hard negatives.
+    rng = random.Random(f"toy-negatives:{cfg.seed}")
+    toys = [random_scene(rng, held_out=None, shape="toy") for _ in range(cfg.judge_images // 4)]
+    scenes = scenes + toys
+    pixels = np.concatenate([pixels, np.stack([np.asarray(render(s), dtype=np.uint8) for s in toys])])
     judge = retrain_subject_head(judge, scenes, torch.from_numpy(pixels), cfg.judge_steps, gen)
     steps = cfg.judge_steps
     save_judge(judge.float().cpu(), folder / "judge")
