@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from flatlora_diffusion.config import safe_load_yaml_text
+from flatlora_diffusion.run_dir import RunDir
 from flatlora_diffusion.run_dir import DIFFUSERS_WEIGHTS, write_json_atomic  # the run-directory contract
 
 TERMINAL = ("completed", "failed", "cancelled")
@@ -81,18 +82,9 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         """The logged steps; a torn last line (the trainer is appending) is skipped."""
         try:
-            text = (self.path / "metrics.jsonl").read_text()
+            return RunDir(self.path).read_metrics()
         except OSError:
             return []
-        out = []
-        for line in text.splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "step" in record:
-                out.append(record)
-        return out
 
     def prompts(self) -> dict[int, str]:
         data = _read_json(self.path / "samples" / "prompts.json", {})
