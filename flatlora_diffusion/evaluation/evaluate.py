@@ -29,7 +29,7 @@ logger = logging.getLogger("flatlora_diffusion.evaluate")
 DEFAULT_RHOS = (0.005, 0.01, 0.02, 0.05, 0.1)
 DEFAULT_DRAWS = 8
 DEFAULT_TRIPLES = 16
-# Pictures per prompt for image scores. 8 keeps a toy-world run's evaluation (7 prompts x 8 pictures, plus the
+# Pictures per prompt for image scores. 8 keeps a toy-world run's evaluation (6 prompts x 8 pictures, plus the
 # base model's 8 class pictures, plus the loss and sharpness) under a minute on two CPU cores (measured 48 s),
 # and gives rates a resolution of 1/8 per prompt.
 DEFAULT_SAMPLES = 8
