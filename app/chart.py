@@ -123,43 +123,50 @@ def _log_ticks(lo: float, hi: float) -> list[float]:
 
 def sharpness_svg(series: list[tuple[str, list[tuple[float, float, float | None]]]], width: int = 640,
                   height: int = 300) -> str:
-    """Sharpness curves: mean loss increase against the noise radius rho, both axes logarithmic (the curve
-    spans decades; a flat minimum is a curve lower by a factor, which a log axis shows as a constant gap), with
-    ± one standard error as a bar. A point <= 0 cannot be drawn on a log axis and is left out (counted)."""
-    kept, dropped = [], 0
-    for label, pts in series:
-        good = [(r, m, s) for r, m, s in pts if r > 0 and m > 0 and math.isfinite(m)]
-        dropped += len(pts) - len(good)
-        if good:
-            kept.append((label, good))
+    """Sharpness curves: mean loss increase against the noise radius rho (log axis), ± one standard error as a
+    bar. The increase axis is logarithmic when every point is > 0 (the curve spans decades; a flatter run is
+    lower by a factor, a constant gap on a log axis), else linear with its zero line: weights away from a
+    minimum can get better under noise, and a negative increase must be shown, not dropped."""
+    kept = [(label, [(float(r), float(m), s) for r, m, s in pts if r > 0 and math.isfinite(m)])
+            for label, pts in series]
+    kept = [(label, pts) for label, pts in kept if pts]
     if not kept:
         return ("<div class='fl-sharp' data-lines='0' style='color:#888;padding:12px'>sharpness: no evaluated "
                 "run selected (press <b>Evaluate</b>)</div>")
     left, right, top, bottom = 64, 12, 16 + 18 * ((len(kept) + 1) // 2), 34
     w, h = width - left - right, height - top - bottom
     rs = [r for _, pts in kept for r, _, _ in pts]
-    ms = [m for _, pts in kept for _, m, _ in pts] + [m + s for _, pts in kept for _, m, s in pts if s]
+    log_y = all(m > 0 for _, pts in kept for _, m, _ in pts)
     x0, x1 = min(rs) / 1.2, max(rs) * 1.2
-    y0, y1 = min(ms) / 1.5, max(ms) * 1.5
+    if log_y:
+        ms = [m for _, pts in kept for _, m, _ in pts] + [m + s for _, pts in kept for _, m, s in pts if s]
+        y0, y1 = min(ms) / 1.5, max(ms) * 1.5
+    else:
+        ms = [0.0] + [m + k * (s or 0) for _, pts in kept for _, m, s in pts for k in (-1, 1)]
+        pad = (max(ms) - min(ms)) * 0.05 or 1e-12
+        y0, y1 = min(ms) - pad, max(ms) + pad
 
     def px(r):
         return left + math.log(r / x0) / math.log(x1 / x0) * w
 
     def py(v):
-        return top + (1 - math.log(max(v, y0) / y0) / math.log(y1 / y0)) * h
+        if log_y:
+            return top + (1 - math.log(max(v, y0) / y0) / math.log(y1 / y0)) * h
+        return top + (1 - (v - y0) / (y1 - y0)) * h
 
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' width='100%' "
              f"style='max-width:{width * 1.6:.0f}px;font:11px sans-serif' role='img' aria-label='sharpness'>",
              f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#ccc'/>"]
-    for t in _log_ticks(y0, y1):
-        parts.append(f"<line x1='{left}' x2='{left + w}' y1='{py(t):.1f}' y2='{py(t):.1f}' stroke='#eee'/>"
+    for t in (_log_ticks(y0, y1) if log_y else [t for t in _nice_ticks(y0, y1) if y0 <= t <= y1]):
+        stroke = "#999" if t == 0 else "#eee"
+        parts.append(f"<line x1='{left}' x2='{left + w}' y1='{py(t):.1f}' y2='{py(t):.1f}' stroke='{stroke}'/>"
                      f"<text x='{left - 4}' y='{py(t) + 4:.1f}' text-anchor='end' fill='#666'>{_fmt(t)}</text>")
     for t in sorted(set(rs)):
         parts.append(f"<text x='{px(t):.1f}' y='{top + h + 14}' text-anchor='middle' fill='#666'>{_fmt(t)}</text>")
-    note = f" ({dropped} point(s) ≤ 0 not drawn)" if dropped else ""
+    scale = "log" if log_y else "linear"
     parts.append(f"<text x='{left + w / 2:.0f}' y='{height - 4}' text-anchor='middle' fill='#444'>noise radius ρ"
-                 f"{html.escape(note)}</text><text x='12' y='{top + h / 2:.0f}' text-anchor='middle' fill='#444' "
-                 f"transform='rotate(-90 12 {top + h / 2:.0f})'>loss increase</text>")
+                 f"</text><text x='12' y='{top + h / 2:.0f}' text-anchor='middle' fill='#444' "
+                 f"transform='rotate(-90 12 {top + h / 2:.0f})'>loss increase ({scale})</text>")
     for i, (label, pts) in enumerate(kept):
         colour = COLOURS[i % len(COLOURS)]
         line = " ".join(f"{px(r):.1f},{py(m):.1f}" for r, m, _ in pts)
@@ -174,4 +181,4 @@ def sharpness_svg(series: list[tuple[str, list[tuple[float, float, float | None]
         parts.append(f"<line x1='{lx:.0f}' x2='{lx + 18:.0f}' y1='{ly - 4}' y2='{ly - 4}' stroke='{colour}' "
                      f"stroke-width='3'/><text x='{lx + 24:.0f}' y='{ly}' fill='#333'>{html.escape(label)}</text>")
     parts.append("</svg>")
-    return f"<div class='fl-sharp' data-lines='{len(kept)}'>{''.join(parts)}</div>"
+    return f"<div class='fl-sharp' data-lines='{len(kept)}' data-scale='{scale}'>{''.join(parts)}</div>"

@@ -98,8 +98,10 @@ def test_table_rows_and_curves_come_from_eval_json(env):
     assert "data-lines='1'" in svg and svg.count("<polyline class='run'") == 1
     ET.fromstring(svg[svg.index("<svg"):svg.rindex("</svg>") + 6])  # well-formed
     assert "data-lines='0'" in sharpness_svg([]) and "<svg" not in sharpness_svg([])
-    # a point <= 0 cannot sit on a log axis: left out and counted
-    assert "1 point(s) ≤ 0 not drawn" in sharpness_svg([("r", [(0.01, -1e-7, None), (0.1, 1e-4, None)])])
+    assert "data-scale='log'" in svg
+    # a negative increase (weights away from a minimum) cannot sit on a log axis: a linear one shows it
+    mixed = sharpness_svg([("r", [(0.01, -1e-7, None), (0.1, 1e-4, None)])])
+    assert "data-scale='linear'" in mixed and mixed.count("<circle") == 2
 
 
 def test_evaluation_is_queued_like_a_training_and_recorded(env):
