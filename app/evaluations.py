@@ -112,10 +112,10 @@ def status_markdown(runs: list[Run], waiting: list[str], running: str | None) ->
             lines.append(f"**{run.name}**: evaluation waiting in the queue ({waiting.index(run.name) + 1}.)")
         elif st.get("state") in ("failed", "cancelled"):
             lines.append(f"**{run.name}**: evaluation {st['state']}: {st.get('message') or ''}".rstrip(": "))
-        elif read_eval(run) is not None:
-            seconds = read_eval(run).get("seconds")
-            lines.append(f"**{run.name}**: evaluated" + (f" ({seconds:.0f} s)" if isinstance(seconds, (int, float))
-                                                         else ""))
+        elif (record := read_eval(run)) is not None:
+            seconds = record.get("seconds")
+            took = f" ({seconds:.0f} s)" if isinstance(seconds, (int, float)) else ""
+            lines.append(f"**{run.name}**: evaluated{took}")
         else:
             lines.append(f"**{run.name}**: {NOT_EVALUATED}")
     return "  \n".join(lines)
