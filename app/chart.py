@@ -1,4 +1,4 @@
-"""Loss curves as inline SVG: several runs overlaid, redrawn from scratch on every update.
+"""Loss curves and sharpness curves as inline SVG: several runs overlaid, redrawn from scratch on every update.
 
 Gradio's own LinePlot (6.31) keeps the colour domain of its first drawing and only swaps the data later,
 so a chart first drawn before any run had logged a step (or while its tab was hidden) shows axes and
@@ -112,3 +112,73 @@ def loss_svg(series: list[tuple[str, list[tuple[int, float]]]], width: int = 640
                      f"{html.escape(label)} · last {_fmt(last)}</text>")
     parts.append("</svg>")
     return f"<div class='fl-loss' data-lines='{len(series)}'>{''.join(parts)}</div>"
+
+
+def _log_ticks(lo: float, hi: float) -> list[float]:
+    """Powers of ten inside [lo, hi] (with 2 and 5 between them when the range is under two decades)."""
+    marks = (1, 2, 5) if math.log10(hi / lo) < 2 else (1,)
+    return [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1) for m in marks
+            if lo * (1 - 1e-9) <= m * 10.0 ** e <= hi * (1 + 1e-9)]
+
+
+def sharpness_svg(series: list[tuple[str, list[tuple[float, float, float | None]]]], width: int = 640,
+                  height: int = 300) -> str:
+    """Sharpness curves: mean loss increase against the noise radius rho (log axis), ± one standard error as a
+    bar. The increase axis is logarithmic when every point is > 0 (the curve spans decades; a flatter run is
+    lower by a factor, a constant gap on a log axis), else linear with its zero line: weights away from a
+    minimum can get better under noise, and a negative increase must be shown, not dropped."""
+    kept = [(label, [(float(r), float(m), s) for r, m, s in pts if r > 0 and math.isfinite(m)])
+            for label, pts in series]
+    kept = [(label, pts) for label, pts in kept if pts]
+    if not kept:
+        return ("<div class='fl-sharp' data-lines='0' style='color:#888;padding:12px'>sharpness: no evaluated "
+                "run selected (press <b>Evaluate</b>)</div>")
+    left, right, top, bottom = 64, 12, 16 + 18 * ((len(kept) + 1) // 2), 34
+    w, h = width - left - right, height - top - bottom
+    rs = [r for _, pts in kept for r, _, _ in pts]
+    log_y = all(m > 0 for _, pts in kept for _, m, _ in pts)
+    x0, x1 = min(rs) / 1.2, max(rs) * 1.2
+    if log_y:
+        ms = [m for _, pts in kept for _, m, _ in pts] + [m + s for _, pts in kept for _, m, s in pts if s]
+        y0, y1 = min(ms) / 1.5, max(ms) * 1.5
+    else:
+        ms = [0.0] + [m + k * (s or 0) for _, pts in kept for _, m, s in pts for k in (-1, 1)]
+        pad = (max(ms) - min(ms)) * 0.05 or 1e-12
+        y0, y1 = min(ms) - pad, max(ms) + pad
+
+    def px(r):
+        return left + math.log(r / x0) / math.log(x1 / x0) * w
+
+    def py(v):
+        if log_y:
+            return top + (1 - math.log(max(v, y0) / y0) / math.log(y1 / y0)) * h
+        return top + (1 - (v - y0) / (y1 - y0)) * h
+
+    parts = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' width='100%' "
+             f"style='max-width:{width * 1.6:.0f}px;font:11px sans-serif' role='img' aria-label='sharpness'>",
+             f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#ccc'/>"]
+    for t in (_log_ticks(y0, y1) if log_y else [t for t in _nice_ticks(y0, y1) if y0 <= t <= y1]):
+        stroke = "#999" if t == 0 else "#eee"
+        parts.append(f"<line x1='{left}' x2='{left + w}' y1='{py(t):.1f}' y2='{py(t):.1f}' stroke='{stroke}'/>"
+                     f"<text x='{left - 4}' y='{py(t) + 4:.1f}' text-anchor='end' fill='#666'>{_fmt(t)}</text>")
+    for t in sorted(set(rs)):
+        parts.append(f"<text x='{px(t):.1f}' y='{top + h + 14}' text-anchor='middle' fill='#666'>{_fmt(t)}</text>")
+    scale = "log" if log_y else "linear"
+    parts.append(f"<text x='{left + w / 2:.0f}' y='{height - 4}' text-anchor='middle' fill='#444'>noise radius ρ"
+                 f"</text><text x='12' y='{top + h / 2:.0f}' text-anchor='middle' fill='#444' "
+                 f"transform='rotate(-90 12 {top + h / 2:.0f})'>loss increase ({scale})</text>")
+    for i, (label, pts) in enumerate(kept):
+        colour = COLOURS[i % len(COLOURS)]
+        line = " ".join(f"{px(r):.1f},{py(m):.1f}" for r, m, _ in pts)
+        parts.append(f"<polyline class='run' data-run='{html.escape(label)}' points='{line}' fill='none' "
+                     f"stroke='{colour}' stroke-width='2'><title>{html.escape(label)}</title></polyline>")
+        for r, m, s in pts:
+            parts.append(f"<circle cx='{px(r):.1f}' cy='{py(m):.1f}' r='3' fill='{colour}'/>")
+            if s:
+                parts.append(f"<line x1='{px(r):.1f}' x2='{px(r):.1f}' y1='{py(m - s):.1f}' y2='{py(m + s):.1f}' "
+                             f"stroke='{colour}' stroke-width='1'/>")
+        lx, ly = left + (i % 2) * (w / 2), 12 + 18 * (i // 2)
+        parts.append(f"<line x1='{lx:.0f}' x2='{lx + 18:.0f}' y1='{ly - 4}' y2='{ly - 4}' stroke='{colour}' "
+                     f"stroke-width='3'/><text x='{lx + 24:.0f}' y='{ly}' fill='#333'>{html.escape(label)}</text>")
+    parts.append("</svg>")
+    return f"<div class='fl-sharp' data-lines='{len(kept)}' data-scale='{scale}'>{''.join(parts)}</div>"

@@ -24,6 +24,8 @@ from pathlib import Path
 
 from flatlora_diffusion.run_dir import lock_holder
 
+from . import eval_job
+from .evaluations import eval_status, write_eval_status
 from .runs import LOG_FILE, TERMINAL, Run, get_run, list_runs, pid_alive
 
 log = logging.getLogger(__name__)
@@ -99,6 +101,13 @@ class Launcher:
         self.extra_env = dict(env or {})
         self._queue: list[str] = []
         self._job: _Job | None = None
+        # evaluations (`flatlora-diffusion evaluate <run>`) share the one-job-at-a-time worker with trainings;
+        # tickets keep the two waiting lists in one first-come order
+        self._evals: list[str] = []
+        self._evaluating: tuple[str, subprocess.Popen] | None = None
+        self._eval_cancel = False
+        self._tickets: dict[tuple[str, str], int] = {}
+        self._next_ticket = 1
         self._lock = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -130,9 +139,11 @@ class Launcher:
                     waiting.append(run.name)
             except Exception:  # one unreadable run folder must not keep the app from starting
                 log.exception("cannot take over %s", run.name)
+        evals_waiting = _stale_evaluations(self.runs_dir)
         with self._lock:
             self._job = adopted
             self._queue = waiting + [n for n in self._queue if n not in waiting]
+            self._evals = evals_waiting + [n for n in self._evals if n not in evals_waiting]
         self._thread = threading.Thread(target=self._work, name="flatlora-launcher", daemon=True)
         self._thread.start()
         return self
@@ -155,6 +166,11 @@ class Launcher:
         with self._lock:
             return {"running": self._job.run.name if self._job else None, "queued": list(self._queue)}
 
+    def eval_snapshot(self) -> dict:
+        """The evaluation running now (a run name or None) and those waiting, in order."""
+        with self._lock:
+            return {"evaluating": self._evaluating[0] if self._evaluating else None, "waiting": list(self._evals)}
+
     def position(self, name: str) -> int | None:
         """0 = training now, 1 = next, ...; None when neither running nor waiting."""
         with self._lock:
@@ -176,7 +192,43 @@ class Launcher:
             for name in names:
                 if name not in self._queue and not (self._job and self._job.run.name == name):
                     self._queue.append(name)
+                    self._take_ticket("train", name)
             self._lock.notify_all()
+
+    def submit_evaluation(self, name: str) -> str:
+        """Queue `flatlora-diffusion evaluate <run>` for a finished run; returns what happened, in words.
+        Raises KeyError for an unknown run, eval_job.EvaluationRefused for one that cannot be evaluated."""
+        run = get_run(self.runs_dir, name)
+        eval_job.check_evaluable(run)
+        with self._lock:
+            if self._evaluating and self._evaluating[0] == name:
+                return f"{name}: being evaluated now"
+            if name in self._evals:
+                return f"{name}: evaluation already waiting ({self._evals.index(name) + 1}.)"
+            self._evals.append(name)
+            self._take_ticket("evaluate", name)
+            write_eval_status(run, state="queued", pid=None, queued_at=time.time(), finished_at=None,
+                              message="waiting in the queue")
+            self._lock.notify_all()
+        return f"{name}: evaluation queued"
+
+    def cancel_evaluation(self, name: str) -> str:
+        run = get_run(self.runs_dir, name)
+        with self._lock:
+            if name in self._evals:
+                self._evals.remove(name)
+                write_eval_status(run, state="cancelled", message="cancelled before it started")
+                return f"{name}: evaluation removed from the queue"
+            if not (self._evaluating and self._evaluating[0] == name):
+                return f"{name}: no evaluation waiting or running"
+            self._eval_cancel = True
+            proc = self._evaluating[1]
+        _kill_tree(proc.pid, signal.SIGTERM)
+        return f"{name}: stopping the evaluation"
+
+    def _take_ticket(self, kind: str, name: str) -> None:
+        self._tickets[(kind, name)] = self._next_ticket
+        self._next_ticket += 1
 
     def cancel(self, name: str) -> str:
         """Cancel a waiting or running run; returns what happened, in words."""
@@ -210,8 +262,8 @@ class Launcher:
         """Block until nothing runs or waits (tests)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            snap = self.snapshot()
-            if snap["running"] is None and not snap["queued"]:
+            snap, evals = self.snapshot(), self.eval_snapshot()
+            if snap["running"] is None and not snap["queued"] and evals["evaluating"] is None and not evals["waiting"]:
                 return True
             time.sleep(0.1)
         return False
@@ -250,12 +302,26 @@ class Launcher:
     def _one_job(self) -> bool:
         """Start (or adopt) and follow one run. True when the launcher is stopping."""
         with self._lock:
-            while not self._stop and self._job is None and not self._queue:
+            while not self._stop and self._job is None and not self._queue and not self._evals:
                 self._lock.wait()
             if self._stop:
                 return True
+            if self._job is None and self._evals and (
+                    not self._queue or self._tickets.get(("evaluate", self._evals[0]), 0)
+                    < self._tickets.get(("train", self._queue[0]), 0)):
+                name = self._evals.pop(0)
+                self._tickets.pop(("evaluate", name), None)
+                evaluate_now = name
+            else:
+                evaluate_now = None
+        if evaluate_now is not None:
+            return self._evaluate(evaluate_now)
+        with self._lock:
             if self._job is None:
+                if not self._queue:  # emptied by a cancel between the two locked sections
+                    return False
                 name = self._queue.pop(0)
+                self._tickets.pop(("train", name), None)
                 try:
                     run = get_run(self.runs_dir, name)
                 except KeyError:
@@ -279,12 +345,48 @@ class Launcher:
             self._lock.notify_all()
         return False
 
-    def _launch(self, run: Run) -> _Job:
+    def _child_env(self) -> dict[str, str]:
         env = os.environ.copy()
         env.update(self.extra_env)
         env["PYTHONUNBUFFERED"] = "1"
         # the child imports this very checkout of flatlora_diffusion, installed or not
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+        return env
+
+    def _evaluate(self, name: str) -> bool:
+        """Run one evaluation to its end (the worker does nothing else meanwhile). True when stopping."""
+        try:
+            run = get_run(self.runs_dir, name)
+            eval_job.check_evaluable(run)  # it may have been deleted or re-queued for training since
+        except (KeyError, eval_job.EvaluationRefused) as e:
+            log.warning("evaluation of %s skipped: %s", name, e)
+            return False
+        try:
+            proc = eval_job.launch(run, self.trainer_command, self._child_env())
+        except Exception as e:  # a broken command must not kill the worker
+            log.exception("cannot start the evaluation of %s", name)
+            write_eval_status(run, state="failed", message=f"could not start the evaluation: {e}")
+            return False
+        with self._lock:
+            self._evaluating, self._eval_cancel = (name, proc), False
+        try:
+            while proc.poll() is None:
+                if self._stop:
+                    return True  # the app is going away; the evaluation finishes and writes eval.json anyway
+                try:
+                    proc.wait(timeout=self.poll_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            _kill_tree(proc.pid, signal.SIGKILL)  # leftovers of the tree
+            eval_job.finish(run, proc.returncode, self._eval_cancel)
+        finally:
+            with self._lock:
+                self._evaluating = None
+                self._lock.notify_all()
+        return False
+
+    def _launch(self, run: Run) -> _Job:
+        env = self._child_env()
         command = [*self.trainer_command, "train", "--config", str(run.path / "config.yaml")]
         with (run.path / LOG_FILE).open("ab") as logf:
             logf.write(f"[app] {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {' '.join(command)}\n".encode())
@@ -371,3 +473,19 @@ def _last_error(run: Run, code: int) -> str:
     lines = [ln for ln in run.log_tail(30).splitlines() if ln.strip() and not ln.startswith("[app]")]
     why = f"signal {-code}" if code < 0 else f"exit code {code}"
     return f"the trainer stopped ({why}): {lines[-1].strip()[:300]}" if lines else f"the trainer stopped ({why})"
+
+
+def _stale_evaluations(runs_dir: Path) -> list[str]:
+    """At start: evaluations an earlier app had queued (queued again, oldest first), and "running" ones whose
+    process is gone (marked failed). A still-running one from an earlier app is left to finish on its own."""
+    waiting = []
+    for run in list_runs(runs_dir):
+        try:
+            st = eval_status(run)
+            if st.get("state") == "queued":
+                waiting.append((st.get("queued_at") or 0, run.name))
+            elif st.get("state") == "running" and not pid_alive(st.get("pid")):
+                write_eval_status(run, state="failed", message="the evaluation process is gone (the app stopped)")
+        except Exception:  # one unreadable run folder must not keep the app from starting
+            log.exception("cannot take over the evaluation of %s", run.name)
+    return [name for _, name in sorted(waiting)]

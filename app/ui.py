@@ -13,7 +13,8 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, form
+from . import chart, compare, evaluations, form
+from .eval_job import EvaluationRefused
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
 from .submit import SubmitError, prepare_runs
@@ -60,6 +61,11 @@ def queue_markdown(launcher: Launcher) -> str:
         lines.append(f"**Training now:** {snap['running']}")
     if snap["queued"]:
         lines.append("**Waiting:** " + ", ".join(f"{i}. {n}" for i, n in enumerate(snap["queued"], 1)))
+    evals = launcher.eval_snapshot()
+    if evals["evaluating"]:
+        lines.append(f"**Evaluating now:** {evals['evaluating']}")
+    if evals["waiting"]:
+        lines.append("**Evaluations waiting:** " + ", ".join(f"{i}. {n}" for i, n in enumerate(evals["waiting"], 1)))
     return "  \n".join(lines) or "The queue is empty."
 
 
@@ -215,6 +221,14 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
                 cmp_files = gr.File(label="LoRA files of the selected runs", file_count="multiple",
                                     interactive=False, elem_id="cmp-files")
+                with gr.Accordion("Evaluation: held-out loss, sharpness, image scores", open=True):
+                    with gr.Row():
+                        cmp_eval_btn = gr.Button("Evaluate selected runs", scale=0, elem_id="cmp-eval-btn")
+                        cmp_eval_cancel = gr.Button("Cancel their evaluation", scale=0)
+                    cmp_eval_msg = gr.Markdown(elem_id="cmp-eval-msg")
+                    cmp_eval_table = gr.Dataframe(label="evaluation (each run's eval.json)", interactive=False,
+                                                  elem_id="cmp-eval")
+                    cmp_sharp = gr.HTML(label="sharpness", elem_id="cmp-sharp")
                 with gr.Accordion("Generate now", open=True):
                     with gr.Row():
                         gen_prompt = gr.Textbox(label="prompt", scale=3, elem_id="gen-prompt")
@@ -513,6 +527,66 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return gr.Dropdown(choices=names, value=value)
 
         demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
+
+        # ------------------------------------------------------------------ Compare: evaluation
+        def evaluation_view(runs: list[str]):
+            """The evaluation table (one row per selected run; 'not evaluated' without eval.json), the sharpness
+            curves of the evaluated ones, and where each run's evaluation stands."""
+            picked = _picked(runs)
+            headers, rows = evaluations.eval_table(picked)
+            snap = launcher.eval_snapshot()
+            status = evaluations.status_markdown(picked, snap["waiting"], snap["evaluating"])
+            return ({"headers": headers, "data": rows}, chart.sharpness_svg(evaluations.sharpness_series(picked)),
+                    status or "Pick runs to see their evaluation.")
+
+        eval_outputs = [cmp_eval_table, cmp_sharp, cmp_eval_msg]
+        eval_api_btn = gr.Button(visible=False)
+        eval_api_btn.click(evaluation_view, inputs=[cmp_runs], outputs=eval_outputs, api_name="evaluations")
+        cmp_runs.change(evaluation_view, inputs=[cmp_runs], outputs=eval_outputs, api_visibility="private")
+
+        def evaluate_runs(runs: list[str]):
+            """Queue `flatlora-diffusion evaluate` for each selected finished run (one job at a time, in the
+            training queue's order); says what happened to each."""
+            picked = _picked(runs)
+            if not picked:
+                raise gr.Error("pick at least one finished run", print_exception=False)
+            said = []
+            for run in picked:
+                try:
+                    said.append(launcher.submit_evaluation(run.name))
+                except EvaluationRefused as e:
+                    said.append(str(e))
+                except KeyError as e:
+                    raise _user_error(e) from None
+            table, svg, status = evaluation_view(runs)
+            return table, svg, "  \n".join(said) + "  \n" + status
+
+        cmp_eval_btn.click(evaluate_runs, inputs=[cmp_runs], outputs=eval_outputs, api_name="evaluate")
+
+        def cancel_evaluations(runs: list[str]):
+            said = [launcher.cancel_evaluation(r.name) for r in _picked(runs)]
+            table, svg, status = evaluation_view(runs)
+            return table, svg, "  \n".join(said + [status])
+
+        cmp_eval_cancel.click(cancel_evaluations, inputs=[cmp_runs], outputs=eval_outputs, api_visibility="private")
+
+        # while the Compare tab is open, the evaluation view follows finished evaluations (redrawn only on change)
+        eval_seen = gr.State(None)
+        eval_timer = gr.Timer(max(refresh_s, 1.0))
+
+        def follow_evaluations(runs: list[str], seen):
+            try:
+                picked = _picked(runs)
+            except gr.Error:
+                return gr.skip(), gr.skip(), gr.skip(), seen
+            key = repr((launcher.eval_snapshot(), [(r.name, evaluations.eval_status(r),
+                                                    (r.path / evaluations.EVAL_FILE).exists()) for r in picked]))
+            if key == seen:
+                return gr.skip(), gr.skip(), gr.skip(), seen
+            return (*evaluation_view(runs), key)
+
+        eval_timer.tick(follow_evaluations, inputs=[cmp_runs, eval_seen], outputs=[*eval_outputs, eval_seen],
+                        show_progress="hidden", concurrency_limit=None, api_visibility="private")
         compare_tab.select(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
 
         def generate_now(runs: list[str], prompt: str, negative_prompt: str, seed: float, strength: float,

@@ -1,7 +1,9 @@
 """The web page in a real browser (Debian's Chromium driven by Playwright), with the real trainer on a tiny
-model: open each tab, start an A/B run with a click, see progress, loss and images appear, compare, generate.
+model: open each tab, start an A/B run with a click, see progress, loss and images appear, compare, generate,
+evaluate both runs with a click and see their evaluation table and sharpness curves.
 Screenshots are kept under test-artifacts/app/ (git-ignored) for a person to look at."""
 
+import json
 import os
 import re
 import shutil
@@ -150,5 +152,24 @@ def test_train_follow_compare_in_the_browser(page_url, browser):
     page.locator("#gen-image img").wait_for(timeout=60_000)
     time.sleep(0.5)
     shot(page, "6-generate-now")
+
+    # evaluation: the table says "not evaluated"; one click queues the real `flatlora-diffusion evaluate` for
+    # both runs; the table then shows their scores and the sharpness curves appear
+    expect(page.locator("#cmp-eval")).to_contain_text("not evaluated", timeout=10_000)
+    expect(page.locator("#cmp-sharp polyline.run")).to_have_count(0)
+    page.locator("#cmp-eval-btn").click()
+    # the click's answer, or (the page follows evaluations every second) the queue's own words for it
+    expect(page.locator("#cmp-eval-msg")).to_contain_text(
+        re.compile("evaluation queued|evaluating now|evaluation waiting in the queue"), timeout=10_000)
+    expect(page.locator("#cmp-sharp polyline.run")).to_have_count(2, timeout=180_000)
+    table = page.locator("#cmp-eval")
+    expect(table).to_contain_text("evaluated (instance split)", timeout=10_000)
+    expect(table).not_to_contain_text("not evaluated")
+    assert "Δ@ρ=0.1" in table.inner_text()
+    for name in ("browser-lora", "browser-flat"):
+        record = json.loads((runs_dir / name / "eval.json").read_text())
+        assert f"{record['loss']['instance']:.4f}" in table.inner_text()  # the numbers of eval.json, shown
+    assert coloured_pixels(page.locator("#cmp-sharp")) > 100
+    shot(page, "7-compare-evaluation")
     assert not errors, errors
     page.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from .evaluate import DEFAULT_DRAWS, DEFAULT_RHOS, DEFAULT_TRIPLES, EvalOptions
+from .evaluate import DEFAULT_DRAWS, DEFAULT_RHOS, DEFAULT_SAMPLES, DEFAULT_TRIPLES, EvalOptions
 from .runs import EvalInputError
 
 
@@ -22,7 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(
         prog="flatlora-diffusion evaluate",
         description="Score trained runs: denoising loss on instance and held-out images, the sharpness curve "
-                    "under Flat-LoRA's filter-wise noise, and optional CLIP-T / CLIP-I / DINO image scores. "
+                    "under Flat-LoRA's filter-wise noise, and optional CLIP-T / CLIP-I / DINO image scores; "
+                    "toy-world runs also get the judge's subject, scene, prior-preservation and diversity "
+                    "scores and held-out subject renders, without any flag. "
                     "Writes <run>/eval.json and prints a table comparing the runs.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (written by `flatlora-diffusion train`)")
     p.add_argument("--eval_data_dir", help="held-out images of the same subject (captions: .txt files, else the "
@@ -37,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="evaluation seed: triples and noise draws (default 0)")
     p.add_argument("--batch_size", type=int, default=16, help="triples per UNet forward (default 16)")
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--samples", type=int, help="images per validation prompt for image scores (default 4)")
+    p.add_argument("--samples", type=int,
+                   help=f"images per prompt for image scores (default {DEFAULT_SAMPLES}): the CLIP/DINO scores' "
+                        "validation prompts, and each toy-world prompt")
     p.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="their seeds (default 0..samples-1)")
     p.add_argument("--clip_model", metavar="DIR", help="local CLIP model folder: CLIP-T and CLIP-I")
     p.add_argument("--dino_model", metavar="DIR", help="local DINO (or ViT) model folder: DINO score")
@@ -75,7 +79,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     if args.seeds is not None and args.samples is not None and len(args.seeds) != args.samples:
         raise EvalInputError(f"--seeds gives {len(args.seeds)} seed(s) for --samples {args.samples}; "
                              "give one per sample")
-    samples = args.samples or (len(args.seeds) if args.seeds else 4)
+    samples = args.samples or (len(args.seeds) if args.seeds else DEFAULT_SAMPLES)
     seeds = list(args.seeds) if args.seeds else list(range(samples))
     return EvalOptions(eval_data_dir=args.eval_data_dir, samples=samples, seeds=seeds, rhos=parse_rhos(args.rhos),
                        draws=args.draws, triples=args.triples, eval_seed=args.seed,

@@ -19,6 +19,8 @@ from .images import image_scores, load_scorers, prompts_of
 from .report import SCHEMA, write_combined, write_eval_json
 from .runs import EvalInputError, RunInfo, check_comparable, inspect_run, lora_attached, load_base
 from .sharpness import lora_layers, sharpness_curve
+from .toyscores import is_toyworld, toy_generator, toyworld_scores
+from ..toyworld.measure import GUIDANCE, SAMPLE_STEPS
 
 logger = logging.getLogger("flatlora_diffusion.evaluate")
 
@@ -27,13 +29,17 @@ logger = logging.getLogger("flatlora_diffusion.evaluate")
 DEFAULT_RHOS = (0.005, 0.01, 0.02, 0.05, 0.1)
 DEFAULT_DRAWS = 8
 DEFAULT_TRIPLES = 16
+# Pictures per prompt for image scores. 8 keeps a toy-world run's evaluation (6 prompts x 8 pictures, plus the
+# base model's 8 class pictures, plus the loss and sharpness) under a minute on two CPU cores (measured 48 s),
+# and gives rates a resolution of 1/8 per prompt.
+DEFAULT_SAMPLES = 8
 
 
 @dataclass
 class EvalOptions:
     eval_data_dir: str | None = None
-    samples: int = 4
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    samples: int = DEFAULT_SAMPLES
+    seeds: list[int] = field(default_factory=lambda: list(range(DEFAULT_SAMPLES)))
     rhos: tuple[float, ...] = DEFAULT_RHOS
     draws: int = DEFAULT_DRAWS
     triples: int = DEFAULT_TRIPLES
@@ -120,14 +126,35 @@ def _generator(components, run: RunInfo):
     return gen
 
 
+class _ToyWorld:
+    """The judge and the base model's class-prompt pictures, made once per evaluation and shared by its runs
+    (every run is compared with the same base pictures, same seeds)."""
+
+    def __init__(self, components, seeds: Sequence[int]):
+        from ..toyworld.judge import load_judge
+        from ..toyworld.world import CLASS_PROMPT
+
+        self.judge = load_judge()
+        self.seeds = [int(s) for s in seeds]
+        self.base_class_images = toy_generator(components)([CLASS_PROMPT] * len(self.seeds), self.seeds)
+
+    def scores(self, components) -> tuple[dict, dict]:
+        """Scores of the model as it is now: call with the run's LoRA attached."""
+        return toyworld_scores(toy_generator(components), self.base_class_images, self.judge, self.seeds)
+
+
 def evaluate_run(run: RunInfo, components, sets: _EvalSets, instance, heldout, scorers, opts: EvalOptions,
-                 device: str) -> dict:
+                 device: str, toy: _ToyWorld | None = None) -> dict:
     started = time.time()
     scores = image_scores(run.path, opts.samples, opts.seeds, scorers=scorers, generate=_generator(components, run))
     inst_set, held_set = sets.get(run, instance), sets.get(run, heldout)
     models = LossModels(components.unet, components.text_encoders, components.tokenizers,
                         components.noise_scheduler, components.arch)
+    toy_details = None
     with lora_attached(components, run):
+        if toy is not None:
+            toy_scores, toy_details = toy.scores(components)
+            scores.update(toy_scores)
         layers = lora_layers([components.unet, *components.text_encoders])
         inst_loss = denoising_loss(models, inst_set, opts.batch_size)
         held_loss = denoising_loss(models, held_set, opts.batch_size) if held_set is not None else None
@@ -149,11 +176,13 @@ def evaluate_run(run: RunInfo, components, sets: _EvalSets, instance, heldout, s
                      "draws": opts.draws, "antithetic": opts.antithetic, "batch_size": opts.batch_size,
                      "device": device, "eval_data_dir": opts.eval_data_dir,
                      "images": {"instance": len(instance), "heldout": None if heldout is None else len(heldout)},
-                     "samples": opts.samples, "seeds": list(opts.seeds)},
+                     "samples": opts.samples, "seeds": list(opts.seeds),
+                     "toyworld": None if toy is None else {"sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE}},
         "loss": generalization(inst_loss, held_loss),
         "sharpness": {"split": "heldout" if held_set is not None else "instance",
                       "triples_digest": sharp_set.fingerprint(), **curve.to_dict()},
         "image_scores": scores,
+        "toyworld": toy_details,
         "seconds": round(time.time() - started, 3),
     }
 
@@ -165,11 +194,13 @@ def evaluate(paths: Sequence[str], opts: EvalOptions, output: str | None = None)
     scorers = load_scorers(opts.clip_model, opts.dino_model, device)
     components = load_base(p.runs[0], device)
     sets = _EvalSets(components, opts)
+    # check_comparable made every run share one base model: all are toy-world runs, or none is
+    toy = _ToyWorld(components, opts.seeds) if is_toyworld(p.runs[0]) else None
     records = []
     for run in p.runs:
         logger.info("evaluating %s", run.path)
         records.append(evaluate_run(run, components, sets, p.instance[str(run.path)], p.heldout[str(run.path)],
-                                    scorers, opts, device))
+                                    scorers, opts, device, toy))
     for run, record in zip(p.runs, records):
         write_eval_json(run.path, record)
     if output is not None:

@@ -19,8 +19,33 @@ def heldout_images_for(run: RunInfo) -> Path | Sequence[ImageRecord] | None:
     The hook for toy-world runs: their renderer can draw unseen views of the trained subject, and this
     function is where it will return them (a folder like --eval_data_dir, or a list of data.ImageRecord
     with captions). For any other run there is no held-out set to guess, so: None (held-out loss and gap are
-    reported as null)."""
+    reported as null).
+
+    A toy-world run gets TOYWORLD_HELDOUT fresh renders of its subject on the instance background (the same
+    distribution as its instance images, other sizes and places), captioned with its instance prompt."""
+    from .toyscores import is_toyworld
+
+    if is_toyworld(run):
+        return toyworld_heldout_records(run)
     return None
+
+
+TOYWORLD_HELDOUT = 8
+
+
+def toyworld_heldout_records(run: RunInfo, n: int = TOYWORLD_HELDOUT) -> list[ImageRecord]:
+    """The renders are written by the toy world's own folder writer into a temporary folder, then held in
+    memory: the records outlive the folder, and nothing is left behind in the run or elsewhere."""
+    import tempfile
+
+    from ..toyworld.data import write_heldout_subject_images
+
+    caption = _captioned(run) or ""
+    with tempfile.TemporaryDirectory(prefix="flatlora-heldout-") as tmp:
+        paths = write_heldout_subject_images(tmp, n=n, size=run.resolution)
+        # the name (not the temporary path) keys the encoded-set cache: equal for every run and every call
+        return [ImageRecord(path=None, image=ImageRecord(path=p, caption=caption).open(), caption=caption,
+                            name=f"toyworld-heldout-{i}") for i, p in enumerate(paths)]
 
 
 def _captioned(run: RunInfo) -> str | None:

@@ -10,7 +10,10 @@ eval.json (one per run folder, written atomically; the web app reads it):
                      mean_increase, stderr, worst_increase, mean_loss, increases}]}: increases[k] is draw k's loss
                      increase (the mean of its +eps / -eps pair when antithetic), worst_increase the largest
                      single evaluation; equal triples_digest = the very same (image, timestep, noise) triples
-    image_scores     {clip_t, clip_i, dino, or a judge's scores}; {} when none was asked for
+    image_scores     {clip_t, clip_i, dino, and for toy-world runs the judge's scores (toyscores.SCORE_NAMES)};
+                     {} when none was asked for and the run is not a toy-world run
+    toyworld         toy-world runs: {per_scene: {scene: {subject, scene, subject_scene}}, new_scenes,
+                     instance_scene, class_colours: {run, base}, seeds, pictures}; null otherwise
     seconds          wall time of this run's evaluation
 """
 
