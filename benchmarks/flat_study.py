@@ -75,14 +75,11 @@ def t95(df: int) -> float:
 
 
 def task_settings(workdir: Path, out: Path, seed: int, sigma: float, use_dora: bool) -> dict:
-    return {
-        "pretrained_model_name_or_path": "toyworld", "instance_data_dir": str(workdir / "instance"),
-        "instance_prompt": "a photo of sks toy", "with_prior_preservation": True,
-        "class_data_dir": str(workdir / "class"), "class_prompt": "a photo of a toy", "num_class_images": 20,
-        "output_dir": str(out), "resolution": 64, "train_batch_size": 1, "max_train_steps": 100,
-        "learning_rate": 5e-3, "lr_warmup_steps": 0, "rank": 4, "train_text_encoder": True, "random_flip": True,
-        "checkpointing_steps": 10**9, "seed": seed, "flat_sigma": sigma, "use_dora": use_dora,
-    }
+    """The toy world's DreamBooth task (toyworld/recipe.py, the demo's settings), with DoRA on top where asked."""
+    from flatlora_diffusion.toyworld.recipe import dreambooth_settings
+
+    return {**dreambooth_settings(out, workdir / "subject", workdir / "class", flat_sigma=sigma, seed=seed),
+            "use_dora": use_dora}
 
 
 def _completed(run: Path) -> bool:
@@ -97,11 +94,10 @@ def train_all(workdir: Path, seeds: list[int]) -> dict[str, list[Path]]:
     from accelerate.state import AcceleratorState
 
     from flatlora_diffusion.config import make_config
-    from flatlora_diffusion.toyworld.data import write_class_images, write_instance_images
+    from flatlora_diffusion.toyworld.recipe import write_task_data
     from flatlora_diffusion.train import train
 
-    write_instance_images(workdir / "instance", 5)
-    write_class_images(workdir / "class", 20)
+    write_task_data(workdir)
     runs: dict[str, list[Path]] = {}
     for seed in seeds:  # seed-major: an interrupted study still has complete pairs
         for arm, (sigma, dora, _) in ARMS.items():
