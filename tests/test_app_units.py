@@ -266,3 +266,14 @@ def test_loss_chart_svg():
     assert len(runs[0].get("points").split()) == 30 and len(runs[1].get("points").split()) == 1
     assert sum(1 for p in svg.iter(ns + "polyline") if p.get("class") == "raw") == 1  # 30 points: smoothed too
     assert smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_form_labels_come_from_config_and_name_the_setting_in_the_help():
+    from flatlora_diffusion.config import field_label
+
+    for spec in form.form_fields():
+        assert spec.label == field_label(spec.name)
+        assert "_" not in spec.label and not spec.label[0].islower(), spec.name  # words, not identifiers
+        assert spec.info.endswith(f"(--{spec.name})")
+    assert field_label("learning_rate") == "Learning rate"
+    assert len({s.label for s in form.form_fields()}) == len(form.form_fields())  # no two fields look alike
