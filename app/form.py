@@ -112,7 +112,8 @@ def _spec(f: dataclasses.Field) -> FieldSpec:
     elem, is_list = field_type(f.name)
     default = _default(f)
     choices = tuple(f.metadata.get("choices") or ()) or None
-    optional = default is None
+    initial = f.metadata["form_default"] if "form_default" in f.metadata else default
+    optional = default is None or initial is None  # an empty box is a value: a text box, not a number box
     if elem is bool:
         kind = "checkbox"
     elif choices and is_list:
@@ -130,7 +131,7 @@ def _spec(f: dataclasses.Field) -> FieldSpec:
         name=f.name, kind=kind, elem=elem, is_list=is_list, optional=optional, default=default,
         choices=choices, help=meta.get("help", ""), group=meta.get("group", "output"),
         prominent=f.name in PROMINENT, label=field_label(f.name),
-        initial=meta["form_default"] if "form_default" in meta else default, note=meta.get("form_note", ""),
+        initial=initial, note=meta.get("form_note", ""),
     )
 
 
@@ -197,7 +198,24 @@ def from_widget(spec: FieldSpec, raw):
     text = "" if raw is None else str(raw).strip()
     if not text:
         return None if spec.optional else ""
+    if spec.elem in (int, float):
+        return _parse_number(spec, text)
     return text
+
+
+def _parse_number(spec: FieldSpec, text: str):
+    """A number typed into a text box (an optional number: empty means something); one-line errors."""
+    if spec.elem is int and text.lstrip("+-").isdigit():
+        return int(text)  # exact, however large (a float would round seeds beyond 2**53)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{spec.label} (--{spec.name}) must be a number, got {text!r}") from None
+    if spec.elem is int:
+        if not value.is_integer():
+            raise ConfigError(f"{spec.label} (--{spec.name}) must be a whole number, got {text!r}")
+        return int(value)
+    return value
 
 
 def values_from_widgets(widgets: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 
 from flatlora_diffusion.config import ConfigError, make_config, save_yaml
 
+from . import plan
 from .form import APP_MANAGED
 from .runs import APP_META, safe_name, unique_name, write_json_atomic
 
@@ -174,6 +175,9 @@ def prepare_runs(
             values["instance_data_dir"], values.get("instance_prompt"), values.get("caption_extension") or ".txt"))
     elif not values.get("dataset_name"):
         raise SubmitError("no training images: upload some, or type the folder that holds them")
+    # the form's empty boxes: a run that trains and shows validation images (plan.py), written into config.yaml
+    images = len(uploads) if uploads else plan.count_folder_images(values.get("instance_data_dir"))
+    values = plan.resolve(values, images)
 
     class_dir_typed = values.get("class_data_dir") if values.get("with_prior_preservation") else None
     if class_dir_typed:

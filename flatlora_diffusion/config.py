@@ -178,7 +178,11 @@ class TrainConfig:
     # --- steps ---------------------------------------------------------------------------------------------
     train_batch_size: int = _f(4, "Batch size per device.", "steps", ge=1, le=4096, label="Batch size")
     num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps", ge=1, le=1_000_000, label="Epochs")
-    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps", ge=1, le=10**12, label="Training steps")
+    max_train_steps: int | None = _f(
+        None, "Total optimizer steps.", "steps", ge=1, le=10**12, label="Training steps",
+        # diffusers' default (empty: one epoch) makes 2 steps of 5 images at batch 4: a run that "completes" untrained
+        form_default=500, form_note="Empty: epochs x steps per epoch when Epochs > 1, else 500.",
+    )
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps", ge=1, le=4096, label="Gradient accumulation steps")
     seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps", ge=0, le=2**32 - 1, label="Seed")
 
@@ -203,16 +207,19 @@ class TrainConfig:
     resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest'.", "state", label="Resume from checkpoint")
 
     # --- validation ----------------------------------------------------------------------------------------
-    validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation", label="Validation prompts")
+    validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation", label="Validation prompts",
+                                      form_note="Empty: the instance prompt.")
     num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000, label="Validation images per prompt")
     validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1, label="Validation seeds")
     validation_steps: int | None = _f(
         None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12,
         label="Validate every N steps",
+        form_note="Empty, with Validate every N epochs empty too: a quarter of the run (5 validations in all).",
     )
     validation_epochs: int | None = _f(
         50, "Validate every N completed epochs (diffusers' flag and default).", "validation", ge=1, le=1_000_000,
         label="Validate every N epochs",
+        form_default=None,  # a 5-image run at batch 4 validates every 100 steps otherwise: steps decide in the form
     )
     validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000, label="Validation denoising steps")
     validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100, label="Validation guidance scale")

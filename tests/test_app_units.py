@@ -55,8 +55,11 @@ def test_every_setting_is_in_the_form_or_deliberately_left_out():
 def test_widget_values_round_trip_to_the_same_config():
     defaults = form.widgets_from_values({})
     values = form.values_from_widgets(defaults)
+    # the form starts from diffusers' defaults except where config.py gives a form_default (a run that trains
+    # and validates; see app/plan.py)
+    assert values["max_train_steps"] == 500 and values["validation_epochs"] is None
     assert make_config({**values, **base_values(), "instance_data_dir": "/x"}) == \
-        make_config({**base_values(), "instance_data_dir": "/x"})
+        make_config({**base_values(), "instance_data_dir": "/x", "validation_epochs": None})
     widgets = dict(defaults)
     widgets.update(validation_prompt="a photo of sks toy\n\n a sks toy, on the beach ", validation_seeds="3, 4,5",
                    learning_rate="5e-4", mixed_precision=form.DEFAULT_CHOICE, lora_target_modules="to_q, to_v",
@@ -277,3 +280,48 @@ def test_form_labels_come_from_config_and_name_the_setting_in_the_help():
         assert spec.info.endswith(f"(--{spec.name})")
     assert field_label("learning_rate") == "Learning rate"
     assert len({s.label for s in form.form_fields()}) == len(form.form_fields())  # no two fields look alike
+
+
+# --- the run plan and the form's empty boxes --------------------------------------------------------------
+def test_empty_boxes_make_a_run_that_trains_and_validates(tmp_path, images):
+    from app import plan
+
+    empty = form.values_from_widgets({"max_train_steps": "", "validation_prompt": "", "validation_steps": "",
+                                      "validation_epochs": "", "train_batch_size": 4})
+    values = {**base_values(), **empty}
+    # 5 images at batch 4: diffusers' empty max steps (one epoch) would be 2 steps; the form means 500
+    r = plan.resolve(values, images=5)
+    assert r["max_train_steps"] == 500 and r["validation_steps"] == 125
+    assert r["validation_prompt"] == ["a photo of sks toy"]
+    assert plan.resolve({**values, "num_train_epochs": 3}, images=5)["max_train_steps"] == 6  # epochs asked for
+    assert plan.resolve({**values, "validation_epochs": 10}, images=5).get("validation_steps") is None
+    # and that is what the run folder gets
+    [name] = submit.prepare_runs(tmp_path / "runs", {**values, "instance_data_dir": str(images[0].parent)})
+    cfg = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
+    assert (cfg["max_train_steps"], cfg["validation_steps"], cfg["validation_epochs"]) == (500, 125, None)
+    assert cfg["validation_prompt"] == ["a photo of sks toy"]
+
+
+def test_the_plan_counts_steps_validations_and_time(tmp_path):
+    from app import plan
+
+    v = base_values(max_train_steps=None, repeats=2, train_batch_size=4, validation_seeds=[0, 1])
+    p = plan.make_plan(v, images=5, runs=2, runs_dir=tmp_path)
+    assert (p.steps_per_epoch, p.total_steps, p.epochs) == (3, 500, 167)  # ceil(5 x 2 / 4) = 3 per epoch
+    assert p.validation_at == [0, 125, 250, 375, 500] and p.images_per_validation == 2
+    assert p.seconds_per_step is None and not p.warnings
+    text = plan.plan_markdown(p)
+    assert "3 steps per epoch" in text and "500 training steps" in text and "0, 125, 250, 375, 500" in text
+    short = plan.make_plan(base_values(max_train_steps=20, instance_prompt=None), images=5)
+    assert any("Only 20" in w for w in short.warnings) and any("No validation prompt" in w for w in short.warnings)
+    # an earlier run on this machine with the same model and batch measured 0.5 s/step: 2 runs x 500 steps
+    run = tmp_path / "earlier"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"pretrained_model_name_or_path": "org/model",
+                                                     "train_batch_size": 4, "resolution": 64}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 0.1, "it_per_s": 2.0}) + "\n")
+    p = plan.make_plan(v, images=5, runs=2, runs_dir=tmp_path)
+    assert p.seconds_per_step == 0.5 and p.speed_from == "earlier" and p.estimated_seconds == 500.0
+    assert "about 8 min" in plan.plan_markdown(p)
+    other = plan.make_plan({**v, "resolution": 1024}, images=5, runs_dir=tmp_path)
+    assert other.seconds_per_step is None  # measured at another resolution: no guess
