@@ -13,7 +13,7 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, form
+from . import chart, compare, form, plan
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
 from .submit import SubmitError, prepare_runs
@@ -168,6 +168,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                               elem_id="run-name")
                         ab = gr.Checkbox(label="A/B: train plain LoRA, then Flat-LoRA, with identical seeds",
                                          value=False, elem_id="ab")
+                        run_plan = gr.Markdown(elem_id="run-plan")
                         with gr.Row():
                             launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
                             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -248,6 +249,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
 
         launch_btn.click(launch, inputs=[ab, run_name, uploads], inputs_kwargs=dict(comps),
                          outputs=[launch_msg, follow], api_name="launch")
+        _wire_plan(demo, runs_dir, comps, uploads, ab, run_plan)
 
         def cancel(name: str | None):
             if not name:
@@ -533,6 +535,30 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                               gen_base],
                       outputs=[gen_image], api_name="generate")
     return demo
+
+
+def plan_view(runs_dir: Path, ab_on: bool, files, settings: dict) -> str:
+    """The run plan of the form as it stands (plan.py), or what keeps the form from becoming a run."""
+    try:
+        values = form.values_from_widgets(settings)
+    except ConfigError as e:
+        return f"⚠️ {e}"
+    names = [Path(p).name for p in _as_paths(files)]
+    images = sum(map(plan.is_image_name, names)) if names else plan.count_folder_images(values.get("instance_data_dir"))
+    if not names and not values.get("instance_data_dir") and not values.get("dataset_name"):
+        images = 0
+    the_plan = plan.make_plan(values, images, runs=2 if ab_on else 1, runs_dir=runs_dir)
+    return "**Run plan**  \n" + plan.plan_markdown(the_plan)
+
+
+def _wire_plan(demo: gr.Blocks, runs_dir: Path, comps: dict, uploads, ab, run_plan) -> None:
+    """Redraw the run plan whenever the form, the uploads or the A/B switch change, and on page load."""
+    def redraw(ab_on: bool, files, **settings):
+        return plan_view(runs_dir, ab_on, files, settings)
+
+    triggers = [c.change for c in comps.values()] + [uploads.change, ab.change, demo.load]
+    gr.on(triggers, redraw, inputs=[ab, uploads], inputs_kwargs=dict(comps), outputs=[run_plan],
+          show_progress="hidden", trigger_mode="always_last", api_visibility="private")
 
 
 def _component(spec: form.FieldSpec):

@@ -88,3 +88,39 @@ def test_fields_have_human_labels_with_the_setting_name_in_their_help(page):
     expect(block(page, "learning_rate").locator(".info-text")).to_contain_text("(--learning_rate)")
     expect(label("pretrained_model_name_or_path")).to_have_text("Base model")
     expect(label("max_train_steps")).to_have_text("Training steps")
+
+
+def fill_basics(page, server, steps=None):
+    field(page, "pretrained_model_name_or_path").fill("org/model")
+    field(page, "instance_prompt").fill(PROMPT)
+    page.locator("#uploads input[type=file]").set_input_files([str(p) for p in server["images"]])
+    if steps is not None:
+        field(page, "max_train_steps").fill(str(steps))
+
+
+def test_the_run_plan_follows_the_form_before_launch(page, server):
+    from playwright.sync_api import expect
+
+    plan = page.locator("#run-plan")
+    # the defaults train: 500 steps, validation images of the instance prompt a quarter of the run apart
+    assert field(page, "max_train_steps").input_value() == "500"
+    fill_basics(page, server)
+    expect(plan).to_contain_text("3 images / batch 4 → 1 step per epoch, 500 epochs", timeout=10_000)
+    expect(plan).to_contain_text("500 training steps")
+    expect(plan).to_contain_text("Validation images at steps 0, 125, 250, 375, 500")
+    expect(plan).to_contain_text("known after a first run")
+    # it follows the form: a short run and no prompt at all are warned about
+    field(page, "max_train_steps").fill("20")
+    expect(plan).to_contain_text("Only 20 training steps", timeout=10_000)
+    field(page, "instance_prompt").fill("")
+    expect(plan).to_contain_text("No validation prompt", timeout=10_000)
+    # once a run on this machine measured its speed, the plan estimates the time (A/B: two runs)
+    earlier = server["runs"] / "measured-earlier"
+    earlier.mkdir()
+    (earlier / "config.yaml").write_text("pretrained_model_name_or_path: org/model\ntrain_batch_size: 4\n")
+    (earlier / "status.json").write_text(json.dumps({"state": "completed", "step": 9, "total": 9}))
+    (earlier / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 0.5, "it_per_s": 0.5}) + "\n")
+    field(page, "max_train_steps").fill("600")
+    page.locator("#ab input[type=checkbox]").check()
+    expect(plan).to_contain_text("about 40 min", timeout=10_000)  # 2 runs x 600 steps x 2 s
+    expect(plan).to_contain_text("measured-earlier")
