@@ -16,7 +16,7 @@ from flatlora_diffusion.config import ConfigError
 from . import chart, compare, form, plan
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
-from .submit import SubmitError, prepare_runs
+from .submit import SubmitError, caption_suffix, prepare_runs, split_uploads
 
 
 PRESET_DIR = ".presets"
@@ -151,9 +151,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                                         file_types=[".yaml", ".yml"], type="filepath")
                                 preset_file = gr.File(label="saved preset", interactive=False)
                             preset_msg = gr.Markdown()
-                        uploads = gr.File(label="Training images (upload: PNG, JPEG, WebP, BMP, TIFF)",
-                                          file_count="multiple", file_types=["image"], type="filepath",
-                                          elem_id="uploads")
+                        uploads = _uploads_box()
                         comps: dict[str, gr.components.Component] = {}
                         for spec in [s for s in specs if s.prominent]:
                             comps[spec.name] = _component(spec)
@@ -543,12 +541,21 @@ def plan_view(runs_dir: Path, ab_on: bool, files, settings: dict) -> str:
         values = form.values_from_widgets(settings)
     except ConfigError as e:
         return f"⚠️ {e}"
-    names = [Path(p).name for p in _as_paths(files)]
-    images = sum(map(plan.is_image_name, names)) if names else plan.count_folder_images(values.get("instance_data_dir"))
-    if not names and not values.get("instance_data_dir") and not values.get("dataset_name"):
+    paths = _as_paths(files)
+    pictures, captions = split_uploads(paths, [Path(p).name for p in paths], caption_suffix(values))
+    images = len(pictures) if paths else plan.count_folder_images(values.get("instance_data_dir"))
+    if not paths and not values.get("instance_data_dir") and not values.get("dataset_name"):
         images = 0
-    the_plan = plan.make_plan(values, images, runs=2 if ab_on else 1, runs_dir=runs_dir)
+    captioned = bool(pictures) and all(Path(n).stem in captions for _, n in pictures)
+    the_plan = plan.make_plan(values, images, runs=2 if ab_on else 1, runs_dir=runs_dir, captions_cover_all=captioned)
     return "**Run plan**  \n" + plan.plan_markdown(the_plan)
+
+
+def _uploads_box() -> gr.File:
+    """Images, and caption files named like their image (photo.png + photo.txt), in one upload box."""
+    return gr.File(label="Training images (PNG, JPEG, WebP, BMP, TIFF) and, optionally, a caption for each: "
+                         "photo.txt beside photo.png", file_count="multiple",
+                   file_types=["image", ".txt", ".caption"], type="filepath", elem_id="uploads")
 
 
 def _wire_plan(demo: gr.Blocks, runs_dir: Path, comps: dict, uploads, ab, run_plan) -> None:

@@ -124,3 +124,34 @@ def test_the_run_plan_follows_the_form_before_launch(page, server):
     page.locator("#ab input[type=checkbox]").check()
     expect(plan).to_contain_text("about 40 min", timeout=10_000)  # 2 runs x 600 steps x 2 s
     expect(plan).to_contain_text("measured-earlier")
+
+
+def launched(server, prefix):
+    return sorted(p.name for p in server["runs"].iterdir() if p.name.startswith(prefix))
+
+
+def test_caption_files_upload_with_the_images(page, server):
+    from playwright.sync_api import expect
+
+    up = server["base"] / "captioned"
+    up.mkdir()
+    files = []
+    for i, img in enumerate(server["images"][:2]):
+        (up / f"toy{i}.png").write_bytes(img.read_bytes())
+        (up / f"toy{i}.txt").write_text(f"a photo of sks toy, view {i}\n")
+        files += [str(up / f"toy{i}.png"), str(up / f"toy{i}.txt")]
+    field(page, "pretrained_model_name_or_path").fill("org/model")
+    field(page, "max_train_steps").fill("3")
+    page.locator("#uploads input[type=file]").set_input_files(files)
+    uploads = page.locator("#uploads")
+    expect(uploads).to_contain_text("toy1.txt", timeout=10_000)  # listed like the images, not a bare "Error"
+    expect(uploads).not_to_contain_text("Error")
+    expect(page.locator("#run-plan")).to_contain_text("2 images", timeout=10_000)
+    expect(page.locator("#run-plan")).not_to_contain_text("No instance prompt")  # the captions say it all
+    page.locator("#run-name").locator("input, textarea").first.fill("captioned")
+    page.locator("#launch").click()
+    expect(page.locator("#launch-msg")).to_contain_text("captioned", timeout=20_000)
+    folder = server["runs"] / "captioned" / "instance_images"
+    assert (folder / "image_001.txt").read_text().strip() == "a photo of sks toy, view 1"
+    assert sorted(p.name for p in folder.iterdir()) == ["image_000.png", "image_000.txt", "image_001.png",
+                                                       "image_001.txt"]

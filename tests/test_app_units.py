@@ -325,3 +325,35 @@ def test_the_plan_counts_steps_validations_and_time(tmp_path):
     assert "about 8 min" in plan.plan_markdown(p)
     other = plan.make_plan({**v, "resolution": 1024}, images=5, runs_dir=tmp_path)
     assert other.seconds_per_step is None  # measured at another resolution: no guess
+
+
+def test_uploaded_captions_are_stored_beside_their_images(tmp_path, images):
+    from flatlora_diffusion.data import scan_image_folder
+
+    up = tmp_path / "up"
+    up.mkdir()
+    caption = up / "dog.txt"
+    caption.write_bytes("\ufeffa photo of sks dog on a sofa\nsecond line\n".encode())
+    runs_dir = tmp_path / "runs"
+    # no instance prompt is needed when every image has its caption; the names are the browser's
+    [name] = submit.prepare_runs(runs_dir, base_values(instance_prompt=None), uploads=[images[0], caption],
+                                 upload_names=["dog.png", "dog.txt"])
+    folder = runs_dir / name / "instance_images"
+    assert sorted(p.name for p in folder.iterdir()) == ["image_000.png", "image_000.txt"]
+    records = scan_image_folder(folder, None)  # the trainer's own reading
+    assert [r.caption for r in records] == ["a photo of sks dog on a sofa"]
+    bad = tmp_path / "bad.txt"
+    cases = [
+        (["cat.png", "dog.txt"], "no uploaded image is called dog"),
+        (["dog.png", "bad.txt"], "no uploaded image is called bad"),
+    ]
+    for shown, message in cases:
+        with pytest.raises(submit.SubmitError, match=message):
+            submit.prepare_runs(runs_dir, base_values(), uploads=[images[0], caption], upload_names=shown)
+    bad.write_bytes(b"\xff\xfe not utf-8 \xff")
+    with pytest.raises(submit.SubmitError, match="UTF-8"):
+        submit.prepare_runs(runs_dir, base_values(), uploads=[images[0], bad], upload_names=["bad.png", "bad.txt"])
+    with pytest.raises(submit.SubmitError, match="image_b.png has no caption"):
+        submit.prepare_runs(runs_dir, base_values(instance_prompt=None), uploads=[images[0], caption, images[1]],
+                            upload_names=["dog.png", "dog.txt", "image_b.png"])
+    assert [p.name for p in runs_dir.iterdir()] == [name]
