@@ -155,3 +155,58 @@ def test_caption_files_upload_with_the_images(page, server):
     assert (folder / "image_001.txt").read_text().strip() == "a photo of sks toy, view 1"
     assert sorted(p.name for p in folder.iterdir()) == ["image_000.png", "image_000.txt", "image_001.png",
                                                        "image_001.txt"]
+
+
+def fake_run(runs_dir, name, state="completed", sigma=0.1, group=None, variant=None, losses=()):
+    """A run folder as the trainer leaves it (config, status, metrics), for what the page reads."""
+    run = runs_dir / name
+    run.mkdir()
+    (run / "config.yaml").write_text(f"pretrained_model_name_or_path: org/model\nflat_sigma: {sigma}\n"
+                                     f"output_dir: {run}\n")
+    (run / "status.json").write_text(json.dumps({"state": state, "step": len(losses), "total": len(losses),
+                                                 "message": state}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n"
+                                               for i, v in enumerate(losses)))
+    meta = {"created_at": time.time()}
+    if group:
+        meta.update(ab_group=group, ab_variant=variant)
+    (run / "app.json").write_text(json.dumps(meta))
+    return run
+
+
+def test_the_loss_chart_is_readable_and_shows_both_curves_of_an_ab_pair(page, server):
+    from playwright.sync_api import expect
+
+    losses = [1.0 / (1 + 0.1 * i) for i in range(40)]  # identical curves: same seeds, tiny sigma
+    fake_run(server["runs"], "chart-lora", sigma=0.0, group="chart", variant="lora", losses=losses)
+    fake_run(server["runs"], "chart-flat", sigma=0.1, group="chart", variant="flat", losses=losses)
+    follow = page.locator("#follow input")
+    follow.fill("chart-flat")
+    follow.press("Enter")
+    curves = page.locator("#loss-plot polyline.run")
+    expect(curves).to_have_count(2, timeout=20_000)
+    styles = [curves.nth(i).evaluate("e => [e.getAttribute('stroke'), e.getAttribute('stroke-dasharray')]")
+              for i in range(2)]
+    assert styles[0][0] != styles[1][0] and styles[0][1] is None and styles[1][1]  # colours differ; one dashed
+    keys = page.locator("#loss-plot line.key")
+    assert keys.nth(1).get_attribute("stroke-dasharray") == styles[1][1]  # the legend shows the dash too
+    expect(page.locator("#loss-plot")).to_contain_text("chart-lora (LoRA)")
+    expect(page.locator("#loss-plot")).to_contain_text("chart-flat (Flat-LoRA")
+    # every text of the chart is at least 11 px on screen (font size x the drawing's scale)
+    sizes = page.locator("#loss-plot svg text").evaluate_all(
+        "els => els.map(e => parseFloat(getComputedStyle(e).fontSize) * e.ownerSVGElement.getScreenCTM().a)")
+    assert sizes and min(sizes) >= 11, sizes
+    # both curves can be seen: the lower (solid) one shows through the dashes of the upper one
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    time.sleep(0.5)
+    rgb = np.asarray(Image.open(io.BytesIO(page.locator("#loss-plot").screenshot())).convert("RGB")).astype(int)
+
+    def pixels(hex_colour):
+        target = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+        return int((np.abs(rgb - target).sum(-1) < 60).sum())
+
+    assert pixels(styles[0][0]) > 150 and pixels(styles[1][0]) > 150
