@@ -7,6 +7,8 @@ that a script may want has an api_name, so gradio_client drives the same code pa
 from __future__ import annotations
 
 import html
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -173,6 +175,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                         ab = gr.Checkbox(label="A/B: train plain LoRA, then Flat-LoRA, with identical seeds",
                                          value=False, elem_id="ab")
                         run_plan = gr.Markdown(elem_id="run-plan")
+                        reset_btn = gr.Button("Reset the form", size="sm", elem_id="reset-form")
                         with gr.Row():
                             launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
                             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -239,7 +242,13 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         timer = gr.Timer(refresh_s)
 
         # ------------------------------------------------------------------ Train: launch / cancel / watch
-        def launch(ab_on: bool, name: str, images, **settings):
+        guard = LaunchGuard()
+
+        def launch(ab_on: bool, name: str, images, request: gr.Request = None, **settings):
+            repeated = guard.repeat_of(request, (ab_on, name, _as_paths(images), settings))
+            if repeated:  # a double click: the first click's runs are queued already
+                return (f"Queued **{' then '.join(repeated)}** (the second click was ignored).",
+                        gr.Dropdown(choices=_follow_choices(runs_dir), value=repeated[0]))
             try:
                 values = form.values_from_widgets(settings)
                 paths = _as_paths(images)
@@ -247,7 +256,9 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                      upload_names=[Path(p).name for p in paths])
                 launcher.submit(names)
             except (ConfigError, SubmitError) as e:
+                guard.forget(request)
                 raise _user_error(e) from None
+            guard.done(request, names)
             msg = f"Queued **{' then '.join(names)}**."
             return msg, gr.Dropdown(choices=_follow_choices(runs_dir), value=names[0])
 
@@ -255,9 +266,11 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                          outputs=[launch_msg, follow], api_name="launch")
         _wire_plan(demo, runs_dir, comps, uploads, ab, run_plan)
 
-        def cancel(name: str | None):
+        def cancel(name: str | None, confirmed: bool = True):
             if not name:
                 return "Nothing to cancel."
+            if not confirmed:
+                return f"Not cancelled: {name} goes on."
             try:
                 members = group_runs(list_runs(runs_dir), name)
                 said = [launcher.cancel(r.name) for r in members if r.state in ACTIVE]
@@ -265,7 +278,12 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 raise _user_error(e) from None
             return "  \n".join(said) or f"{name} is not running."
 
-        cancel_btn.click(cancel, inputs=[follow], outputs=[launch_msg], api_name="cancel")
+        # the page asks first (confirm_js); scripts calling /cancel have said what they want
+        cancel_confirmed = gr.Checkbox(value=True, visible=False)
+        cancel_btn.click(cancel, inputs=[follow, cancel_confirmed], outputs=[launch_msg], api_name="cancel",
+                         js=confirm_js("Stop the training of ${name} (and its A/B partner)? The current step is "
+                                       "saved as a checkpoint."))
+        _wire_form_memory(demo, comps, ab, reset_btn)
 
         def watch(name: str | None, seen_state: dict):
             seen_state = dict(seen_state or {})
@@ -555,6 +573,78 @@ def plan_view(runs_dir: Path, ab_on: bool, files, settings: dict) -> str:
     captioned = bool(pictures) and all(Path(n).stem in captions for _, n in pictures)
     the_plan = plan.make_plan(values, images, runs=2 if ab_on else 1, runs_dir=runs_dir, captions_cover_all=captioned)
     return "**Run plan**  \n" + plan.plan_markdown(the_plan)
+
+
+class LaunchGuard:
+    """Launch ignores a second click: the same form launched again by the same browser tab within a few
+    seconds (a double click, or an impatient one while the first is being written) queues nothing new."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[str, float, list[str] | None]] = {}
+
+    @staticmethod
+    def _session(request) -> str:
+        return getattr(request, "session_hash", None) or "api"
+
+    def repeat_of(self, request, form_state) -> list[str] | None:
+        """The runs the same form queued moments ago (waiting for them while they are being written); None
+        for a new launch, which is recorded as in progress."""
+        key, session = repr(form_state), self._session(request)
+        deadline = time.monotonic() + 30
+        while True:
+            with self._lock:
+                last = self._last.get(session)
+                if not last or last[0] != key or time.monotonic() - last[1] > self.window_s:
+                    self._last[session] = (key, time.monotonic(), None)
+                    return None
+                if last[2] is not None:
+                    return last[2]
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)  # the first click's launch is still writing its folders
+
+    def done(self, request, names: list[str]) -> None:
+        with self._lock:
+            key, _, _ = self._last.get(self._session(request), ("", 0.0, None))
+            self._last[self._session(request)] = (key, time.monotonic(), names)
+
+    def forget(self, request) -> None:
+        with self._lock:
+            self._last.pop(self._session(request), None)
+
+
+def confirm_js(question: str) -> str:
+    """A click handler's js: asks `question` (${name} = the first input) in the browser and passes the answer
+    as the second input; the handler does nothing when it is no."""
+    return ("(name, _ok) => [name, name ? window.confirm(`" + question.replace("`", "'") + "`) : false]")
+
+
+def _wire_form_memory(demo: gr.Blocks, comps: dict, ab, reset_btn) -> None:
+    """The form survives a reload: every change is kept in this browser's localStorage (gr.BrowserState) and
+    put back when the page opens. Uploads are not kept (the browser must send files again). Reset the form
+    goes back to the starting values."""
+    specs = form.spec_by_name()
+    names = list(comps)
+    memory = gr.BrowserState({}, storage_key="flatlora-train-form")
+
+    def remember(ab_on: bool, **settings):
+        return {"fields": settings, "ab": bool(ab_on)}
+
+    def restore(saved):
+        saved = saved if isinstance(saved, dict) else {}
+        fields = saved.get("fields") if isinstance(saved.get("fields"), dict) else {}
+        out = [fields[n] if n in fields else gr.skip() for n in names]
+        return out + [bool(saved["ab"]) if "ab" in saved else gr.skip()]
+
+    def reset():
+        return [specs[n].widget_default() for n in names] + [False]
+
+    gr.on([c.change for c in comps.values()] + [ab.change], remember, inputs=[ab], inputs_kwargs=dict(comps),
+          outputs=[memory], show_progress="hidden", trigger_mode="always_last", api_visibility="private")
+    demo.load(restore, inputs=[memory], outputs=[*comps.values(), ab], api_visibility="private")
+    reset_btn.click(reset, outputs=[*comps.values(), ab], api_visibility="private")
 
 
 def _uploads_box() -> gr.File:

@@ -210,3 +210,85 @@ def test_the_loss_chart_is_readable_and_shows_both_curves_of_an_ab_pair(page, se
         return int((np.abs(rgb - target).sum(-1) < 60).sum())
 
     assert pixels(styles[0][0]) > 150 and pixels(styles[1][0]) > 150
+
+
+def state_of(server, name):
+    try:
+        return json.loads((server["runs"] / name / "status.json").read_text()).get("state")
+    except (OSError, ValueError):
+        return None
+
+
+def wait_until(predicate, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError("timed out")
+
+
+def test_the_form_survives_a_reload(page, server):
+    from playwright.sync_api import expect
+
+    field(page, "instance_prompt").fill("a photo of zwx cat")
+    field(page, "learning_rate").fill("2e-4")
+    field(page, "max_train_steps").fill("321")
+    page.locator("#ab input[type=checkbox]").check()
+    time.sleep(1.5)  # the browser stores the form as it changes
+    page.reload()
+    page.locator("#launch").wait_for(timeout=30_000)
+    expect(field(page, "instance_prompt")).to_have_value("a photo of zwx cat", timeout=10_000)
+    expect(field(page, "learning_rate")).to_have_value("2e-4")
+    expect(field(page, "max_train_steps")).to_have_value("321")
+    expect(page.locator("#ab input[type=checkbox]")).to_be_checked()
+    expect(page.locator("#run-plan")).to_contain_text("321 training steps")
+    # and a new browser (another person) starts from the defaults
+    other = page.context.browser.new_page()
+    other.goto(server["url"])
+    other.locator("#launch").wait_for(timeout=30_000)
+    time.sleep(1.0)
+    assert field(other, "max_train_steps").input_value() == "500"
+    other.close()
+
+
+def test_a_double_click_on_launch_queues_one_launch(page, server):
+    fill_basics(page, server, steps=3)
+    page.locator("#ab input[type=checkbox]").check()
+    page.locator("#run-name").locator("input, textarea").first.fill("twice")
+    page.locator("#launch").dblclick()
+    page.locator("#launch-msg").get_by_text("twice-lora").wait_for(timeout=20_000)
+    time.sleep(2.0)  # a second launch would have written its folders by now
+    assert launched(server, "twice") == ["twice-flat", "twice-lora"]
+
+
+def test_cancel_asks_before_it_stops_a_run(page, server):
+    from playwright.sync_api import expect
+
+    fill_basics(page, server, steps=200)  # 40 s with the stand-in trainer
+    page.locator("#run-name").locator("input, textarea").first.fill("asked")
+    page.locator("#launch").click()
+    page.locator("#launch-msg").get_by_text("asked").wait_for(timeout=20_000)
+    wait_until(lambda: state_of(server, "asked") == "running", timeout=30)
+    follow = page.locator("#follow input")  # picked by hand: a timer tick may have followed another run
+    follow.fill("asked")
+    follow.press("Enter")
+    expect(follow).to_have_value("asked", timeout=10_000)
+    questions = []
+
+    def answer(accept):
+        def on_dialog(dialog):
+            questions.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+        return on_dialog
+
+    page.once("dialog", answer(False))
+    page.locator("#cancel").click()
+    wait_until(lambda: questions, timeout=10)
+    assert "asked" in questions[0]
+    time.sleep(1.5)
+    assert state_of(server, "asked") == "running"  # "no" keeps it training
+    page.once("dialog", answer(True))
+    page.locator("#cancel").click()
+    wait_until(lambda: state_of(server, "asked") == "cancelled", timeout=30)
+    expect(page.locator("#launch-msg")).to_contain_text("asked", timeout=10_000)
