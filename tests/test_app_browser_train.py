@@ -7,6 +7,7 @@ second), so these tests cost seconds; test_app_browser.py drives the real traine
 
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -144,7 +145,7 @@ def test_caption_files_upload_with_the_images(page, server):
     field(page, "max_train_steps").fill("3")
     page.locator("#uploads input[type=file]").set_input_files(files)
     uploads = page.locator("#uploads")
-    expect(uploads).to_contain_text("toy1.txt", timeout=10_000)  # listed like the images, not a bare "Error"
+    expect(uploads).to_contain_text(re.compile(r"toy1\s*\.txt\s*[\d.]+\s*B"), timeout=10_000)  # listed like the images
     expect(uploads).not_to_contain_text("Error")
     expect(page.locator("#run-plan")).to_contain_text("2 images", timeout=10_000)
     expect(page.locator("#run-plan")).not_to_contain_text("No instance prompt")  # the captions say it all
@@ -292,3 +293,64 @@ def test_cancel_asks_before_it_stops_a_run(page, server):
     page.locator("#cancel").click()
     wait_until(lambda: state_of(server, "asked") == "cancelled", timeout=30)
     expect(page.locator("#launch-msg")).to_contain_text("asked", timeout=10_000)
+
+
+def test_runs_tab_deletes_renames_sizes_and_refreshes_itself(page, server):
+    from playwright.sync_api import expect
+
+    runs_dir = server["runs"]
+    fake_run(runs_dir, "tidy-a", losses=[0.5, 0.4])
+    fake_run(runs_dir, "tidy-two", losses=[0.5])
+    fake_run(runs_dir, "tidy-busy", state="running", losses=[0.5])
+    page.get_by_role("tab", name="Runs").click()
+    table = page.locator("#runs-table")
+    expect(table).to_contain_text("tidy-a", timeout=20_000)
+    expect(table).to_contain_text("size on disk")
+    expect(table).to_contain_text(re.compile(r"\d+ B"))  # a run's size, e.g. "310 B"
+    # the table follows the runs folder without a click on Refresh
+    fake_run(runs_dir, "tidy-late")
+    expect(table).to_contain_text("tidy-late", timeout=15_000)
+
+    def pick(name):
+        box = page.locator("#run-pick input")
+        box.fill(name)
+        box.press("Enter")
+        expect(box).to_have_value(name, timeout=10_000)
+
+    questions = []
+
+    def answer(accept):
+        def on_dialog(dialog):
+            questions.append(dialog.message)
+            dialog.accept() if accept else dialog.dismiss()
+        return on_dialog
+
+    message = page.locator("#run-msg")
+    pick("tidy-a")
+    page.once("dialog", answer(False))
+    page.locator("#delete-run").click()
+    expect(message).to_contain_text("Not deleted", timeout=10_000)
+    assert "tidy-a" in questions[-1] and (runs_dir / "tidy-a").is_dir()
+    page.once("dialog", answer(True))
+    page.locator("#delete-run").click()
+    expect(message).to_contain_text("Deleted tidy-a", timeout=10_000)
+    assert not (runs_dir / "tidy-a").exists()
+    expect(table).not_to_contain_text("tidy-a", timeout=10_000)
+    # a message does not stay to describe an old state: it is cleared a few seconds later
+    expect(message).to_have_text("", timeout=15_000)
+
+    pick("tidy-two")
+    page.locator("#rename-to").locator("input, textarea").first.fill("tidy-renamed")
+    page.once("dialog", answer(True))
+    page.locator("#rename-run").click()
+    expect(message).to_contain_text("Renamed tidy-two to tidy-renamed", timeout=10_000)
+    assert (runs_dir / "tidy-renamed" / "config.yaml").is_file() and not (runs_dir / "tidy-two").exists()
+    assert str(runs_dir / "tidy-renamed") in (runs_dir / "tidy-renamed" / "config.yaml").read_text()
+    expect(table).to_contain_text("tidy-renamed", timeout=10_000)
+
+    # never while it trains: refused with a reason, the folder untouched
+    pick("tidy-busy")
+    page.once("dialog", answer(True))
+    page.locator("#delete-run").click()
+    expect(message).to_contain_text("tidy-busy is running: cancel it first", timeout=10_000)
+    assert (runs_dir / "tidy-busy").is_dir()
