@@ -15,7 +15,7 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, form, plan
+from . import chart, compare, form, manage, plan
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
 from .submit import SubmitError, caption_suffix, prepare_runs, split_uploads
@@ -82,11 +82,11 @@ def runs_table(runs_dir) -> list[list]:
     for run in list_runs(runs_dir):
         s = run.summary()
         rows.append([s["run"], s["state"], f"{s['step']}/{s['total']}", s["flat_sigma"], s["ab_group"] or "",
-                     s["final_loss"], s["message"]])
+                     s["final_loss"], manage.format_size(manage.disk_usage(run.path)), s["message"]])
     return rows
 
 
-RUNS_HEADERS = ["run", "state", "step", "flat_sigma", "A/B group", "final loss", "message"]
+RUNS_HEADERS = ["run", "state", "step", "flat_sigma", "A/B group", "final loss", "size on disk", "message"]
 
 
 def _follow_choices(runs_dir) -> list[str]:
@@ -201,7 +201,11 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     run_cancel_btn = gr.Button("Cancel run", variant="stop", scale=0)
                     run_resume_btn = gr.Button("Resume from last checkpoint", scale=0)
                     run_reuse_btn = gr.Button("Use these settings in Train", scale=0)
-                run_msg = gr.Markdown()
+                with gr.Row():
+                    rename_to = gr.Textbox(label="New name", scale=2, elem_id="rename-to")
+                    run_rename_btn = gr.Button("Rename run", scale=0, elem_id="rename-run")
+                    run_delete_btn = gr.Button("Delete run", variant="stop", scale=0, elem_id="delete-run")
+                run_msg = gr.Markdown(elem_id="run-msg")
                 with gr.Row():
                     dl_kohya = gr.DownloadButton("kohya file (ComfyUI / A1111)", visible=False, elem_id="dl-kohya")
                     dl_diffusers = gr.DownloadButton("diffusers file", visible=False, elem_id="dl-diffusers")
@@ -396,7 +400,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
 
         def run_details(name: str | None):
             if not name:
-                return ({}, "", gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), "")
+                return ({}, "", gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), gr.skip())
             try:
                 run = get_run(runs_dir, name)
             except KeyError as e:
@@ -412,7 +416,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                       visible=k is not None),
                     gr.DownloadButton(f"diffusers file: {d.name}" if d else "diffusers file",
                                       value=str(d) if d else None, visible=d is not None),
-                    "")
+                    gr.skip())  # an action's message stays until it expires (_expire_message)
 
         details_outputs = [run_summary, run_settings, dl_kohya, dl_diffusers, run_msg]
         run_pick.change(run_details, inputs=[run_pick], outputs=details_outputs, api_visibility="private")
@@ -425,6 +429,12 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         for trigger in (runs_refresh.click, runs_tab.select, demo.load):
             trigger(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private").then(
                 run_details, inputs=[run_pick], outputs=details_outputs, api_visibility="private")
+        runs_timer = gr.Timer(max(4 * refresh_s, 2.0))
+        _wire_runs_autorefresh(runs_dir, runs_timer, runs_df, run_pick)
+        _wire_runs_admin(runs_dir, launcher, run_pick, rename_to, run_rename_btn, run_delete_btn, run_msg,
+                         runs_df, refresh_runs, run_details, details_outputs)
+        _expire_message(run_msg, runs_timer, after_s=max(10 * refresh_s, 5.0))
+        _expire_message(launch_msg, runs_timer, after_s=max(10 * refresh_s, 5.0))
 
         def run_files(run: str) -> tuple:
             try:
@@ -645,6 +655,79 @@ def _wire_form_memory(demo: gr.Blocks, comps: dict, ab, reset_btn) -> None:
           outputs=[memory], show_progress="hidden", trigger_mode="always_last", api_visibility="private")
     demo.load(restore, inputs=[memory], outputs=[*comps.values(), ab], api_visibility="private")
     reset_btn.click(reset, outputs=[*comps.values(), ab], api_visibility="private")
+
+
+def _wire_runs_autorefresh(runs_dir: Path, timer: gr.Timer, runs_df, run_pick) -> None:
+    """The Runs table and the run picker follow the runs folder by themselves (sent only when they changed,
+    so a row being read is not redrawn every few seconds)."""
+    shown = gr.State(None)
+
+    def tick(last):
+        rows = runs_table(runs_dir)
+        if rows == last:
+            return gr.skip(), gr.skip(), last
+        # choices only: the value read when the tick started may be older than the user's pick by now
+        return rows, gr.Dropdown(choices=_follow_choices(runs_dir)), rows
+
+    timer.tick(tick, inputs=[shown], outputs=[runs_df, run_pick, shown], show_progress="hidden",
+               concurrency_limit=None, api_visibility="private")
+
+
+def _wire_runs_admin(runs_dir: Path, launcher: Launcher, run_pick, rename_to, rename_btn, delete_btn, run_msg,
+                     runs_df, refresh_runs, run_details, details_outputs) -> None:
+    """Delete and rename a run, after the browser asked; refused while the run trains or waits."""
+    def busy(name: str) -> bool:
+        return launcher.position(name) is not None
+
+    def delete(name: str | None, confirmed: bool = True):
+        if not name:
+            return "Pick a run."
+        if not confirmed:
+            return f"Not deleted: {name} stays."
+        try:
+            return manage.delete_run(runs_dir, name, busy(name))
+        except (KeyError, manage.RunBusy) as e:
+            return f"⚠️ {str(e).strip(chr(39))}"
+
+    def rename(name: str | None, new_name: str, confirmed: bool = True):
+        if not name:
+            return "Pick a run.", gr.skip()
+        if not confirmed:
+            return f"Not renamed: {name} keeps its name.", gr.skip()
+        try:
+            new = manage.rename_run(runs_dir, name, new_name or "", busy(name))
+        except (KeyError, ValueError) as e:
+            return f"⚠️ {str(e).strip(chr(39))}", gr.skip()
+        return f"Renamed {name} to **{new}**.", gr.Dropdown(choices=_follow_choices(runs_dir), value=new)
+
+    confirmed = gr.Checkbox(value=True, visible=False)
+    delete_btn.click(delete, inputs=[run_pick, confirmed], outputs=[run_msg], api_name="delete_run",
+                     js=confirm_js("Delete ${name} and all its files (LoRA files, checkpoints, images)? "
+                                   "This cannot be undone.")
+                     ).then(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
+    rename_js = ("(name, new_name, _ok) => [name, new_name, name && new_name ? "
+                 "window.confirm(`Rename ${name} to ${new_name}?`) : true]")
+    rename_btn.click(rename, inputs=[run_pick, rename_to, confirmed], outputs=[run_msg, run_pick],
+                     api_name="rename_run", js=rename_js
+                     ).then(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
+
+
+def _expire_message(message, timer: gr.Timer, after_s: float = 12.0) -> None:
+    """An action's message ("Queued ...", "Deleted ...") is cleared a few seconds later, so that it never
+    describes a state that has since moved on; the live views say what is true now."""
+    shown_at = gr.State(None)
+
+    def stamp(text):
+        return time.monotonic() if text else None
+
+    def clear(since):
+        if since is None or time.monotonic() - since < after_s:
+            return gr.skip(), gr.skip()
+        return "", None
+
+    message.change(stamp, inputs=[message], outputs=[shown_at], show_progress="hidden", api_visibility="private")
+    timer.tick(clear, inputs=[shown_at], outputs=[message, shown_at], show_progress="hidden",
+               concurrency_limit=None, api_visibility="private")
 
 
 def _uploads_box() -> gr.File:

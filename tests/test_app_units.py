@@ -357,3 +357,43 @@ def test_uploaded_captions_are_stored_beside_their_images(tmp_path, images):
         submit.prepare_runs(runs_dir, base_values(instance_prompt=None), uploads=[images[0], caption, images[1]],
                             upload_names=["dog.png", "dog.txt", "image_b.png"])
     assert [p.name for p in runs_dir.iterdir()] == [name]
+
+
+def test_runs_are_deleted_and_renamed_only_when_idle(tmp_path, images):
+    from app import manage
+
+    runs_dir = tmp_path / "runs"
+    [name] = submit.prepare_runs(runs_dir, base_values(), name="old", uploads=images)
+    run = runs_dir / name
+    for state in ("queued", "running"):  # waiting or training: refused, nothing moves
+        runs.get_run(runs_dir, name).update_status(state=state)
+        with pytest.raises(manage.RunBusy, match=f"old is {state}: cancel it first"):
+            manage.delete_run(runs_dir, name)
+        with pytest.raises(manage.RunBusy, match="cancel it first"):
+            manage.rename_run(runs_dir, name, "new")
+    runs.get_run(runs_dir, name).update_status(state="completed")
+    with pytest.raises(manage.RunBusy):  # the launcher still has it
+        manage.delete_run(runs_dir, name, queued_or_running=True)
+    from flatlora_diffusion.run_dir import TrainerLock
+
+    lock = TrainerLock(run).acquire()  # a trainer started by hand holds the folder
+    try:
+        with pytest.raises(manage.RunBusy, match="training"):
+            manage.delete_run(runs_dir, name)
+    finally:
+        lock.release()
+    assert manage.disk_usage(run) == sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) > 0
+    assert manage.format_size(1536) == "1.5 KB" and manage.format_size(10) == "10 B"
+    # rename: the folder moves and config.yaml's paths into it follow (the run can be resumed there)
+    assert manage.rename_run(runs_dir, name, "my new name") == "my-new-name"
+    cfg = yaml.safe_load((runs_dir / "my-new-name" / "config.yaml").read_text())
+    assert cfg["output_dir"] == str(runs_dir / "my-new-name")
+    assert cfg["instance_data_dir"] == str(runs_dir / "my-new-name" / "instance_images")
+    make_config(cfg)  # still a valid config
+    [other] = submit.prepare_runs(runs_dir, base_values(), name="other", uploads=images)
+    with pytest.raises(ValueError, match="exists already"):
+        manage.rename_run(runs_dir, other, "my-new-name")
+    with pytest.raises(KeyError):
+        manage.delete_run(runs_dir, "../runs")
+    assert manage.delete_run(runs_dir, "my-new-name") == "Deleted my-new-name."
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["other"]
