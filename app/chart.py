@@ -11,6 +11,10 @@ import html
 import math
 
 COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+# An A/B pair trains with identical seeds, so its curves often lie on top of each other: every curve after the
+# first is dashed and thinner, so the one below still shows through its gaps.
+DASHES = ["", "8 5", "2 4", "12 4 2 4"]
+WIDTHS = [3.0, 2.0, 2.0, 2.0]
 
 
 def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -46,16 +50,25 @@ def smooth(values: list[float], weight: float) -> list[float]:
     return out
 
 
+def _style(i: int) -> tuple[str, str, float]:
+    """(colour, dash pattern, line width) of the i-th curve."""
+    return COLOURS[i % len(COLOURS)], DASHES[i % len(DASHES)], WIDTHS[i % len(WIDTHS)]
+
+
 def loss_svg(series: list[tuple[str, list[tuple[int, float]]]], width: int = 640, height: int = 300,
-             title: str = "loss") -> str:
+             title: str = "loss", font_px: float = 13) -> str:
     """An SVG line chart of (step, loss) per labelled run. Raw values thin, smoothed bold once a run has
-    more than 20 points. Empty input gives a placeholder."""
+    more than 20 points; one legend line per run. Empty input gives a placeholder.
+
+    The SVG scales to its container's width, text too: `width` should be about the width it is shown at,
+    so that `font_px` is what the eye gets (the page's minimum is 11 px)."""
     series = [(label, [(int(s), float(v)) for s, v in pts if math.isfinite(float(v))]) for label, pts in series]
     series = [(label, pts) for label, pts in series if pts]
     if not series:
         return (f"<div class='fl-loss' data-lines='0' style='color:#888;padding:12px'>{html.escape(title)}: "
                 f"no steps logged yet</div>")
-    left, right, top, bottom = 56, 12, 16 + 18 * ((len(series) + 1) // 2), 34
+    line_h = font_px + 6
+    left, right, top, bottom = 4 * font_px + 8, 12, 8 + line_h * len(series), 2 * font_px + 10
     w, h = width - left - right, height - top - bottom
     xs = [s for _, pts in series for s, _ in pts]
     ys = [v for _, pts in series for _, v in pts]
@@ -73,7 +86,7 @@ def loss_svg(series: list[tuple[str, list[tuple[int, float]]]], width: int = 640
         return top + (1 - (v - y0) / (y1 - y0)) * h
 
     parts = [f"<svg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 {width} {height}' width='100%' "
-             f"style='max-width:{width * 1.6:.0f}px;font:11px sans-serif' role='img' "
+             f"style='max-width:{width * 1.6:.0f}px;font:{font_px:g}px sans-serif' role='img' "
              f"aria-label='{html.escape(title)}'>",
              f"<rect x='{left}' y='{top}' width='{w}' height='{h}' fill='none' stroke='#ccc'/>"]
     for t in _nice_ticks(y0, y1):
@@ -85,12 +98,14 @@ def loss_svg(series: list[tuple[str, list[tuple[int, float]]]], width: int = 640
         if x0 <= t <= x1 and float(t).is_integer():
             x = px(t)
             parts.append(f"<line x1='{x:.1f}' x2='{x:.1f}' y1='{top}' y2='{top + h}' stroke='#f3f3f3'/>"
-                         f"<text x='{x:.1f}' y='{top + h + 14}' text-anchor='middle' fill='#666'>{int(t)}</text>")
+                         f"<text x='{x:.1f}' y='{top + h + font_px + 3:.0f}' text-anchor='middle' fill='#666'>"
+                         f"{int(t)}</text>")
     parts.append(f"<text x='{left + w / 2:.0f}' y='{height - 4}' text-anchor='middle' fill='#444'>step</text>"
-                 f"<text x='12' y='{top + h / 2:.0f}' text-anchor='middle' fill='#444' "
-                 f"transform='rotate(-90 12 {top + h / 2:.0f})'>{html.escape(title)}</text>")
+                 f"<text x='{font_px:g}' y='{top + h / 2:.0f}' text-anchor='middle' fill='#444' "
+                 f"transform='rotate(-90 {font_px:g} {top + h / 2:.0f})'>{html.escape(title)}</text>")
     for i, (label, pts) in enumerate(series):
-        colour = COLOURS[i % len(COLOURS)]
+        colour, dash, stroke = _style(i)
+        dashed = f" stroke-dasharray='{dash}'" if dash else ""
         pts = sorted(pts)
         raw = " ".join(f"{px(s):.1f},{py(v):.1f}" for s, v in pts)
         if len(pts) > 20:
@@ -101,15 +116,16 @@ def loss_svg(series: list[tuple[str, list[tuple[int, float]]]], width: int = 640
         else:
             line = raw
         parts.append(f"<polyline class='run' data-run='{html.escape(label)}' points='{line}' fill='none' "
-                     f"stroke='{colour}' stroke-width='2'><title>{html.escape(label)}</title></polyline>")
+                     f"stroke='{colour}' stroke-width='{stroke:g}'{dashed}><title>{html.escape(label)}</title>"
+                     f"</polyline>")
         if len(pts) == 1:
             s, v = pts[0]
             parts.append(f"<circle cx='{px(s):.1f}' cy='{py(v):.1f}' r='3' fill='{colour}'/>")
-        lx, ly = left + (i % 2) * (w / 2), 12 + 18 * (i // 2)
+        lx, ly = left, 4 + line_h * (i + 1) - 4
         last = pts[-1][1]
-        parts.append(f"<line x1='{lx:.0f}' x2='{lx + 18:.0f}' y1='{ly - 4}' y2='{ly - 4}' stroke='{colour}' "
-                     f"stroke-width='3'/><text x='{lx + 24:.0f}' y='{ly}' fill='#333'>"
-                     f"{html.escape(label)} · last {_fmt(last)}</text>")
+        parts.append(f"<line class='key' x1='{lx:.0f}' x2='{lx + 28:.0f}' y1='{ly - font_px / 3:.1f}' "
+                     f"y2='{ly - font_px / 3:.1f}' stroke='{colour}' stroke-width='3'{dashed}/>"
+                     f"<text x='{lx + 34:.0f}' y='{ly:.0f}' fill='#333'>{html.escape(label)} · last {_fmt(last)}</text>")
     parts.append("</svg>")
     return f"<div class='fl-loss' data-lines='{len(series)}'>{''.join(parts)}</div>"
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from flatlora_diffusion.config import ConfigError, TrainConfig, field_type, load_yaml
+from flatlora_diffusion.config import ConfigError, TrainConfig, field_label, field_type, load_yaml
 
 DEFAULT_CHOICE = "(default)"  # the dropdown entry that stands for None in an optional choice field
 
@@ -82,24 +82,26 @@ class FieldSpec:
     help: str
     group: str
     prominent: bool
-
-    @property
-    def label(self) -> str:
-        return self.name
+    label: str  # config.py's label: "Learning rate", not learning_rate
+    initial: Any  # the form's starting value: config.py's form_default where it has one, else `default`
+    note: str  # what an empty box means in the form (config.py's form_note)
 
     @property
     def info(self) -> str:
+        """The help under the widget; it ends with the flag / YAML key, so the CLI and presets can be matched."""
         extra = ""
         if self.kind == "lines":
             extra = " One per line."
         elif self.is_list and self.kind == "text":
             extra = " Comma-separated."
+        if self.note:
+            extra += " " + self.note
         elif self.optional and self.kind == "text" and self.elem in (int, float):
-            extra = " Empty = default."
-        return self.help + extra
+            extra += " Empty = default."
+        return f"{self.help}{extra} (--{self.name})"
 
     def widget_default(self):
-        return to_widget(self, self.default)
+        return to_widget(self, self.initial)
 
 
 def _default(f: dataclasses.Field):
@@ -110,7 +112,8 @@ def _spec(f: dataclasses.Field) -> FieldSpec:
     elem, is_list = field_type(f.name)
     default = _default(f)
     choices = tuple(f.metadata.get("choices") or ()) or None
-    optional = default is None
+    initial = f.metadata["form_default"] if "form_default" in f.metadata else default
+    optional = default is None or initial is None  # an empty box is a value: a text box, not a number box
     if elem is bool:
         kind = "checkbox"
     elif choices and is_list:
@@ -123,10 +126,12 @@ def _spec(f: dataclasses.Field) -> FieldSpec:
         kind = "number"
     else:
         kind = "text"  # strings, and numbers that may be left empty
+    meta = f.metadata
     return FieldSpec(
         name=f.name, kind=kind, elem=elem, is_list=is_list, optional=optional, default=default,
-        choices=choices, help=f.metadata.get("help", ""), group=f.metadata.get("group", "output"),
-        prominent=f.name in PROMINENT,
+        choices=choices, help=meta.get("help", ""), group=meta.get("group", "output"),
+        prominent=f.name in PROMINENT, label=field_label(f.name),
+        initial=initial, note=meta.get("form_note", ""),
     )
 
 
@@ -193,7 +198,24 @@ def from_widget(spec: FieldSpec, raw):
     text = "" if raw is None else str(raw).strip()
     if not text:
         return None if spec.optional else ""
+    if spec.elem in (int, float):
+        return _parse_number(spec, text)
     return text
+
+
+def _parse_number(spec: FieldSpec, text: str):
+    """A number typed into a text box (an optional number: empty means something); one-line errors."""
+    if spec.elem is int and text.lstrip("+-").isdigit():
+        return int(text)  # exact, however large (a float would round seeds beyond 2**53)
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{spec.label} (--{spec.name}) must be a number, got {text!r}") from None
+    if spec.elem is int:
+        if not value.is_integer():
+            raise ConfigError(f"{spec.label} (--{spec.name}) must be a whole number, got {text!r}")
+        return int(value)
+    return value
 
 
 def values_from_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
@@ -208,15 +230,16 @@ def values_from_widgets(widgets: dict[str, Any]) -> dict[str, Any]:
 
 
 def widgets_from_values(values: dict[str, Any]) -> dict[str, Any]:
-    """{field: TrainConfig value} (e.g. a preset) -> widget values for every form field; missing = default."""
-    return {s.name: to_widget(s, values.get(s.name, s.default)) for s in form_fields()}
+    """{field: TrainConfig value} (e.g. a preset) -> widget values for every form field; missing = the form's
+    starting value (as a preset is saved relative to it)."""
+    return {s.name: to_widget(s, values.get(s.name, s.initial)) for s in form_fields()}
 
 
 # --- presets --------------------------------------------------------------------------------------------
 def non_default(values: dict[str, Any]) -> dict[str, Any]:
-    """Only the settings that differ from TrainConfig's defaults: presets stay short and readable."""
+    """Only the settings that differ from the form's starting values: presets stay short and readable."""
     specs = spec_by_name()
-    return {k: v for k, v in values.items() if k in specs and v != specs[k].default}
+    return {k: v for k, v in values.items() if k in specs and v != specs[k].initial}
 
 
 def preset_yaml(values: dict[str, Any]) -> str:

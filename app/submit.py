@@ -19,6 +19,7 @@ from typing import Any
 
 from flatlora_diffusion.config import ConfigError, make_config, save_yaml
 
+from . import plan
 from .form import APP_MANAGED
 from .runs import APP_META, safe_name, unique_name, write_json_atomic
 
@@ -55,6 +56,64 @@ def check_image(path: str | os.PathLike, shown_name: str | None = None) -> str:
     if fmt not in _FORMAT_EXT:
         raise SubmitError(f"{shown}: {fmt} images are not used for training; use PNG, JPEG, WebP, BMP or TIFF")
     return _FORMAT_EXT[fmt]
+
+
+MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line; the bound keeps a stray upload from costing memory
+
+
+def caption_suffix(values: dict[str, Any]) -> str:
+    """The caption files' extension as the trainer reads it (data.py adds a missing dot)."""
+    ext = values.get("caption_extension") or ".txt"
+    return ext if ext.startswith(".") else "." + ext
+
+
+def split_uploads(paths: Sequence[Path], names: Sequence[str], suffix: str):
+    """Uploaded files -> ([(path, name)] images, {image stem: (path, name)} captions), by the name the browser
+    reported: a caption is a file with the caption extension, matched to the image of the same name."""
+    images, captions = [], {}
+    for path, name in zip(paths, names):
+        if Path(name).suffix.lower() == suffix.lower():
+            captions[Path(name).stem] = (path, name)
+        else:
+            images.append((path, name))
+    return images, captions
+
+
+def read_caption(path: Path, shown: str) -> str:
+    """The caption the trainer will read (the first non-empty line), checked to be short UTF-8 text."""
+    raw = Path(path).read_bytes()[: MAX_CAPTION_BYTES + 1]
+    if len(raw) > MAX_CAPTION_BYTES:
+        raise SubmitError(f"{shown}: a caption file must be under {MAX_CAPTION_BYTES // 1024} KB")
+    try:
+        text = raw.decode("utf-8-sig")  # Windows editors start files with a BOM
+    except UnicodeDecodeError:
+        raise SubmitError(f"{shown}: a caption file must be UTF-8 text") from None
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line:
+        raise SubmitError(f"{shown}: the caption file is empty")
+    return line
+
+
+def _check_uploads(uploads: list[Path], names: list[str], values: dict[str, Any]):
+    """[(path, stored extension, caption or None)] for the uploaded images; SubmitError names what is wrong."""
+    suffix = caption_suffix(values)
+    images, captions = split_uploads(uploads, names, suffix)
+    stems = {Path(n).stem for _, n in images}
+    for stem, (_, shown) in captions.items():
+        if stem not in stems:
+            raise SubmitError(f"{shown}: no uploaded image is called {stem}.* (a caption goes with the image of "
+                              f"the same name)")
+    checked = []
+    for path, shown in images:
+        caption = captions.get(Path(shown).stem)
+        checked.append((path, check_image(path, shown), read_caption(*caption) if caption else None))
+    missing = [n for (_, n), (_, _, c) in zip(images, checked) if c is None]
+    if not checked:
+        raise SubmitError("only caption files were uploaded: add the images they describe")
+    if missing and not values.get("instance_prompt"):
+        raise SubmitError(f"{missing[0]} has no caption: fill in instance_prompt (e.g. 'a photo of sks dog') or "
+                          f"upload {Path(missing[0]).stem}{suffix} with it")
+    return checked
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -161,19 +220,20 @@ def prepare_runs(
     _check_model(values.get("pretrained_model_name_or_path"), "pretrained_model_name_or_path")
     _check_model(values.get("pretrained_vae_model_name_or_path"), "pretrained_vae_model_name_or_path")
     _check_model(values.get("single_file_config"), "single_file_config")
-    upload_exts = [check_image(p, n) for p, n in zip(uploads, names)]
+    upload_files = _check_uploads(uploads, names, values) if uploads else []
     if uploads:
         if values.get("dataset_name"):
             raise SubmitError("give the training images either as uploads or as dataset_name, not both")
         if values.get("instance_data_dir"):
             raise SubmitError("give the training images either as uploads or as instance_data_dir, not both")
-        if not values.get("instance_prompt"):
-            raise SubmitError("uploaded images have no captions: fill in instance_prompt (e.g. 'a photo of sks dog')")
     elif values.get("instance_data_dir"):
         values["instance_data_dir"] = str(check_instance_folder(
             values["instance_data_dir"], values.get("instance_prompt"), values.get("caption_extension") or ".txt"))
     elif not values.get("dataset_name"):
         raise SubmitError("no training images: upload some, or type the folder that holds them")
+    # the form's empty boxes: a run that trains and shows validation images (plan.py), written into config.yaml
+    images = len(upload_files) if uploads else plan.count_folder_images(values.get("instance_data_dir"))
+    values = plan.resolve(values, images)
 
     class_dir_typed = values.get("class_data_dir") if values.get("with_prior_preservation") else None
     if class_dir_typed:
@@ -209,8 +269,10 @@ def prepare_runs(
             if uploads:
                 images = run_dir / INSTANCE_DIR
                 images.mkdir()
-                for i, (src, ext) in enumerate(zip(uploads, upload_exts)):
+                for i, (src, ext, caption) in enumerate(upload_files):
                     shutil.copyfile(src, images / f"image_{i:03d}{ext}")
+                    if caption is not None:  # beside its image, as the trainer reads captions (data.py)
+                        (images / f"image_{i:03d}{caption_suffix(values)}").write_text(caption + "\n", encoding="utf-8")
             save_yaml(cfg, run_dir / "config.yaml")
             meta = {"created_at": time.time(), "created_by": "flatlora-diffusion app",
                     "uploaded_images": names if uploads else []}

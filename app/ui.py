@@ -7,17 +7,19 @@ that a script may want has an api_name, so gradio_client drives the same code pa
 from __future__ import annotations
 
 import html
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, evaluations, form
+from . import chart, compare, evaluations, form, manage, plan
 from .eval_job import EvaluationRefused
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
-from .submit import SubmitError, prepare_runs
+from .submit import SubmitError, caption_suffix, prepare_runs, split_uploads
 
 
 PRESET_DIR = ".presets"
@@ -86,11 +88,11 @@ def runs_table(runs_dir) -> list[list]:
     for run in list_runs(runs_dir):
         s = run.summary()
         rows.append([s["run"], s["state"], f"{s['step']}/{s['total']}", s["flat_sigma"], s["ab_group"] or "",
-                     s["final_loss"], s["message"]])
+                     s["final_loss"], manage.format_size(manage.disk_usage(run.path)), s["message"]])
     return rows
 
 
-RUNS_HEADERS = ["run", "state", "step", "flat_sigma", "A/B group", "final loss", "message"]
+RUNS_HEADERS = ["run", "state", "step", "flat_sigma", "A/B group", "final loss", "size on disk", "message"]
 
 
 def _follow_choices(runs_dir) -> list[str]:
@@ -119,6 +121,12 @@ def _as_paths(files) -> list[str]:
 
 def loss_chart(runs: list[Run]) -> str:
     return chart.loss_svg(compare.loss_series(runs))
+
+
+def train_loss_chart(runs: list[Run]) -> str:
+    """The Train tab's chart: drawn at about the width of its column (2/5 of the page), so that its text
+    shows at 13 px there instead of being shrunk with a 640-unit drawing."""
+    return chart.loss_svg(compare.loss_series(runs), width=480, height=300, font_px=13)
 
 
 def _user_error(e: Exception) -> gr.Error:
@@ -157,9 +165,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                                         file_types=[".yaml", ".yml"], type="filepath")
                                 preset_file = gr.File(label="saved preset", interactive=False)
                             preset_msg = gr.Markdown()
-                        uploads = gr.File(label="Training images (upload: PNG, JPEG, WebP, BMP, TIFF)",
-                                          file_count="multiple", file_types=["image"], type="filepath",
-                                          elem_id="uploads")
+                        uploads = _uploads_box()
                         comps: dict[str, gr.components.Component] = {}
                         for spec in [s for s in specs if s.prominent]:
                             comps[spec.name] = _component(spec)
@@ -174,6 +180,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                               elem_id="run-name")
                         ab = gr.Checkbox(label="A/B: train plain LoRA, then Flat-LoRA, with identical seeds",
                                          value=False, elem_id="ab")
+                        run_plan = gr.Markdown(elem_id="run-plan")
+                        reset_btn = gr.Button("Reset the form", size="sm", elem_id="reset-form")
                         with gr.Row():
                             launch_btn = gr.Button("Launch", variant="primary", elem_id="launch")
                             cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
@@ -199,7 +207,11 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     run_cancel_btn = gr.Button("Cancel run", variant="stop", scale=0)
                     run_resume_btn = gr.Button("Resume from last checkpoint", scale=0)
                     run_reuse_btn = gr.Button("Use these settings in Train", scale=0)
-                run_msg = gr.Markdown()
+                with gr.Row():
+                    rename_to = gr.Textbox(label="New name", scale=2, elem_id="rename-to")
+                    run_rename_btn = gr.Button("Rename run", scale=0, elem_id="rename-run")
+                    run_delete_btn = gr.Button("Delete run", variant="stop", scale=0, elem_id="delete-run")
+                run_msg = gr.Markdown(elem_id="run-msg")
                 with gr.Row():
                     dl_kohya = gr.DownloadButton("kohya file (ComfyUI / A1111)", visible=False, elem_id="dl-kohya")
                     dl_diffusers = gr.DownloadButton("diffusers file", visible=False, elem_id="dl-diffusers")
@@ -248,7 +260,13 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         timer = gr.Timer(refresh_s)
 
         # ------------------------------------------------------------------ Train: launch / cancel / watch
-        def launch(ab_on: bool, name: str, images, **settings):
+        guard = LaunchGuard()
+
+        def launch(ab_on: bool, name: str, images, request: gr.Request = None, **settings):
+            repeated = guard.repeat_of(request, (ab_on, name, _as_paths(images), settings))
+            if repeated:  # a double click: the first click's runs are queued already
+                return (f"Queued **{' then '.join(repeated)}** (the second click was ignored).",
+                        gr.Dropdown(choices=_follow_choices(runs_dir), value=repeated[0]))
             try:
                 values = form.values_from_widgets(settings)
                 paths = _as_paths(images)
@@ -256,16 +274,21 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                      upload_names=[Path(p).name for p in paths])
                 launcher.submit(names)
             except (ConfigError, SubmitError) as e:
+                guard.forget(request)
                 raise _user_error(e) from None
+            guard.done(request, names)
             msg = f"Queued **{' then '.join(names)}**."
             return msg, gr.Dropdown(choices=_follow_choices(runs_dir), value=names[0])
 
         launch_btn.click(launch, inputs=[ab, run_name, uploads], inputs_kwargs=dict(comps),
                          outputs=[launch_msg, follow], api_name="launch")
+        _wire_plan(demo, runs_dir, comps, uploads, ab, run_plan)
 
-        def cancel(name: str | None):
+        def cancel(name: str | None, confirmed: bool = True):
             if not name:
                 return "Nothing to cancel."
+            if not confirmed:
+                return f"Not cancelled: {name} goes on."
             try:
                 members = group_runs(list_runs(runs_dir), name)
                 said = [launcher.cancel(r.name) for r in members if r.state in ACTIVE]
@@ -273,7 +296,12 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 raise _user_error(e) from None
             return "  \n".join(said) or f"{name} is not running."
 
-        cancel_btn.click(cancel, inputs=[follow], outputs=[launch_msg], api_name="cancel")
+        # the page asks first (confirm_js); scripts calling /cancel have said what they want
+        cancel_confirmed = gr.Checkbox(value=True, visible=False)
+        cancel_btn.click(cancel, inputs=[follow, cancel_confirmed], outputs=[launch_msg], api_name="cancel",
+                         js=confirm_js("Stop the training of ${name} (and its A/B partner)? The current step is "
+                                       "saved as a checkpoint."))
+        _wire_form_memory(demo, comps, ab, reset_btn)
 
         def watch(name: str | None, seen_state: dict):
             seen_state = dict(seen_state or {})
@@ -292,7 +320,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             plot = gr.skip()
             if plot_key != seen_state.get("plot"):
                 seen_state["plot"] = plot_key
-                plot = loss_chart(members)
+                plot = train_loss_chart(members)
             images = newest_images(members)
             gallery_key = tuple(p for p, _ in images)
             gal = gr.skip()
@@ -386,7 +414,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
 
         def run_details(name: str | None):
             if not name:
-                return ({}, "", gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), "")
+                return ({}, "", gr.DownloadButton(visible=False), gr.DownloadButton(visible=False), gr.skip())
             try:
                 run = get_run(runs_dir, name)
             except KeyError as e:
@@ -402,7 +430,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                       visible=k is not None),
                     gr.DownloadButton(f"diffusers file: {d.name}" if d else "diffusers file",
                                       value=str(d) if d else None, visible=d is not None),
-                    "")
+                    gr.skip())  # an action's message stays until it expires (_expire_message)
 
         details_outputs = [run_summary, run_settings, dl_kohya, dl_diffusers, run_msg]
         run_pick.change(run_details, inputs=[run_pick], outputs=details_outputs, api_visibility="private")
@@ -415,6 +443,12 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         for trigger in (runs_refresh.click, runs_tab.select, demo.load):
             trigger(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private").then(
                 run_details, inputs=[run_pick], outputs=details_outputs, api_visibility="private")
+        runs_timer = gr.Timer(max(4 * refresh_s, 2.0))
+        _wire_runs_autorefresh(runs_dir, runs_timer, runs_df, run_pick)
+        _wire_runs_admin(runs_dir, launcher, run_pick, rename_to, run_rename_btn, run_delete_btn, run_msg,
+                         runs_df, refresh_runs, run_details, details_outputs)
+        _expire_message(run_msg, runs_timer, after_s=max(10 * refresh_s, 5.0))
+        _expire_message(launch_msg, runs_timer, after_s=max(10 * refresh_s, 5.0))
 
         def run_files(run: str) -> tuple:
             try:
@@ -607,6 +641,184 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                               gen_base],
                       outputs=[gen_image], api_name="generate")
     return demo
+
+
+def plan_view(runs_dir: Path, ab_on: bool, files, settings: dict) -> str:
+    """The run plan of the form as it stands (plan.py), or what keeps the form from becoming a run."""
+    try:
+        values = form.values_from_widgets(settings)
+    except ConfigError as e:
+        return f"⚠️ {e}"
+    paths = _as_paths(files)
+    pictures, captions = split_uploads(paths, [Path(p).name for p in paths], caption_suffix(values))
+    images = len(pictures) if paths else plan.count_folder_images(values.get("instance_data_dir"))
+    if not paths and not values.get("instance_data_dir") and not values.get("dataset_name"):
+        images = 0
+    captioned = bool(pictures) and all(Path(n).stem in captions for _, n in pictures)
+    the_plan = plan.make_plan(values, images, runs=2 if ab_on else 1, runs_dir=runs_dir, captions_cover_all=captioned)
+    return "**Run plan**  \n" + plan.plan_markdown(the_plan)
+
+
+class LaunchGuard:
+    """Launch ignores a second click: the same form launched again by the same browser tab within a few
+    seconds (a double click, or an impatient one while the first is being written) queues nothing new."""
+
+    def __init__(self, window_s: float = 5.0):
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self._last: dict[str, tuple[str, float, list[str] | None]] = {}
+
+    @staticmethod
+    def _session(request) -> str:
+        return getattr(request, "session_hash", None) or "api"
+
+    def repeat_of(self, request, form_state) -> list[str] | None:
+        """The runs the same form queued moments ago (waiting for them while they are being written); None
+        for a new launch, which is recorded as in progress."""
+        key, session = repr(form_state), self._session(request)
+        deadline = time.monotonic() + 30
+        while True:
+            with self._lock:
+                last = self._last.get(session)
+                if not last or last[0] != key or time.monotonic() - last[1] > self.window_s:
+                    self._last[session] = (key, time.monotonic(), None)
+                    return None
+                if last[2] is not None:
+                    return last[2]
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.05)  # the first click's launch is still writing its folders
+
+    def done(self, request, names: list[str]) -> None:
+        with self._lock:
+            key, _, _ = self._last.get(self._session(request), ("", 0.0, None))
+            self._last[self._session(request)] = (key, time.monotonic(), names)
+
+    def forget(self, request) -> None:
+        with self._lock:
+            self._last.pop(self._session(request), None)
+
+
+def confirm_js(question: str) -> str:
+    """A click handler's js: asks `question` (${name} = the first input) in the browser and passes the answer
+    as the second input; the handler does nothing when it is no."""
+    return ("(name, _ok) => [name, name ? window.confirm(`" + question.replace("`", "'") + "`) : false]")
+
+
+def _wire_form_memory(demo: gr.Blocks, comps: dict, ab, reset_btn) -> None:
+    """The form survives a reload: every change is kept in this browser's localStorage (gr.BrowserState) and
+    put back when the page opens. Uploads are not kept (the browser must send files again). Reset the form
+    goes back to the starting values."""
+    specs = form.spec_by_name()
+    names = list(comps)
+    memory = gr.BrowserState({}, storage_key="flatlora-train-form")
+
+    def remember(ab_on: bool, **settings):
+        return {"fields": settings, "ab": bool(ab_on)}
+
+    def restore(saved):
+        saved = saved if isinstance(saved, dict) else {}
+        fields = saved.get("fields") if isinstance(saved.get("fields"), dict) else {}
+        out = [fields[n] if n in fields else gr.skip() for n in names]
+        return out + [bool(saved["ab"]) if "ab" in saved else gr.skip()]
+
+    def reset():
+        return [specs[n].widget_default() for n in names] + [False]
+
+    gr.on([c.change for c in comps.values()] + [ab.change], remember, inputs=[ab], inputs_kwargs=dict(comps),
+          outputs=[memory], show_progress="hidden", trigger_mode="always_last", api_visibility="private")
+    demo.load(restore, inputs=[memory], outputs=[*comps.values(), ab], api_visibility="private")
+    reset_btn.click(reset, outputs=[*comps.values(), ab], api_visibility="private")
+
+
+def _wire_runs_autorefresh(runs_dir: Path, timer: gr.Timer, runs_df, run_pick) -> None:
+    """The Runs table and the run picker follow the runs folder by themselves (sent only when they changed,
+    so a row being read is not redrawn every few seconds)."""
+    shown = gr.State(None)
+
+    def tick(last):
+        rows = runs_table(runs_dir)
+        if rows == last:
+            return gr.skip(), gr.skip(), last
+        # choices only: the value read when the tick started may be older than the user's pick by now
+        return rows, gr.Dropdown(choices=_follow_choices(runs_dir)), rows
+
+    timer.tick(tick, inputs=[shown], outputs=[runs_df, run_pick, shown], show_progress="hidden",
+               concurrency_limit=None, api_visibility="private")
+
+
+def _wire_runs_admin(runs_dir: Path, launcher: Launcher, run_pick, rename_to, rename_btn, delete_btn, run_msg,
+                     runs_df, refresh_runs, run_details, details_outputs) -> None:
+    """Delete and rename a run, after the browser asked; refused while the run trains or waits."""
+    def busy(name: str) -> bool:
+        return launcher.position(name) is not None
+
+    def delete(name: str | None, confirmed: bool = True):
+        if not name:
+            return "Pick a run."
+        if not confirmed:
+            return f"Not deleted: {name} stays."
+        try:
+            return manage.delete_run(runs_dir, name, busy(name))
+        except (KeyError, manage.RunBusy) as e:
+            return f"⚠️ {str(e).strip(chr(39))}"
+
+    def rename(name: str | None, new_name: str, confirmed: bool = True):
+        if not name:
+            return "Pick a run.", gr.skip()
+        if not confirmed:
+            return f"Not renamed: {name} keeps its name.", gr.skip()
+        try:
+            new = manage.rename_run(runs_dir, name, new_name or "", busy(name))
+        except (KeyError, ValueError) as e:
+            return f"⚠️ {str(e).strip(chr(39))}", gr.skip()
+        return f"Renamed {name} to **{new}**.", gr.Dropdown(choices=_follow_choices(runs_dir), value=new)
+
+    confirmed = gr.Checkbox(value=True, visible=False)
+    delete_btn.click(delete, inputs=[run_pick, confirmed], outputs=[run_msg], api_name="delete_run",
+                     js=confirm_js("Delete ${name} and all its files (LoRA files, checkpoints, images)? "
+                                   "This cannot be undone.")
+                     ).then(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
+    rename_js = ("(name, new_name, _ok) => [name, new_name, name && new_name ? "
+                 "window.confirm(`Rename ${name} to ${new_name}?`) : true]")
+    rename_btn.click(rename, inputs=[run_pick, rename_to, confirmed], outputs=[run_msg, run_pick],
+                     api_name="rename_run", js=rename_js
+                     ).then(refresh_runs, inputs=[run_pick], outputs=[runs_df, run_pick], api_visibility="private")
+
+
+def _expire_message(message, timer: gr.Timer, after_s: float = 12.0) -> None:
+    """An action's message ("Queued ...", "Deleted ...") is cleared a few seconds later, so that it never
+    describes a state that has since moved on; the live views say what is true now."""
+    shown_at = gr.State(None)
+
+    def stamp(text):
+        return time.monotonic() if text else None
+
+    def clear(since):
+        if since is None or time.monotonic() - since < after_s:
+            return gr.skip(), gr.skip()
+        return "", None
+
+    message.change(stamp, inputs=[message], outputs=[shown_at], show_progress="hidden", api_visibility="private")
+    timer.tick(clear, inputs=[shown_at], outputs=[message, shown_at], show_progress="hidden",
+               concurrency_limit=None, api_visibility="private")
+
+
+def _uploads_box() -> gr.File:
+    """Images, and caption files named like their image (photo.png + photo.txt), in one upload box."""
+    return gr.File(label="Training images (PNG, JPEG, WebP, BMP, TIFF) and, optionally, a caption for each: "
+                         "photo.txt beside photo.png", file_count="multiple",
+                   file_types=["image", ".txt", ".caption"], type="filepath", elem_id="uploads")
+
+
+def _wire_plan(demo: gr.Blocks, runs_dir: Path, comps: dict, uploads, ab, run_plan) -> None:
+    """Redraw the run plan whenever the form, the uploads or the A/B switch change, and on page load."""
+    def redraw(ab_on: bool, files, **settings):
+        return plan_view(runs_dir, ab_on, files, settings)
+
+    triggers = [c.change for c in comps.values()] + [uploads.change, ab.change, demo.load]
+    gr.on(triggers, redraw, inputs=[ab, uploads], inputs_kwargs=dict(comps), outputs=[run_plan],
+          show_progress="hidden", trigger_mode="always_last", api_visibility="private")
 
 
 def _component(spec: form.FieldSpec):

@@ -30,7 +30,10 @@ class ConfigError(ValueError):
 
 def _f(default, help: str, group: str, choices=None, *, ge=None, gt=None, le=None, lt=None, **extra):
     """A field with its help, form group, allowed values and, for numbers, its allowed range (ge/gt/le/lt):
-    the range is checked in TrainConfig.validate, so the flags, the YAML file and the web form all get it."""
+    the range is checked in TrainConfig.validate, so the flags, the YAML file and the web form all get it.
+    `extra` metadata: label (the setting's name for people: the web form's label), form_default (the form's
+    starting value where diffusers' command-line default would surprise a newcomer; the CLI keeps diffusers'),
+    form_note (what an empty box means in the web form), aliases, hidden, secret, transient, case_insensitive."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     meta = {"help": help, "group": group, "choices": choices, "bounds": bounds, **extra}
     if isinstance(default, list):
@@ -61,169 +64,181 @@ class TrainConfig:
     # --- model ---------------------------------------------------------------------------------------------
     pretrained_model_name_or_path: str | None = _f(
         None, "Base model: a hub id, a local diffusers folder, a single-file .safetensors/.ckpt checkpoint, or "
-        "'toyworld' (the built-in tiny toy-world model).", "model"
+        "'toyworld' (the built-in tiny toy-world model).", "model", label="Base model"
     )
     pretrained_vae_model_name_or_path: str | None = _f(
-        None, "Optional separate VAE (hub id, folder or single file), e.g. the fp16-fix SDXL VAE.", "model"
+        None, "Optional separate VAE (hub id, folder or single file), e.g. the fp16-fix SDXL VAE.", "model", label="Separate VAE"
     )
-    revision: str | None = _f(None, "Model revision on the hub.", "model")
-    variant: str | None = _f(None, "Model file variant, e.g. fp16.", "model")
-    cache_dir: str | None = _f(None, "Where downloaded models are cached.", "model")
-    tokenizer_name: str | None = _f(None, "Tokenizer to use instead of the model's own (SD 1.x).", "model")
+    revision: str | None = _f(None, "Model revision on the hub.", "model", label="Model revision")
+    variant: str | None = _f(None, "Model file variant, e.g. fp16.", "model", label="Model file variant")
+    cache_dir: str | None = _f(None, "Where downloaded models are cached.", "model", label="Download cache folder")
+    tokenizer_name: str | None = _f(None, "Tokenizer to use instead of the model's own (SD 1.x).", "model", label="Tokenizer")
     single_file_config: str | None = _f(
         None, "For a single-file checkpoint: a diffusers folder or hub id with the matching configs "
-        "(default: diffusers picks one, which needs the hub or its cache).", "model",
+        "(default: diffusers picks one, which needs the hub or its cache).", "model", label="Configs for a single-file model",
     )
 
     # --- data ----------------------------------------------------------------------------------------------
     instance_data_dir: str | None = _f(
         None, "Folder of training images (same-name .txt captions; kohya-style 'N_token' subfolders repeat N times).",
-        "data",
+        "data", label="Training image folder",
     )
-    dataset_name: str | None = _f(None, "A datasets-library dataset (hub id or local folder) instead of a folder.", "data")
-    dataset_config_name: str | None = _f(None, "The dataset's configuration name.", "data")
-    image_column: str = _f("image", "Dataset column holding the images.", "data")
-    caption_column: str | None = _f(None, "Dataset column holding per-image captions.", "data")
-    caption_extension: str = _f(".txt", "Extension of per-image caption files.", "data")
+    dataset_name: str | None = _f(None, "A datasets-library dataset (hub id or local folder) instead of a folder.", "data", label="Dataset")
+    dataset_config_name: str | None = _f(None, "The dataset's configuration name.", "data", label="Dataset configuration")
+    image_column: str = _f("image", "Dataset column holding the images.", "data", label="Dataset image column")
+    caption_column: str | None = _f(None, "Dataset column holding per-image captions.", "data", label="Dataset caption column")
+    caption_extension: str = _f(".txt", "Extension of per-image caption files.", "data", label="Caption file extension")
     instance_prompt: str | None = _f(
-        None, "Prompt for images without a caption file, e.g. 'a photo of sks dog'.", "data"
+        None, "Prompt for images without a caption file, e.g. 'a photo of sks dog'.", "data", label="Instance prompt"
     )
-    repeats: int = _f(1, "How many times to repeat the training data.", "data", le=10_000, ge=1)
-    resolution: int | None = _f(None, "Training resolution in pixels (default 512 for SD 1.x, 1024 for SDXL).", "data", ge=8, le=8192)
-    center_crop: bool = _f(False, "Center-crop images instead of cropping at random.", "data")
-    random_flip: bool = _f(False, "Flip images horizontally at random.", "data")
+    repeats: int = _f(1, "How many times to repeat the training data.", "data", le=10_000, ge=1, label="Repeats")
+    resolution: int | None = _f(None, "Training resolution in pixels (default 512 for SD 1.x, 1024 for SDXL).", "data", ge=8, le=8192, label="Resolution (px)")
+    center_crop: bool = _f(False, "Center-crop images instead of cropping at random.", "data", label="Center crop")
+    random_flip: bool = _f(False, "Flip images horizontally at random.", "data", label="Random horizontal flip")
     image_interpolation_mode: str = _f(
-        "lanczos", "Resize filter.", "data", choices=["lanczos", "bilinear", "bicubic", "nearest", "nearest_exact", "box", "hamming"]
+        "lanczos", "Resize filter.", "data", choices=["lanczos", "bilinear", "bicubic", "nearest", "nearest_exact", "box", "hamming"], label="Resize filter"
     )
-    dataloader_num_workers: int = _f(0, "Data-loading worker processes (0 = main process).", "data", ge=0, le=256)
-    aspect_ratio_buckets: bool = _f(False, "Group images into aspect-ratio buckets instead of square crops (kohya).", "data")
-    bucket_reso_steps: int = _f(64, "Bucket side step in pixels.", "data", ge=8, le=1024)
-    min_bucket_reso: int | None = _f(None, "Smallest bucket side (default: kohya's).", "data", ge=64, le=8192)
-    max_bucket_reso: int | None = _f(None, "Largest bucket side (default: kohya's).", "data", ge=64, le=8192)
-    bucket_no_upscale: bool = _f(False, "Never upscale an image to fill a bucket.", "data")
+    dataloader_num_workers: int = _f(0, "Data-loading worker processes (0 = main process).", "data", ge=0, le=256, label="Data-loading workers")
+    aspect_ratio_buckets: bool = _f(False, "Group images into aspect-ratio buckets instead of square crops (kohya).", "data", label="Aspect-ratio buckets")
+    bucket_reso_steps: int = _f(64, "Bucket side step in pixels.", "data", ge=8, le=1024, label="Bucket side step (px)")
+    min_bucket_reso: int | None = _f(None, "Smallest bucket side (default: kohya's).", "data", ge=64, le=8192, label="Smallest bucket side (px)")
+    max_bucket_reso: int | None = _f(None, "Largest bucket side (default: kohya's).", "data", ge=64, le=8192, label="Largest bucket side (px)")
+    bucket_no_upscale: bool = _f(False, "Never upscale an image to fill a bucket.", "data", label="Never upscale into a bucket")
 
     # --- prior preservation --------------------------------------------------------------------------------
-    with_prior_preservation: bool = _f(False, "Train with prior-preservation loss on class images.", "prior")
-    class_data_dir: str | None = _f(None, "Folder of class images (missing ones are generated).", "prior")
-    class_prompt: str | None = _f(None, "Prompt of the class images, e.g. 'a photo of a dog'.", "prior")
-    num_class_images: int = _f(100, "Number of class images; fewer existing ones are topped up by generation.", "prior", ge=1, le=1_000_000)
-    sample_batch_size: int = _f(4, "Batch size for generating class images.", "prior", ge=1, le=1024)
+    with_prior_preservation: bool = _f(False, "Train with prior-preservation loss on class images.", "prior", label="Prior preservation")
+    class_data_dir: str | None = _f(None, "Folder of class images (missing ones are generated).", "prior", label="Class image folder")
+    class_prompt: str | None = _f(None, "Prompt of the class images, e.g. 'a photo of a dog'.", "prior", label="Class prompt")
+    num_class_images: int = _f(100, "Number of class images; fewer existing ones are topped up by generation.", "prior", ge=1, le=1_000_000, label="Number of class images")
+    sample_batch_size: int = _f(4, "Batch size for generating class images.", "prior", ge=1, le=1024, label="Class-image generation batch size")
     prior_generation_precision: str | None = _f(
         None, "Precision for generating class images (default fp16 on GPU, fp32 on CPU).", "prior",
-        choices=["no", "fp32", "fp16", "bf16"],
+        choices=["no", "fp32", "fp16", "bf16"], label="Class-image generation precision",
     )
-    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", "prior", ge=0, le=1000)
+    prior_loss_weight: float = _f(1.0, "Weight of the prior-preservation loss.", "prior", ge=0, le=1000, label="Prior loss weight")
 
     # --- LoRA ----------------------------------------------------------------------------------------------
-    rank: int = _f(4, "LoRA rank.", "lora", ge=1, le=1024)
-    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to rank).", "lora", gt=0, le=100_000)
-    lora_dropout: float = _f(0.0, "LoRA dropout.", "lora", ge=0, lt=1)
-    use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).", "lora")
-    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", "lora")
+    rank: int = _f(4, "LoRA rank.", "lora", ge=1, le=1024, label="LoRA rank")
+    lora_alpha: float | None = _f(None, "LoRA alpha (default: equal to rank).", "lora", gt=0, le=100_000, label="LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout.", "lora", ge=0, lt=1, label="LoRA dropout")
+    use_dora: bool = _f(False, "Use DoRA (weight-decomposed LoRA).", "lora", label="DoRA")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).", "lora", label="Rank-stabilised LoRA (rsLoRA)")
     init_lora_weights: str = _f(
         "gaussian", "LoRA initialisation; pissa starts from the principal components of the weight.", "lora",
-        choices=["gaussian", "default", "pissa"],
+        choices=["gaussian", "default", "pissa"], label="LoRA initialisation",
     )
-    lora_target_modules: list[str] = _f(list(ATTENTION_TARGETS), "UNet modules that get LoRA.", "lora")
-    text_encoder_target_modules: list[str] = _f(list(TEXT_ENCODER_TARGETS), "Text-encoder modules that get LoRA.", "lora")
-    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", "lora")
+    lora_target_modules: list[str] = _f(list(ATTENTION_TARGETS), "UNet modules that get LoRA.", "lora", label="UNet modules with LoRA")
+    text_encoder_target_modules: list[str] = _f(list(TEXT_ENCODER_TARGETS), "Text-encoder modules that get LoRA.", "lora", label="Text-encoder modules with LoRA")
+    train_text_encoder: bool = _f(False, "Also train LoRA on the text encoder(s).", "lora", label="Train the text encoder too")
 
     # --- Flat-LoRA -----------------------------------------------------------------------------------------
-    flat_sigma: float = _f(0.1, "Flat-LoRA noise level sigma (0 = plain LoRA; the paper uses 0.1 for SDXL).", "flat", ge=0, le=1)
-    flat_schedule: str = _f("cosine", "How sigma grows over training.", "flat", choices=["cosine", "linear", "constant"])
+    flat_sigma: float = _f(0.1, "Flat-LoRA noise level sigma (0 = plain LoRA; the paper uses 0.1 for SDXL).", "flat", ge=0, le=1, label="Flat-LoRA sigma (noise level)")
+    flat_schedule: str = _f("cosine", "How sigma grows over training.", "flat", choices=["cosine", "linear", "constant"], label="Flat-LoRA sigma schedule")
     flat_per_microbatch: bool = _f(
-        False, "Draw fresh noise for every micro-batch of gradient accumulation (default: one draw per step).", "flat"
+        False, "Draw fresh noise for every micro-batch of gradient accumulation (default: one draw per step).", "flat", label="Fresh noise per micro-batch"
     )
     flat_targets: list[str] = _f(
-        ["unet", "text_encoder"], "Which LoRA-trained models Flat-LoRA perturbs.", "flat", choices=["unet", "text_encoder"]
+        ["unet", "text_encoder"], "Which LoRA-trained models Flat-LoRA perturbs.", "flat", choices=["unet", "text_encoder"], label="Models Flat-LoRA perturbs"
     )
     flat_share_noise_across_ranks: bool = _f(
-        False, "Under multi-GPU, all processes draw the same noise (default: independent draws).", "flat"
+        False, "Under multi-GPU, all processes draw the same noise (default: independent draws).", "flat", label="Same noise on every GPU"
     )
     flat_backend: str = _f(
         "auto", "Flat-LoRA implementation: auto uses the fused CUDA path on GPUs when available.", "flat",
-        choices=["auto", "reference", "cuda"],
+        choices=["auto", "reference", "cuda"], label="Flat-LoRA implementation",
     )
 
     # --- optimisation --------------------------------------------------------------------------------------
     optimizer: str = _f("AdamW", "Optimizer (any case, as diffusers: AdamW, adamw, Prodigy...).", "optim",
-                        choices=["AdamW", "prodigy"], case_insensitive=True)
-    use_8bit_adam: bool = _f(False, "Use 8-bit AdamW from bitsandbytes.", "optim")
-    learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim", gt=0, le=10)
-    text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim", gt=0, le=10)
-    scale_lr: bool = _f(False, "Scale the lr by GPUs x accumulation x batch size.", "optim")
-    adam_beta1: float = _f(0.9, "Adam beta1.", "optim", ge=0, lt=1)
-    adam_beta2: float = _f(0.999, "Adam beta2.", "optim", ge=0, lt=1)
+                        choices=["AdamW", "prodigy"], case_insensitive=True, label="Optimizer")
+    use_8bit_adam: bool = _f(False, "Use 8-bit AdamW from bitsandbytes.", "optim", label="8-bit AdamW")
+    learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim", gt=0, le=10, label="Learning rate")
+    text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim", gt=0, le=10, label="Text-encoder learning rate")
+    scale_lr: bool = _f(False, "Scale the lr by GPUs x accumulation x batch size.", "optim", label="Scale the learning rate")
+    adam_beta1: float = _f(0.9, "Adam beta1.", "optim", ge=0, lt=1, label="Adam beta1")
+    adam_beta2: float = _f(0.999, "Adam beta2.", "optim", ge=0, lt=1, label="Adam beta2")
     adam_weight_decay: float | None = _f(
         None, "Weight decay of the UNet LoRA (default 1e-2 for SD 1.x, 1e-4 for SDXL, as diffusers' scripts).", "optim",
-        ge=0, le=1,
+        ge=0, le=1, label="Weight decay",
     )
-    adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.", "optim", ge=0, le=1)
-    adam_epsilon: float = _f(1e-8, "Adam epsilon.", "optim", gt=0, le=1)
-    prodigy_beta3: float | None = _f(None, "Prodigy beta3.", "optim", ge=0, lt=1)
-    prodigy_decouple: bool = _f(True, "Prodigy decoupled weight decay.", "optim")
-    prodigy_use_bias_correction: bool = _f(True, "Prodigy bias correction.", "optim")
-    prodigy_safeguard_warmup: bool = _f(True, "Prodigy safeguard warmup.", "optim")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm (a huge value: no clipping).", "optim", gt=0)
-    lr_scheduler: str = _f("constant", "Learning-rate schedule.", "optim", choices=LR_SCHEDULERS)
-    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim", ge=0, le=10**12)
-    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim", ge=1, le=100_000)
-    lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim", gt=0, le=100)
-    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim", gt=0)
-    noise_offset: float = _f(0.0, "Noise offset.", "optim", ge=0, le=1)
+    adam_weight_decay_text_encoder: float = _f(1e-3, "Weight decay of the text-encoder LoRA.", "optim", ge=0, le=1, label="Text-encoder weight decay")
+    adam_epsilon: float = _f(1e-8, "Adam epsilon.", "optim", gt=0, le=1, label="Adam epsilon")
+    prodigy_beta3: float | None = _f(None, "Prodigy beta3.", "optim", ge=0, lt=1, label="Prodigy beta3")
+    prodigy_decouple: bool = _f(True, "Prodigy decoupled weight decay.", "optim", label="Prodigy: decoupled weight decay")
+    prodigy_use_bias_correction: bool = _f(True, "Prodigy bias correction.", "optim", label="Prodigy: bias correction")
+    prodigy_safeguard_warmup: bool = _f(True, "Prodigy safeguard warmup.", "optim", label="Prodigy: safeguard warm-up")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (a huge value: no clipping).", "optim", gt=0, label="Gradient clipping norm")
+    lr_scheduler: str = _f("constant", "Learning-rate schedule.", "optim", choices=LR_SCHEDULERS, label="Learning-rate schedule")
+    lr_warmup_steps: int = _f(500, "Warm-up steps of the lr schedule.", "optim", ge=0, le=10**12, label="Warm-up steps")
+    lr_num_cycles: int = _f(1, "Hard restarts of cosine_with_restarts.", "optim", ge=1, le=100_000, label="Cosine restarts")
+    lr_power: float = _f(1.0, "Power of the polynomial schedule.", "optim", gt=0, le=100, label="Polynomial schedule power")
+    snr_gamma: float | None = _f(None, "Min-SNR loss weighting gamma (5.0 is typical).", "optim", gt=0, label="Min-SNR gamma")
+    noise_offset: float = _f(0.0, "Noise offset.", "optim", ge=0, le=1, label="Noise offset")
 
     # --- steps ---------------------------------------------------------------------------------------------
-    train_batch_size: int = _f(4, "Batch size per device.", "steps", ge=1, le=4096)
-    num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps", ge=1, le=1_000_000)
-    max_train_steps: int | None = _f(None, "Total optimizer steps.", "steps", ge=1, le=10**12)
-    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps", ge=1, le=4096)
-    seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps", ge=0, le=2**32 - 1)
+    train_batch_size: int = _f(4, "Batch size per device.", "steps", ge=1, le=4096, label="Batch size")
+    num_train_epochs: int = _f(1, "Epochs (ignored when max_train_steps is set).", "steps", ge=1, le=1_000_000, label="Epochs")
+    max_train_steps: int | None = _f(
+        None, "Total optimizer steps.", "steps", ge=1, le=10**12, label="Training steps",
+        # diffusers' default (empty: one epoch) makes 2 steps of 5 images at batch 4: a run that "completes" untrained
+        form_default=500, form_note="Empty: epochs x steps per epoch when Epochs > 1, else 500.",
+    )
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.", "steps", ge=1, le=4096, label="Gradient accumulation steps")
+    seed: int | None = _f(None, "Seed of everything random (data order, noise, timesteps, Flat-LoRA).", "steps", ge=0, le=2**32 - 1, label="Seed")
 
     # --- speed and memory ----------------------------------------------------------------------------------
-    mixed_precision: str | None = _f(None, "Mixed precision (default: accelerate's config).", "speed", choices=["no", "fp16", "bf16"])
-    gradient_checkpointing: bool = _f(False, "Trade compute for memory.", "speed")
-    enable_xformers_memory_efficient_attention: bool = _f(False, "Use xformers attention (CUDA only).", "speed")
-    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.", "speed")
+    mixed_precision: str | None = _f(None, "Mixed precision (default: accelerate's config).", "speed", choices=["no", "fp16", "bf16"], label="Mixed precision")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory.", "speed", label="Gradient checkpointing")
+    enable_xformers_memory_efficient_attention: bool = _f(False, "Use xformers attention (CUDA only).", "speed", label="Xformers attention")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls on Ampere+ GPUs.", "speed", label="Allow TF32")
     cuda_graph: str = _f(
         "auto", "Replay each step's forward+backward from a CUDA graph (no CPU launch overhead). auto: on a single "
-        "CUDA GPU without gradient accumulation.", "speed", choices=["auto", "on", "off"],
+        "CUDA GPU without gradient accumulation.", "speed", choices=["auto", "on", "off"], label="CUDA graph",
     )
-    cache_latents: bool = _f(False, "Encode every image with the VAE once, before training.", "speed")
+    cache_latents: bool = _f(False, "Encode every image with the VAE once, before training.", "speed", label="Cache VAE latents")
     cache_text_embeddings: bool = _f(
         True, "When the text encoders are frozen, encode each distinct prompt once.", "speed",
-        aliases=["pre_compute_text_embeddings"],  # diffusers' SD script's name for the same thing
+        aliases=["pre_compute_text_embeddings"], label="Cache text embeddings",  # diffusers' SD script's name for the same thing
     )
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state", ge=1, le=10**12)
-    checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.", "state", ge=1, le=100_000)
-    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest'.", "state")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state", ge=1, le=10**12, label="Checkpoint every N steps")
+    checkpoints_total_limit: int | None = _f(None, "Keep at most N checkpoints.", "state", ge=1, le=100_000, label="Keep at most N checkpoints")
+    resume_from_checkpoint: str | None = _f(None, "A checkpoint folder, or 'latest'.", "state", label="Resume from checkpoint")
 
     # --- validation ----------------------------------------------------------------------------------------
-    validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation")
-    num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000)
-    validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1)
-    validation_steps: int | None = _f(None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12)
-    validation_epochs: int | None = _f(50, "Validate every N completed epochs (diffusers' flag and default).", "validation",
-                                       ge=1, le=1_000_000)
-    validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000)
-    validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100)
+    validation_prompt: list[str] = _f([], "Prompt(s) for validation images.", "validation", label="Validation prompts",
+                                      form_note="Empty: the instance prompt.")
+    num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000, label="Validation images per prompt")
+    validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1, label="Validation seeds")
+    validation_steps: int | None = _f(
+        None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12,
+        label="Validate every N steps",
+        form_note="Empty, with Validate every N epochs empty too: a quarter of the run (5 validations in all).",
+    )
+    validation_epochs: int | None = _f(
+        50, "Validate every N completed epochs (diffusers' flag and default).", "validation", ge=1, le=1_000_000,
+        label="Validate every N epochs",
+        form_default=None,  # a 5-image run at batch 4 validates every 100 steps otherwise: steps decide in the form
+    )
+    validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000, label="Validation denoising steps")
+    validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100, label="Validation guidance scale")
 
     # --- output --------------------------------------------------------------------------------------------
-    output_dir: str = _f("lora-dreambooth-model", "The run directory.", "output")
+    output_dir: str = _f("lora-dreambooth-model", "The run directory.", "output", label="Run folder")
     overwrite: bool = _f(
         False, "Replace the run already in --output_dir (its config, status, metrics, samples, checkpoints and LoRA "
-        "files). Without it, a folder holding a different run is refused.", "output", transient=True,
+        "files). Without it, a folder holding a different run is refused.", "output", transient=True, label="Overwrite",
     )
-    output_name: str | None = _f(None, "Name of the kohya file and of the LoRA in the UIs (default: the folder name).", "output")
-    output_kohya_format: bool = _f(True, "Also write the kohya-format file for ComfyUI / AUTOMATIC1111.", "output")
-    save_precision: str = _f("fp16", "Precision of the kohya file.", "output", choices=["fp16", "bf16", "fp32"])
-    report_to: str | None = _f(None, "Extra tracker for accelerate (tensorboard, wandb); metrics.jsonl is always written.", "output")
-    logging_dir: str = _f("logs", "Tracker log folder inside the run directory.", "output")
-    push_to_hub: bool = _f(False, "Upload the run's LoRA files to the hub at the end.", "output")
-    hub_token: str | None = _f(None, "Hub token.", "output", secret=True)
-    hub_model_id: str | None = _f(None, "Hub repository to upload to.", "output")
-    local_rank: int = _f(-1, "Set by launchers; accepted for compatibility.", "output", hidden=True, ge=-1, le=100_000)
+    output_name: str | None = _f(None, "Name of the kohya file and of the LoRA in the UIs (default: the folder name).", "output", label="LoRA name")
+    output_kohya_format: bool = _f(True, "Also write the kohya-format file for ComfyUI / AUTOMATIC1111.", "output", label="Also write the kohya file")
+    save_precision: str = _f("fp16", "Precision of the kohya file.", "output", choices=["fp16", "bf16", "fp32"], label="Kohya file precision")
+    report_to: str | None = _f(None, "Extra tracker for accelerate (tensorboard, wandb); metrics.jsonl is always written.", "output", label="Extra tracker")
+    logging_dir: str = _f("logs", "Tracker log folder inside the run directory.", "output", label="Tracker log folder")
+    push_to_hub: bool = _f(False, "Upload the run's LoRA files to the hub at the end.", "output", label="Upload to the hub")
+    hub_token: str | None = _f(None, "Hub token.", "output", secret=True, label="Hub token")
+    hub_model_id: str | None = _f(None, "Hub repository to upload to.", "output", label="Hub repository")
+    local_rank: int = _f(-1, "Set by launchers; accepted for compatibility.", "output", hidden=True, ge=-1, le=100_000, label="Local rank")
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
@@ -321,6 +336,12 @@ class TrainConfig:
         if self.output_name is None:
             self.output_name = Path(self.output_dir).resolve().name
         return self
+
+
+def field_label(name: str) -> str:
+    """The setting's name for people (e.g. "Learning rate" for learning_rate)."""
+    meta = TrainConfig.__dataclass_fields__[name].metadata
+    return meta.get("label") or name.replace("_", " ").capitalize()
 
 
 def describe_range(bounds: dict) -> str:

@@ -55,8 +55,11 @@ def test_every_setting_is_in_the_form_or_deliberately_left_out():
 def test_widget_values_round_trip_to_the_same_config():
     defaults = form.widgets_from_values({})
     values = form.values_from_widgets(defaults)
+    # the form starts from diffusers' defaults except where config.py gives a form_default (a run that trains
+    # and validates; see app/plan.py)
+    assert values["max_train_steps"] == 500 and values["validation_epochs"] is None
     assert make_config({**values, **base_values(), "instance_data_dir": "/x"}) == \
-        make_config({**base_values(), "instance_data_dir": "/x"})
+        make_config({**base_values(), "instance_data_dir": "/x", "validation_epochs": None})
     widgets = dict(defaults)
     widgets.update(validation_prompt="a photo of sks toy\n\n a sks toy, on the beach ", validation_seeds="3, 4,5",
                    learning_rate="5e-4", mixed_precision=form.DEFAULT_CHOICE, lora_target_modules="to_q, to_v",
@@ -266,3 +269,131 @@ def test_loss_chart_svg():
     assert len(runs[0].get("points").split()) == 30 and len(runs[1].get("points").split()) == 1
     assert sum(1 for p in svg.iter(ns + "polyline") if p.get("class") == "raw") == 1  # 30 points: smoothed too
     assert smooth([1.0, 1.0, 1.0], 0.9) == pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_form_labels_come_from_config_and_name_the_setting_in_the_help():
+    from flatlora_diffusion.config import field_label
+
+    for spec in form.form_fields():
+        assert spec.label == field_label(spec.name)
+        assert "_" not in spec.label and not spec.label[0].islower(), spec.name  # words, not identifiers
+        assert spec.info.endswith(f"(--{spec.name})")
+    assert field_label("learning_rate") == "Learning rate"
+    assert len({s.label for s in form.form_fields()}) == len(form.form_fields())  # no two fields look alike
+
+
+# --- the run plan and the form's empty boxes --------------------------------------------------------------
+def test_empty_boxes_make_a_run_that_trains_and_validates(tmp_path, images):
+    from app import plan
+
+    empty = form.values_from_widgets({"max_train_steps": "", "validation_prompt": "", "validation_steps": "",
+                                      "validation_epochs": "", "train_batch_size": 4})
+    values = {**base_values(), **empty}
+    # 5 images at batch 4: diffusers' empty max steps (one epoch) would be 2 steps; the form means 500
+    r = plan.resolve(values, images=5)
+    assert r["max_train_steps"] == 500 and r["validation_steps"] == 125
+    assert r["validation_prompt"] == ["a photo of sks toy"]
+    assert plan.resolve({**values, "num_train_epochs": 3}, images=5)["max_train_steps"] == 6  # epochs asked for
+    assert plan.resolve({**values, "validation_epochs": 10}, images=5).get("validation_steps") is None
+    # and that is what the run folder gets
+    [name] = submit.prepare_runs(tmp_path / "runs", {**values, "instance_data_dir": str(images[0].parent)})
+    cfg = yaml.safe_load((tmp_path / "runs" / name / "config.yaml").read_text())
+    assert (cfg["max_train_steps"], cfg["validation_steps"], cfg["validation_epochs"]) == (500, 125, None)
+    assert cfg["validation_prompt"] == ["a photo of sks toy"]
+
+
+def test_the_plan_counts_steps_validations_and_time(tmp_path):
+    from app import plan
+
+    v = base_values(max_train_steps=None, repeats=2, train_batch_size=4, validation_seeds=[0, 1])
+    p = plan.make_plan(v, images=5, runs=2, runs_dir=tmp_path)
+    assert (p.steps_per_epoch, p.total_steps, p.epochs) == (3, 500, 167)  # ceil(5 x 2 / 4) = 3 per epoch
+    assert p.validation_at == [0, 125, 250, 375, 500] and p.images_per_validation == 2
+    assert p.seconds_per_step is None and not p.warnings
+    text = plan.plan_markdown(p)
+    assert "3 steps per epoch" in text and "500 training steps" in text and "0, 125, 250, 375, 500" in text
+    short = plan.make_plan(base_values(max_train_steps=20, instance_prompt=None), images=5)
+    assert any("Only 20" in w for w in short.warnings) and any("No validation prompt" in w for w in short.warnings)
+    # an earlier run on this machine with the same model and batch measured 0.5 s/step: 2 runs x 500 steps
+    run = tmp_path / "earlier"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"pretrained_model_name_or_path": "org/model",
+                                                     "train_batch_size": 4, "resolution": 64}))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 9, "loss": 0.1, "it_per_s": 2.0}) + "\n")
+    p = plan.make_plan(v, images=5, runs=2, runs_dir=tmp_path)
+    assert p.seconds_per_step == 0.5 and p.speed_from == "earlier" and p.estimated_seconds == 500.0
+    assert "about 8 min" in plan.plan_markdown(p)
+    other = plan.make_plan({**v, "resolution": 1024}, images=5, runs_dir=tmp_path)
+    assert other.seconds_per_step is None  # measured at another resolution: no guess
+
+
+def test_uploaded_captions_are_stored_beside_their_images(tmp_path, images):
+    from flatlora_diffusion.data import scan_image_folder
+
+    up = tmp_path / "up"
+    up.mkdir()
+    caption = up / "dog.txt"
+    caption.write_bytes("\ufeffa photo of sks dog on a sofa\nsecond line\n".encode())
+    runs_dir = tmp_path / "runs"
+    # no instance prompt is needed when every image has its caption; the names are the browser's
+    [name] = submit.prepare_runs(runs_dir, base_values(instance_prompt=None), uploads=[images[0], caption],
+                                 upload_names=["dog.png", "dog.txt"])
+    folder = runs_dir / name / "instance_images"
+    assert sorted(p.name for p in folder.iterdir()) == ["image_000.png", "image_000.txt"]
+    records = scan_image_folder(folder, None)  # the trainer's own reading
+    assert [r.caption for r in records] == ["a photo of sks dog on a sofa"]
+    bad = tmp_path / "bad.txt"
+    cases = [
+        (["cat.png", "dog.txt"], "no uploaded image is called dog"),
+        (["dog.png", "bad.txt"], "no uploaded image is called bad"),
+    ]
+    for shown, message in cases:
+        with pytest.raises(submit.SubmitError, match=message):
+            submit.prepare_runs(runs_dir, base_values(), uploads=[images[0], caption], upload_names=shown)
+    bad.write_bytes(b"\xff\xfe not utf-8 \xff")
+    with pytest.raises(submit.SubmitError, match="UTF-8"):
+        submit.prepare_runs(runs_dir, base_values(), uploads=[images[0], bad], upload_names=["bad.png", "bad.txt"])
+    with pytest.raises(submit.SubmitError, match="image_b.png has no caption"):
+        submit.prepare_runs(runs_dir, base_values(instance_prompt=None), uploads=[images[0], caption, images[1]],
+                            upload_names=["dog.png", "dog.txt", "image_b.png"])
+    assert [p.name for p in runs_dir.iterdir()] == [name]
+
+
+def test_runs_are_deleted_and_renamed_only_when_idle(tmp_path, images):
+    from app import manage
+
+    runs_dir = tmp_path / "runs"
+    [name] = submit.prepare_runs(runs_dir, base_values(), name="old", uploads=images)
+    run = runs_dir / name
+    for state in ("queued", "running"):  # waiting or training: refused, nothing moves
+        runs.get_run(runs_dir, name).update_status(state=state)
+        with pytest.raises(manage.RunBusy, match=f"old is {state}: cancel it first"):
+            manage.delete_run(runs_dir, name)
+        with pytest.raises(manage.RunBusy, match="cancel it first"):
+            manage.rename_run(runs_dir, name, "new")
+    runs.get_run(runs_dir, name).update_status(state="completed")
+    with pytest.raises(manage.RunBusy):  # the launcher still has it
+        manage.delete_run(runs_dir, name, queued_or_running=True)
+    from flatlora_diffusion.run_dir import TrainerLock
+
+    lock = TrainerLock(run).acquire()  # a trainer started by hand holds the folder
+    try:
+        with pytest.raises(manage.RunBusy, match="training"):
+            manage.delete_run(runs_dir, name)
+    finally:
+        lock.release()
+    assert manage.disk_usage(run) == sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) > 0
+    assert manage.format_size(1536) == "1.5 KB" and manage.format_size(10) == "10 B"
+    # rename: the folder moves and config.yaml's paths into it follow (the run can be resumed there)
+    assert manage.rename_run(runs_dir, name, "my new name") == "my-new-name"
+    cfg = yaml.safe_load((runs_dir / "my-new-name" / "config.yaml").read_text())
+    assert cfg["output_dir"] == str(runs_dir / "my-new-name")
+    assert cfg["instance_data_dir"] == str(runs_dir / "my-new-name" / "instance_images")
+    make_config(cfg)  # still a valid config
+    [other] = submit.prepare_runs(runs_dir, base_values(), name="other", uploads=images)
+    with pytest.raises(ValueError, match="exists already"):
+        manage.rename_run(runs_dir, other, "my-new-name")
+    with pytest.raises(KeyError):
+        manage.delete_run(runs_dir, "../runs")
+    assert manage.delete_run(runs_dir, "my-new-name") == "Deleted my-new-name."
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["other"]
