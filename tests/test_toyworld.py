@@ -13,7 +13,7 @@ import torch
 
 from flatlora_diffusion.toyworld import MODEL_NAME, judge_dir, model_dir
 from flatlora_diffusion.toyworld.render import render, render_variety
-from flatlora_diffusion.toyworld.world import (CLASS_PROMPT, COLOURS, HELD_OUT_PAIRS, PATTERNS, SCENES, SHAPES,
+from flatlora_diffusion.toyworld.world import (CLASS_PROMPT, COLOURS, HELD_OUT_PAIRS, SCENES, SHAPES,
                                                SUBJECT_PROMPT, Scene, caption, is_held_out, random_scene,
                                                scene_prompt, subject_scene, vocabulary_corpus)
 

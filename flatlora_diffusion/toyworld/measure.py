@@ -19,7 +19,7 @@ import torch
 
 from .judge import HEADS, Judge, judge_images, load_judge
 from .render import render
-from .world import (CLASS_PROMPT, SCENES, SHAPES, caption, random_scene, scene_prompt, subject_scene)
+from .world import CLASS_PROMPT, SCENES, caption, random_scene, scene_prompt, subject_scene
 
 # Sampling settings every toy-world score uses (the demo and the tests too): scores of two runs compare only
 # when their pictures are made the same way.
@@ -158,7 +158,7 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import judge_dir, model_dir
+    from . import model_dir
 
     p = argparse.ArgumentParser(prog="python -m flatlora_diffusion.toyworld.measure", description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="Pipeline folder (default: the shipped toy-world model).")
@@ -196,5 +196,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["SAMPLE_STEPS", "GUIDANCE", "SHAPES", "generate_batch", "judge_accuracy", "prompt_following",
-           "class_prompt_profile", "subject_scores", "measure_base"]
+__all__ = ["SAMPLE_STEPS", "GUIDANCE", "generate_batch", "judge_accuracy", "prompt_following",
+           "class_prompt_profile", "subject_scores", "measure_base", "measure_dreambooth"]
