@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from flatlora_diffusion.tiny import make_subject_images
-from tests.test_app_browser import CHROMIUM, CHROMIUM_ARGS, _HAVE_CHROMIUM, field
+from tests.test_app_browser import CHROMIUM, _HAVE_CHROMIUM, browser, field  # noqa: F401 (browser is a fixture)
 from tests.test_app_launcher import FAKE_TRAINER
 
 pytestmark = pytest.mark.skipif(not _HAVE_CHROMIUM, reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
@@ -47,16 +47,6 @@ def server(tmp_path_factory):
         os.environ.pop("FAKE_DELAY", None)
     else:
         os.environ["FAKE_DELAY"] = old
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ import json
 import socket
 import sys
 import textwrap
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -15,6 +14,7 @@ from app import evaluations, submit
 from app.chart import sharpness_svg
 from app.eval_job import EvaluationRefused
 from app.launcher import Launcher
+from tests.test_app_launcher import wait_for
 from app.runs import get_run
 from flatlora_diffusion.tiny import make_subject_images
 from tests.test_app_launcher import FAKE_TRAINER
@@ -65,15 +65,6 @@ def env(tmp_path):
         launcher.shutdown(cancel_running=True, timeout=10)
 
 
-def wait_for(predicate, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    raise AssertionError("timed out")
-
-
 def _eval_state(runs_dir, name):
     return evaluations.eval_status(get_run(runs_dir, name)).get("state")
 
@@ -121,7 +112,7 @@ def test_evaluation_is_queued_like_a_training_and_recorded(env):
     assert launcher.submit_evaluation("first").startswith("first: evaluation already waiting")
     assert _eval_state(runs_dir, "first") == "queued"
     assert launcher.eval_snapshot() == {"evaluating": None, "waiting": ["first"]}
-    wait_for(lambda: _eval_state(runs_dir, "first") == "completed")
+    wait_for(lambda: _eval_state(runs_dir, "first") == "completed", timeout=30.0)
     slow_done = json.loads((runs_dir / "slow" / "status.json").read_text())["finished_at"]
     assert float((runs_dir / "first" / "evaluated_at").read_text()) >= slow_done
     assert evaluations.read_eval(get_run(runs_dir, "first"))["loss"]["gap"] == 0.01
@@ -139,7 +130,7 @@ def test_a_failed_evaluation_says_why_and_a_queued_one_can_be_cancelled(env):
     launcher.submit_evaluation("a")
     launcher.submit_evaluation("b")
     assert launcher.cancel_evaluation("b") == "b: evaluation removed from the queue"
-    wait_for(lambda: _eval_state(runs_dir, "a") == "failed")
+    wait_for(lambda: _eval_state(runs_dir, "a") == "failed", timeout=30.0)
     status = evaluations.eval_status(get_run(runs_dir, "a"))
     assert status["message"] == "the evaluation stopped (exit code 2): error: the held-out folder is gone"
     assert _eval_state(runs_dir, "b") == "cancelled" and not (runs_dir / "b" / "evaluated_at").exists()
@@ -164,7 +155,7 @@ def test_compare_tab_evaluates_through_gradio_client(env):
                             ssr_mode=False)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
         launcher.submit(names)
-        wait_for(lambda: get_run(runs_dir, "x").state == "completed")
+        wait_for(lambda: get_run(runs_dir, "x").state == "completed", timeout=30.0)
         table, svg, msg = client.predict(runs=["x", "y"], api_name="/evaluations")
         assert [row[:2] for row in table["data"]] == [["x", "not evaluated"], ["y", "not evaluated"]]
         assert "data-lines='0'" in svg
@@ -172,7 +163,7 @@ def test_compare_tab_evaluates_through_gradio_client(env):
         table, svg, msg = client.predict(runs=["x", "y"], api_name="/evaluate")
         assert "x: evaluation queued" in msg and "y is running; only a finished run can be evaluated" in msg
         launcher.cancel("y")
-        wait_for(lambda: _eval_state(runs_dir, "x") == "completed")
+        wait_for(lambda: _eval_state(runs_dir, "x") == "completed", timeout=30.0)
         table, svg, msg = client.predict(runs=["x", "y"], api_name="/evaluations")
         assert table["data"][0][:4] == ["x", "evaluated (heldout split)", "0.1", "0.1200"]
         assert table["data"][1][:2] == ["y", "not evaluated"]
