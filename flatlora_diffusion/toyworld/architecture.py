@@ -20,6 +20,10 @@ class Architecture:
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
     unet_heads: int = 4
+    # Cross-attention at the top (16 x 16) level too. The first base model had none there (attention only at
+    # 8 x 8 and 4 x 4), and attention LoRA could then learn the subject's colour but hardly its eyes, nor keep
+    # it when the scene changed: the attention layers are all a LoRA can move.
+    unet_top_attention: bool = True
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
@@ -42,10 +46,10 @@ def build_unet(arch: Architecture):
     from diffusers import UNet2DConditionModel
 
     n = len(arch.unet_channels)
-    # The top level (16 x 16) has no attention, as SD's lowest-resolution-first layout inverted for a tiny
-    # model: cross-attention at 8 x 8 and 4 x 4 is where the words meet the picture.
-    down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1)
-    up = ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)
+    top_down, top_up = (("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if arch.unet_top_attention
+                        else ("DownBlock2D", "UpBlock2D"))
+    down = (top_down,) + ("CrossAttnDownBlock2D",) * (n - 1)
+    up = ("CrossAttnUpBlock2D",) * (n - 1) + (top_up,)
     return UNet2DConditionModel(sample_size=16, in_channels=arch.latent_channels, out_channels=arch.latent_channels,
                                 block_out_channels=arch.unet_channels, layers_per_block=arch.unet_layers_per_block,
                                 down_block_types=down, up_block_types=up, attention_head_dim=arch.unet_heads,

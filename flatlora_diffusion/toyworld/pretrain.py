@@ -411,11 +411,53 @@ def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": "cpu",
              "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps")},
              "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
+    _append_stage(folder, stage, [f"judge/{JUDGE_WEIGHTS}"])
+    return stage
+
+
+def _append_stage(folder: Path, stage: dict, weights: list[str]) -> None:
+    """Record a later stage and the new sha256 of the weight files it rewrote in folder/pretrain.json."""
     record_file = folder / "pretrain.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     record.setdefault("stages", []).append(stage)
-    record.setdefault("sha256", {})["judge/judge.safetensors"] = sha256(folder / "judge" / JUDGE_WEIGHTS)
+    for name in weights:
+        record.setdefault("sha256", {})[name] = sha256(folder / name)
     record_file.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
+    """Train the UNet and text encoder of a world folder again from nothing, on the latents of its (final) VAE,
+    with the configured architecture; the VAE, tokenizer and judge stay. Used when the UNet's architecture
+    changes: the VAE's latent space and the judge do not depend on it."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTokenizer
+
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model_dir = folder / "model"
+    started = time.time()
+    vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), dtype=torch.float32).to(dev).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
+    scenes, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers)
+    means, stds = encode_latents(vae, torch.from_numpy(pixels_np), dev)
+    scaling = vae.config.scaling_factor  # the latent space the shipped VAE defines: unchanged
+    ids = caption_ids(cfg, scenes, tokenizer, cfg.seed)
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids[0]
+    unet, text_encoder, steps = train_unet(cfg, means * scaling, stds * scaling, ids, empty_ids, tokenizer, dev, gen)
+    for name, module in (("unet", unet), ("text_encoder", text_encoder)):
+        module.to("cpu", torch.float16).save_pretrained(model_dir / name, safe_serialization=True)
+    stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-unet", "device": device,
+             "config": {k: getattr(cfg, k) for k in ("seed", "images", "caption_variants", "unet_steps", "unet_batch",
+                                                     "unet_lr", "unet_warmup", "caption_dropout", "ema_decay",
+                                                     "architecture")},
+             "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
+    _append_stage(folder, stage, ["model/unet/diffusion_pytorch_model.safetensors",
+                                  "model/text_encoder/model.safetensors"])
     return stage
 
 
@@ -427,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override single config fields.")
     p.add_argument("--retrain-judge", action="store_true",
                    help="Only refit the judge's subject logit in --out (a world folder with model/ and judge/).")
+    p.add_argument("--retrain-unet", action="store_true",
+                   help="Only train the UNet and text encoder in --out again (its VAE, tokenizer and judge stay).")
     args = p.parse_args(argv)
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     for item in args.set:
@@ -436,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown pretraining setting(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    if args.retrain_unet:
+        print(json.dumps(retrain_unet(Path(args.out), PretrainConfig(**fields), args.device)))
+        return 0
     if args.retrain_judge:
         print(json.dumps(retrain_judge(Path(args.out), PretrainConfig(**fields))))
         return 0
