@@ -693,7 +693,7 @@ class _Trainer:
                 raise ConfigError("--cuda_graph on is not possible here: " + "; ".join(blockers))
             logger.info("CUDA graph off: %s", "; ".join(blockers))
             return
-        from .flat_cuda import GraphedTrainStep
+        from .graphed_step import GraphedTrainStep
 
         self.step = GraphedTrainStep(self.step)
         logger.info("CUDA graph on: each step's forward and backward replay from a captured graph")
