@@ -332,7 +332,6 @@ _DIFFUSERS_SUFFIXES = (
     (".dora_scale", "dora"),
     (".alpha", "alpha"),
 )
-_KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora"}
 _COMPONENT_PREFIXES = ((TE2 + ".", TE2), (TE1 + ".", TE1), (UNET + ".", UNET))
 _UNET_ROOTS = ("down_blocks.", "up_blocks.", "mid_block.", "conv_in", "conv_out", "time_embedding.", "add_embedding.")
 # Old attention-processor names (diffusers < 0.21) and the modules they stand for.
@@ -384,7 +383,7 @@ def _split_diffusers_key(key: str) -> tuple[str, str, str]:
 
 def _kohya_parts(key: str) -> tuple[str, str, str, str]:
     name, _, suffix = key.partition(".")
-    kind = _KOHYA_SUFFIXES.get(suffix)
+    kind = names.KOHYA_SUFFIXES.get(suffix)
     if kind is None:
         raise _UnknownKey(key)
     component, path, prefix = names.parse_kohya_module_name(name)
@@ -453,7 +452,7 @@ def _read_state_dict(
     unknown: list[str] = []
     for key, tensor in state_dict.items():
         try:
-            if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
+            if key.startswith(names.KOHYA_PREFIXES):
                 component, path, kind, prefix = _kohya_parts(key)
                 kohya_prefixes.add(prefix)
             else:

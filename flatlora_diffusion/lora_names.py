@@ -25,6 +25,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from .unet_blocks import SD_LAYOUT, SDXL_LAYOUT, ldm_to_diffusers
+
 UNET = "unet"
 TE1 = "text_encoder"
 TE2 = "text_encoder_2"
@@ -33,7 +35,8 @@ COMPONENTS = (UNET, TE1, TE2)
 SD15, SD2, SDXL = "sd15", "sd2", "sdxl"
 ARCHS = (SD15, SD2, SDXL)
 
-KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
+# kohya's tensor suffixes -> the part of a LoRA module each holds
+KOHYA_SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora"}
 
 # ----------------------------------------------------------------------------------------------
 # Grammar of module paths (diffusers spelling)
@@ -60,8 +63,9 @@ TE_PATH_RE = re.compile(rf"^{_TE_PATH}$")
 
 # A complete kohya key: prefix, module path with "_" for ".", and one of the tensor suffixes.
 KOHYA_KEY_RE = re.compile(
-    r"^(?:lora_unet_{unet}|lora_te[12]?_{te})\.(?:lora_down\.weight|lora_up\.weight|alpha|dora_scale)$".format(
-        unet=_UNET_PATH.replace(r"\.", "_"), te=_TE_PATH.replace(r"\.", "_")
+    r"^(?:lora_unet_{unet}|lora_te[12]?_{te})\.(?:{suffixes})$".format(
+        unet=_UNET_PATH.replace(r"\.", "_"), te=_TE_PATH.replace(r"\.", "_"),
+        suffixes="|".join(re.escape(suffix) for suffix in KOHYA_SUFFIXES),
     )
 )
 
@@ -158,6 +162,7 @@ def split_underscored(name: str) -> str:
 
 
 _KOHYA_PREFIXES = (("lora_unet_", UNET), ("lora_te1_", TE1), ("lora_te2_", TE2), ("lora_te_", TE1))
+KOHYA_PREFIXES = tuple(prefix for prefix, _ in _KOHYA_PREFIXES)
 
 
 def parse_kohya_module_name(name: str) -> tuple[str, str, str]:
@@ -169,36 +174,10 @@ def parse_kohya_module_name(name: str) -> tuple[str, str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Original-SD (LDM) UNet paths -> diffusers paths
+# Original-SD (LDM) UNet paths -> diffusers paths (the block table is unet_blocks.py)
 # ----------------------------------------------------------------------------------------------
 
-# Which levels of the UNet have attention. Both SD 1.x/2.x and SDXL use layers_per_block=2, so
-# input_blocks count 3 per level (2 layers + 1 downsampler) after input_blocks.0 (conv_in), and
-# output_blocks 3 layers per level.
-_LDM_LAYOUT = {
-    SD15: {"levels": 4, "down_attn": {0, 1, 2}, "up_attn": {1, 2, 3}},
-    SD2: {"levels": 4, "down_attn": {0, 1, 2}, "up_attn": {1, 2, 3}},
-    SDXL: {"levels": 3, "down_attn": {1, 2}, "up_attn": {0, 1}},
-}
-# original-SD (LDM) module names -> diffusers, inside a ResNet block and at the top of the UNet; tiny.py
-# writes single-file checkpoints with the inverse maps
-LDM_RESNET_TO_DIFFUSERS = {
-    "in_layers.0": "norm1",
-    "in_layers.2": "conv1",
-    "emb_layers.1": "time_emb_proj",
-    "out_layers.0": "norm2",
-    "out_layers.3": "conv2",
-    "skip_connection": "conv_shortcut",
-}
-LDM_TOP_TO_DIFFUSERS = {
-    "input_blocks.0.0": "conv_in",
-    "time_embed.0": "time_embedding.linear_1",
-    "time_embed.2": "time_embedding.linear_2",
-    "label_emb.0.0": "add_embedding.linear_1",
-    "label_emb.0.2": "add_embedding.linear_2",
-    "out.0": "conv_norm_out",
-    "out.2": "conv_out",
-}
+_LDM_LAYOUT = {SD15: SD_LAYOUT, SD2: SD_LAYOUT, SDXL: SDXL_LAYOUT}
 _LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "label_emb.", "out.")
 
 
@@ -206,52 +185,9 @@ def is_ldm_unet_path(path: str) -> bool:
     return path.startswith(_LDM_ROOTS)
 
 
-def _resnet(rest: str) -> str | None:
-    return LDM_RESNET_TO_DIFFUSERS.get(rest)
-
-
 def ldm_to_diffusers_unet_path(path: str, arch: str) -> str | None:
     """Map an original-SD UNet module path to the diffusers path, or None if it has no counterpart."""
-    if path in LDM_TOP_TO_DIFFUSERS:
-        return LDM_TOP_TO_DIFFUSERS[path]
-    layout = _LDM_LAYOUT[arch]
-    m = re.match(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$", path)
-    if m:
-        kind, n, j, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        if kind == "input_blocks":
-            level, k = divmod(n - 1, 3)
-            if n < 1 or level >= layout["levels"]:
-                return None
-            base = f"down_blocks.{level}"
-            if k == 2:  # downsampler
-                return f"{base}.downsamplers.0.conv" if (j, rest) == (0, "op") else None
-            if j == 0:
-                res = _resnet(rest)
-                return f"{base}.resnets.{k}.{res}" if res else None
-            if j == 1 and level in layout["down_attn"]:
-                return f"{base}.attentions.{k}.{rest}"
-            return None
-        level, k = divmod(n, 3)
-        if level >= layout["levels"]:
-            return None
-        base = f"up_blocks.{level}"
-        has_attn = level in layout["up_attn"]
-        if j == 0:
-            res = _resnet(rest)
-            return f"{base}.resnets.{k}.{res}" if res else None
-        if j == 1 and has_attn:
-            return f"{base}.attentions.{k}.{rest}"
-        if rest == "conv" and k == 2 and j == (2 if has_attn else 1):
-            return f"{base}.upsamplers.0.conv"
-        return None
-    m = re.match(r"^middle_block\.(\d+)\.(.+)$", path)
-    if m:
-        j, rest = int(m.group(1)), m.group(2)
-        if j == 1:
-            return f"mid_block.attentions.0.{rest}"
-        res = _resnet(rest)
-        return f"mid_block.resnets.{j // 2}.{res}" if res and j in (0, 2) else None
-    return None
+    return ldm_to_diffusers(path, _LDM_LAYOUT[arch])
 
 
 def ldm_arch_hint(paths: Iterable[str]) -> str | None:
