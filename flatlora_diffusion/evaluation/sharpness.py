@@ -15,7 +15,7 @@ Why it is built on flat.FlatLoRA instead of its own perturbation code:
 
 By default each draw is an antithetic pair (W' + eps, W' - eps), see sharpness_curve.
 
-Only torch and flat.py are imported, so this module works on any nn.Module with a loss closure.
+Only torch and flat/ are imported, so this module works on any nn.Module with a loss closure.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from .unet_blocks import SD_LAYOUT, SDXL_LAYOUT, ldm_to_diffusers
+from ..unet_blocks import SD_LAYOUT, SDXL_LAYOUT, ldm_to_diffusers
 
 UNET = "unet"
 TE1 = "text_encoder"
