@@ -139,7 +139,7 @@ if triton is not None:
     ):
         """out[rows, :] = W + std_row * z (ADD_W) or std_row * z, for BM rows of one layer, all columns.
         Few rows per program and a loop over the columns: many small programs per multiprocessor keep the
-        memory system busy while others run Philox rounds (benchmarks/noise_kernel_sweep.py: 4 rows x 32 calls
+        memory system busy while others run Philox rounds (the kernel sweep in benchmarks/HISTORY.md: 4 rows x 32 calls
         of 8 columns, 4 warps, was the fastest of the shapes tried for this layout)."""
         m, K, w_base, out_base, key, rows, rmask, rows64 = _program_rows(
             prog_ptr, tl.program_id(0), 2, meta_ptr, keys_ptr, out_ptr, W_T, BM, ALIGNED)
@@ -316,8 +316,7 @@ def tl_dtype(dtype: torch.dtype):
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-# program shapes, the fastest of benchmarks/noise_kernel_sweep.py on an H200 with vectorised accesses
-# (benchmarks/results/aligned_kernels/)
+# program shapes, the fastest of the kernel sweep on an H200 with vectorised accesses (benchmarks/HISTORY.md)
 NOISE_ROWS, NOISE_CALLS, NOISE_WARPS = 4, 32, 4  # a noise program: 4 rows, all columns in steps of 8 x 32
 NORM_ROWS, NORM_COLS, NORM_WARPS = 64, 64, 4  # a noise-scale program: 64 rows, the fan-in in steps of 64
 GRAM_COLS, GRAM_WARPS = 128, 4  # a Gram program: one layer's A A^T, the fan-in in steps of 128

@@ -78,7 +78,7 @@ def device_sigma_at(step: torch.Tensor, sigma: float, schedule: str, total_steps
 # theta = (a + 0.5) 2 pi / 4096 - pi (4096 directions: the moments of cos and sin below order 4096 are exact).
 # Why one word per pair (8 normals per call, not 4 from 24-bit uniforms): the noise pass is bound by the
 # Philox rounds and the transcendental units, and a thread that makes 8 consecutive columns loads and stores
-# them as 16-byte vectors (benchmarks/results/rng_kernels/). What it gives up: |z| is capped at 5.4 instead of
+# them as 16-byte vectors (benchmarks/HISTORY.md). What it gives up: |z| is capped at 5.4 instead of
 # 5.9 (a tail mass of 7e-8 per draw) and z takes a finite (20 x 12-bit) set of values, far finer than the
 # bf16 rounding of W + eps (about sigma / 25 at sigma = 0.1).
 
