@@ -34,7 +34,7 @@ The package, bottom to top (each file imports only those above it; nothing here 
 """
 
 from .flat_lora import BACKENDS, FlatLoRA
-from .keys import noise_key
+from .keys import noise_key, stable_id
 from .layers import FlatLayer, find_lora_layers
 from .perturbed_layers import noisy_forward, patched_forwards
 from .reference import ReferenceNoise, standard_normal
@@ -51,5 +51,6 @@ __all__ = [
     "noisy_forward",
     "patched_forwards",
     "sigma_at",
+    "stable_id",
     "standard_normal",
 ]
