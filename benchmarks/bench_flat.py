@@ -10,7 +10,7 @@
 
 What it times is flatlora_diffusion.step.TrainStep (the trainer's step: embeddings or text encoders, noise,
 UNet, loss, backward, clipping, AdamW, through accelerate with bf16 autocast, frozen weights in bf16, LoRA in
-fp32) and flat_cuda.GraphedTrainStep (the same step with forward + backward replayed from a CUDA graph).
+fp32) and graphed_step.GraphedTrainStep (the same step with forward + backward replayed from a CUDA graph).
 LoRA r = alpha = 16 on to_q/to_k/to_v/to_out.0 (UNet) and q/k/v/out_proj (text encoders), Flat-LoRA sigma 0.1
 (constant schedule, so every timed step is perturbed).
 
@@ -44,8 +44,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatlora_diffusion import flat_cuda as fc  # noqa: E402
-from flatlora_diffusion.flat import FlatLoRA  # noqa: E402
+from flatlora_diffusion.flat import FlatLoRA, fused  # noqa: E402
+from flatlora_diffusion.graphed_step import GraphedTrainStep  # noqa: E402
 
 SDXL_TFLOP_BS1 = 14.6  # per SDXL 1024 px batch-1 step with r=16 attention LoRA (shared/facts/flat-lora.md)
 PEAK_BF16_TFLOPS = 989.4  # H200 SXM dense bf16, datasheet
@@ -185,7 +185,7 @@ def set_checkpointing(unet, tes, on: bool, with_te: bool):
 def attach_engine(flat: FlatLoRA, device: torch.device):
     """The trainer's default (backend auto) on CUDA; on a CPU smoke test the torch-kernel fast engine."""
     if device.type != "cuda":
-        flat._fast = fc.FastFlat(flat, kernels="torch")
+        flat._fast = fused.FastFlat(flat, kernels="torch")
     return flat
 
 
@@ -225,7 +225,7 @@ def check_engine_against_reference(tag: str, models, device, sample_layers=6):
     eng.begin_step(step, 0)
     keys_ok = eng._keys.tolist() == [ref.key(lay, step) for lay in ref.layers]
     check(f"{tag}: device keys == flat.noise_key for all {len(ref.layers)} layers", keys_ok)
-    emu = fc.FastFlat(flat, kernels="torch")
+    emu = fused.FastFlat(flat, kernels="torch")
     emu.begin_step(step, 0)
     idx = sorted({round(i * (len(eng.chunks) - 1) / max(sample_layers - 1, 1)) for i in range(sample_layers)})
     worst = dict(std_vs_ref=0.0, std_vs_emu=0.0, z_vs_emu=0.0, z_frac_over_1e4=0.0, w_excess=0.0, w_mismatch=0.0)
@@ -527,7 +527,7 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
             if compare and eng is not None:  # the same step captured with one engine setting changed
                 variants["flat_alt"] = steps["flat"]
                 out.setdefault("graph", {})["flat_alt_setting"] = compare
-            graphed = {k: fc.GraphedTrainStep(v, pool=pool) for k, v in variants.items()}
+            graphed = {k: GraphedTrainStep(v, pool=pool) for k, v in variants.items()}
             fns = {k: caller(v) for k, v in graphed.items()}
             for k in fns:  # capture (counted apart from the timed steps)
                 with engine_setting(eng, compare if k == "flat_alt" else None):
@@ -569,7 +569,7 @@ def check_graph_equals_eager(arch, unet, tes, sched, acc, device, tiny):
     flat = attach_engine(FlatLoRA([unet], sigma=0.1, schedule="constant", seed=0), device)
     ts = TrainStep(StepModels(unet, list(tes), sched, arch), optimizer, params, acc,
                    StepOptions(seed=0, max_grad_norm=None), flat=flat)
-    gs = fc.GraphedTrainStep(ts)
+    gs = GraphedTrainStep(ts)
     batch = make_batch(arch, 1, device, tiny, False)
     graph, static, static_loss = gs._capture(batch)
     seed = step_generator(device, 0, 42, 0, 0).initial_seed()
@@ -614,7 +614,7 @@ def kernel_microbench(tag, unet, device):
     out = {}
     for rounds in (10, 7):
         flat = FlatLoRA(unet, sigma=0.1, schedule="constant", seed=0)
-        eng = fc.FastFlat(flat, kernels="triton", rounds=rounds)
+        eng = fused.FastFlat(flat, kernels="triton", rounds=rounds)
         eng.begin_step(3, 0)
         bufs = [torch.empty(c.numel, dtype=torch.bfloat16, device=device) for c in eng.chunks]
         n_el = sum(c.numel for c in eng.chunks)

@@ -26,8 +26,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flatlora_diffusion import flat_cuda as fc  # noqa: E402
-from flatlora_diffusion.flat import FlatLoRA  # noqa: E402
+from flatlora_diffusion.flat import FlatLoRA, fused  # noqa: E402
 
 
 def chain(n_layers: int) -> nn.Module:
@@ -47,7 +46,7 @@ def main(argv=None) -> int:
     model = chain(args.layers)
     x = torch.randn(2, 8, requires_grad=True)
     flat = FlatLoRA(model, sigma=0.1, schedule="constant")
-    flat._fast = engine = fc.FastFlat(flat, kernels="torch")
+    flat._fast = engine = fused.FastFlat(flat, kernels="torch")
     engine._generate = lambda chunk, buf, add_w, subset=None: None  # the W + eps launch (GPU work)
     engine._compute_norms = lambda: None  # the noise-scale launch (GPU work)
 

@@ -23,7 +23,7 @@ import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from .lora_names import LDM_RESNET_TO_DIFFUSERS, LDM_TOP_TO_DIFFUSERS
+from .unet_blocks import UNetLayout, diffusers_to_ldm
 
 ARCHES = ("sd15", "sdxl")
 
@@ -486,51 +486,13 @@ def make_subject_images(out_dir, n: int = 4, size: int = 64, seed: int = 0, size
 # Single-file checkpoint in the original Stable Diffusion ("LDM") layout
 # ---------------------------------------------------------------------------------------------------
 
-_RESNET_TO_LDM = {diffusers: ldm for ldm, diffusers in LDM_RESNET_TO_DIFFUSERS.items()}
-_TOP_TO_LDM = {diffusers: ldm for ldm, diffusers in LDM_TOP_TO_DIFFUSERS.items()}
-
-
-def _unet_key_to_ldm(key: str, layers_per_block: int, up_blocks_with_attention: set[int]) -> str:
-    """Map one diffusers UNet2DConditionModel parameter name to its name in the original SD UNet.
-
-    The original UNet is a flat list of input blocks (conv_in, then per level `layers_per_block`
-    resnet[+attention] blocks and one downsampler), a 3-part middle block, and a flat list of output
-    blocks (per level `layers_per_block + 1` resnet[+attention] blocks, the last with the upsampler).
-    """
-    per_level = layers_per_block + 1
+def _unet_key_to_ldm(key: str, layout: UNetLayout) -> str:
+    """Map one diffusers UNet2DConditionModel parameter name to its name in the original SD UNet."""
     module, _, param = key.rpartition(".")
-    if module in _TOP_TO_LDM:
-        return f"{_TOP_TO_LDM[module]}.{param}"
-
-    def resnet(rest: str) -> str:
-        name, _, tail = rest.partition(".")
-        return f"{_RESNET_TO_LDM[name]}.{tail}"
-
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        idx = 1 + level * per_level + layer
-        return f"input_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{idx}.1.{rest}"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
-    if m:
-        return f"input_blocks.{1 + int(m[1]) * per_level + layers_per_block}.0.op.{m[2]}"
-    m = re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key)
-    if m:
-        return f"middle_block.{2 * int(m[1])}.{resnet(m[2])}"
-    m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key)
-    if m:
-        return f"middle_block.1.{m[1]}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
-    if m:
-        level, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        idx = level * per_level + layer
-        return f"output_blocks.{idx}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{idx}.1.{rest}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key)
-    if m:
-        level = int(m[1])
-        slot = 2 if level in up_blocks_with_attention else 1  # after the attention, if the level has one
-        return f"output_blocks.{level * per_level + layers_per_block}.{slot}.conv.{m[2]}"
-    raise KeyError(f"no original-SD name known for UNet parameter {key!r}")
+    ldm = diffusers_to_ldm(module, layout)
+    if ldm is None:
+        raise KeyError(f"no original-SD name known for UNet parameter {key!r}")
+    return f"{ldm}.{param}"
 
 
 _VAE_ATTN_TO_LDM = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
@@ -630,14 +592,11 @@ def ldm_state_dict(pipeline_dir) -> dict:
     arch = _pipeline_arch(pipeline_dir)
     unet = UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet")
     vae = AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae")
-    lpb = unet.config.layers_per_block
-    if not isinstance(lpb, int):
-        raise ValueError("per-level layers_per_block has no original-SD layout")
-    with_attention = {i for i, t in enumerate(unet.config.up_block_types) if "CrossAttn" in t}
+    layout = UNetLayout.from_config(unet.config)
 
     out = {}
     for key, value in unet.state_dict().items():
-        out["model.diffusion_model." + _unet_key_to_ldm(key, lpb, with_attention)] = value
+        out["model.diffusion_model." + _unet_key_to_ldm(key, layout)] = value
     levels = len(vae.config.block_out_channels)
     for key, value in vae.state_dict().items():
         ldm = _vae_key_to_ldm(key, levels)

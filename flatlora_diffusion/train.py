@@ -2,7 +2,7 @@
 
 Read top to bottom: preflight (every cheap check, nothing written) -> models -> data -> optimizer ->
 resume -> loop (step, metrics, checkpoints, validation) -> LoRA files. The step itself lives in step.py,
-the perturbation in flat.py, the files in export.py; this module wires them with accelerate, so the same
+the perturbation in flat/, the files in export/; this module wires them with accelerate, so the same
 loop runs on the CPU, one GPU or many (`accelerate launch`).
 """
 
@@ -698,7 +698,7 @@ class _Trainer:
                 raise ConfigError("--cuda_graph on is not possible here: " + "; ".join(blockers))
             logger.info("CUDA graph off: %s", "; ".join(blockers))
             return
-        from .flat_cuda import GraphedTrainStep
+        from .graphed_step import GraphedTrainStep
 
         self.step = GraphedTrainStep(self.step)
         logger.info("CUDA graph on: each step's forward and backward replay from a captured graph")
@@ -1077,7 +1077,7 @@ class _Trainer:
         acc.end_training()
 
     def _trained_lora(self):
-        """The LoRA of the current step as export.py's normalized form (for the original base under PiSSA)."""
+        """The LoRA of the current step in export's normalized form (for the original base under PiSSA)."""
         from .export import lora_from_models
 
         lora = lora_from_models(self._lora_parts(self.components))

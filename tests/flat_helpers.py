@@ -1,8 +1,8 @@
 """Models, engines and checks shared by the Flat-LoRA tests (tests/test_flat.py and tests/test_flat_cuda.py).
 
 ENGINES names the two implementations the specification in tests/test_flat.py runs against:
-- "reference": flat.py's per-layer torch path;
-- "fast-torch": flat_cuda.FastFlat with kernels="torch", the fast engine's chunks, keys, noise scales,
+- "reference": flat/reference.py's per-layer torch path;
+- "fast-torch": flat/fused.py's FastFlat with kernels="torch", the fast engine's chunks, keys, noise scales,
   buffers and autograd functions, with the Philox generator emulated in torch ops (as on the GPU, on the CPU).
 """
 
@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 
-from flatlora_diffusion import flat_cuda as fc
-from flatlora_diffusion.flat import FlatLoRA
+from flatlora_diffusion.flat import FlatLoRA, fused
 
 ENGINES = ("reference", "fast-torch")
 
@@ -25,7 +24,7 @@ LINEAR_SHAPES = [(512, 64), (1024, 96), (300, 96), (384, 16)]
 
 def attach_fast(flat, **kw):
     """Force the fast engine (torch kernels) onto a FlatLoRA, as backend='cuda' does on a GPU."""
-    flat._fast = fc.FastFlat(flat, kernels="torch", **kw)
+    flat._fast = fused.FastFlat(flat, kernels="torch", **kw)
     return flat
 
 

@@ -34,7 +34,7 @@ from flatlora_diffusion.export import (
     save_safetensors_atomic,
     sshs_model_hash,
 )
-from flatlora_diffusion.lora_names import KOHYA_KEY_RE
+from flatlora_diffusion.export.names import KOHYA_KEY_RE
 from flatlora_diffusion.safetensors_io import read_metadata
 from flatlora_diffusion.tiny import make_subject_images, make_tiny_pipeline
 

@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig
 
 from flatlora_diffusion.export import ExportError, kohya_state_dict, lora_from_state_dict
-from flatlora_diffusion.lora_names import KOHYA_KEY_RE, ldm_to_diffusers_unet_path, split_underscored
+from flatlora_diffusion.export.names import KOHYA_KEY_RE, ldm_to_diffusers_unet_path, split_underscored
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]

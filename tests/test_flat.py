@@ -1,7 +1,7 @@
 """The Flat-LoRA engine's specification: noise law, gradients, exactness, seeding, checkpointing, DDP.
 
 Every specification test takes the `make_flat` fixture and so runs once per engine of
-tests/flat_helpers.ENGINES: flat.py's reference path and the fast engine of flat_cuda.py (kernels="torch",
+tests/flat_helpers.ENGINES: the reference path (flat/reference.py) and the fast engine (flat/fused.py, kernels="torch",
 its algorithm with the Philox generator emulated in torch ops). Any faster implementation must keep every one
 of these properties; what only the fast engine has (its in-kernel noise scale, chunks, launch counts, tensor
 steps) is tested in tests/test_flat_cuda.py.

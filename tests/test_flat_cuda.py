@@ -1,4 +1,4 @@
-"""What only the fast Flat-LoRA engine (flat_cuda.py) has, on the CPU.
+"""What only the fast Flat-LoRA engine (flatlora_diffusion/flat/fused*.py) has, on the CPU.
 
 The specification of tests/test_flat.py runs against both engines (its `make_flat` fixture); this file tests
 the fast engine's own parts: the device-side keys and schedule, the Philox generator, chunking, the in-kernel
@@ -18,8 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from flatlora_diffusion import flat_cuda as fc
-from flatlora_diffusion.flat import FlatLoRA, noise_key, sigma_at
+from flatlora_diffusion.flat import FlatLoRA, fused, fused_chunks, fused_kernels, fused_torch, noise_key, sigma_at
 from tests.flat_helpers import (
     LINEAR_SHAPES,
     attach_fast,
@@ -45,35 +44,35 @@ def test_device_keys_equal_noise_key():
     for _ in range(50):
         seed, step = rng.randint(-(2**63), 2**63 - 1), rng.randint(0, 10**7)
         micro, rank = rng.randint(0, 9), rng.randint(0, 63)
-        keys = fc.device_noise_keys(torch.tensor(seed), torch.tensor(step), torch.tensor(micro),
-                                    torch.tensor([fc._i64(i) for i in ids]), rank)
+        keys = fused_torch.device_noise_keys(torch.tensor(seed), torch.tensor(step), torch.tensor(micro),
+                                    torch.tensor([fused_torch.to_int64(i) for i in ids]), rank)
         assert keys.tolist() == [noise_key(seed, step, micro, i, rank) for i in ids]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_device_sigma_equals_sigma_at(schedule):
     for step in [0, 1, 7, 50, 99, 100, 250]:
-        got = fc.device_sigma_at(torch.tensor(step), 0.1, schedule, 100).item()
+        got = fused_torch.device_sigma_at(torch.tensor(step), 0.1, schedule, 100).item()
         assert got == pytest.approx(sigma_at(step, 0.1, schedule, 100), rel=1e-6, abs=1e-9)
-    assert fc.device_sigma_at(torch.tensor(5), 0.0, schedule, 100).item() == 0.0
+    assert fused_torch.device_sigma_at(torch.tensor(5), 0.0, schedule, 100).item() == 0.0
 
 
 def test_philox_known_answers():
     """Random123's known-answer vectors for Philox-4x32-10 (counter 0 / key 0, and all ones)."""
-    out = fc.philox4x32(torch.tensor(0), torch.tensor([0]), torch.tensor([0]))
+    out = fused_torch.philox4x32(torch.tensor(0), torch.tensor([0]), torch.tensor([0]))
     assert [int(x) for x in out] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
     # counters (ffffffff, ffffffff, 0, 0) are not a published vector; check the word operations instead:
     # one round by hand
     c0, c1, k0, k1 = 0x12345678, 0x9ABCDEF0, 0x0BADBEEF, 0x00C0FFEE
     key = torch.tensor((k1 << 32) | k0)
-    r = fc.philox4x32(key, torch.tensor([c0]), torch.tensor([c1]), rounds=1)
+    r = fused_torch.philox4x32(key, torch.tensor([c0]), torch.tensor([c1]), rounds=1)
     p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * 0
     expect = [((p2 >> 32) ^ c1 ^ k0) & 0xFFFFFFFF, p2 & 0xFFFFFFFF, ((p0 >> 32) ^ 0 ^ k1) & 0xFFFFFFFF, p0 & 0xFFFFFFFF]
     assert [int(x) for x in r] == expect
 
 
 def test_standard_normal_grid_law_and_layout():
-    z = fc.standard_normal_grid(12345, 256, 1000)
+    z = fused_torch.standard_normal_grid(12345, 256, 1000)
     assert z.shape == (256, 1000)
     assert abs(z.mean().item()) < 6 / math.sqrt(z.numel())
     assert abs(z.std().item() - 1) < 6 / math.sqrt(2 * z.numel())
@@ -84,28 +83,29 @@ def test_standard_normal_grid_law_and_layout():
     assert abs(tail - 0.0027) < 6 * math.sqrt(0.0027 / z.numel())
     assert z.abs().max().item() <= math.sqrt(-2 * math.log(2.0**-21)) + 1e-5
     # a row's numbers depend on (key, row, column) only: not on how many rows or columns are drawn
-    assert torch.equal(fc.standard_normal_grid(12345, 5, 1000, row_start=100), z[100:105])
-    assert torch.equal(fc.standard_normal_grid(12345, 256, 300), z[:, :300])
+    assert torch.equal(fused_torch.standard_normal_grid(12345, 5, 1000, row_start=100), z[100:105])
+    assert torch.equal(fused_torch.standard_normal_grid(12345, 256, 300), z[:, :300])
     # neighbouring columns / rows / keys are uncorrelated
     assert abs(torch.corrcoef(torch.stack([z[:, :-1].flatten(), z[:, 1:].flatten()]))[0, 1]) < 0.01
     assert abs(torch.corrcoef(torch.stack([z[:-1].flatten(), z[1:].flatten()]))[0, 1]) < 0.01
-    other = fc.standard_normal_grid(12346, 256, 1000)
+    other = fused_torch.standard_normal_grid(12346, 256, 1000)
     assert abs(torch.corrcoef(torch.stack([z.flatten(), other.flatten()]))[0, 1]) < 0.01
 
 
 def test_chunk_prefix():
-    assert fc.chunk_prefix("0.down_blocks.1.attentions.0.transformer_blocks.3.attn1.to_q") == \
+    assert fused_chunks.chunk_prefix("0.down_blocks.1.attentions.0.transformer_blocks.3.attn1.to_q") == \
         "0.down_blocks.1.attentions.0.transformer_blocks.3"
-    assert fc.chunk_prefix("0.down_blocks.1.attentions.0.transformer_blocks.3.attn2.to_out.0") == \
+    assert fused_chunks.chunk_prefix("0.down_blocks.1.attentions.0.transformer_blocks.3.attn2.to_out.0") == \
         "0.down_blocks.1.attentions.0.transformer_blocks.3"
-    assert fc.chunk_prefix("1.text_model.encoder.layers.7.self_attn.q_proj") == "1.text_model.encoder.layers.7"
-    assert fc.chunk_family("0.down_blocks.1.attentions.0.transformer_blocks.3.attn1.to_q") == \
-        fc.chunk_family("0.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k") == \
+    assert fused_chunks.chunk_prefix("1.text_model.encoder.layers.7.self_attn.q_proj") == \
+        "1.text_model.encoder.layers.7"
+    assert fused_chunks.chunk_family("0.down_blocks.1.attentions.0.transformer_blocks.3.attn1.to_q") == \
+        fused_chunks.chunk_family("0.down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k") == \
         "0.down_blocks.attentions.transformer_blocks"
-    assert fc.chunk_family("1.text_model.encoder.layers.7.self_attn.q_proj") == "1.text_model.encoder.layers"
+    assert fused_chunks.chunk_family("1.text_model.encoder.layers.7.self_attn.q_proj") == "1.text_model.encoder.layers"
     # two text encoders are two models: their layers never share a chunk
-    assert fc.chunk_family("2.text_model.encoder.layers.0.self_attn.q_proj") == "2.text_model.encoder.layers"
-    assert fc.layer_model("2.text_model.encoder.layers.0.self_attn.q_proj") == "2"
+    assert fused_chunks.chunk_family("2.text_model.encoder.layers.0.self_attn.q_proj") == "2.text_model.encoder.layers"
+    assert fused_chunks.layer_model("2.text_model.encoder.layers.0.self_attn.q_proj") == "2"
 
 
 def test_chunks_never_span_models():
@@ -188,7 +188,7 @@ def test_backward_regenerates_the_forward_eps_when_its_chunk_is_gone(kind):
 def _chunk_blocks(eng):
     """Per chunk: (path, number of blocks, elements)."""
     return [(c.layers[0].flat_layer.name.split(".")[1].split("_")[0],
-             len({fc.chunk_prefix(fl.flat_layer.name) for fl in c.layers}), c.numel) for c in eng.chunks]
+             len({fused_chunks.chunk_prefix(fl.flat_layer.name) for fl in c.layers}), c.numel) for c in eng.chunks]
 
 
 def test_unet_chunks_and_one_generation_per_chunk_and_pass():
@@ -227,8 +227,9 @@ def test_aligned_promise_only_where_it_holds():
     """The kernels are told (ALIGNED) that every row starts on a 16-byte boundary only when each layer of the
     launch has a fan-in that is a multiple of 16 and 16-byte aligned tensors: a false promise would make the GPU
     load misaligned vectors. SD / SDXL attention layers (fan-ins 320 ... 2048) always keep it."""
-    assert fc._aligned(1280, 4096, 512) and fc._aligned(48, 16, element_offset=32)
-    assert not fc._aligned(24, 4096) and not fc._aligned(48, 4100) and not fc._aligned(48, 16, element_offset=8)
+    assert fused_kernels.aligned(1280, 4096, 512) and fused_kernels.aligned(48, 16, element_offset=32)
+    assert not fused_kernels.aligned(24, 4096) and not fused_kernels.aligned(48, 4100)
+    assert not fused_kernels.aligned(48, 16, element_offset=8)
 
     def chunk_flags(model):
         flat = attach_fast(FlatLoRA(model, sigma=0.1, schedule="constant", seed=1))
@@ -273,8 +274,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from torch import nn
 from peft import LoraConfig, inject_adapter_in_model
-from flatlora_diffusion.flat import FlatLoRA
-from flatlora_diffusion import flat_cuda as fc
+from flatlora_diffusion.flat import FlatLoRA, fused, fused_kernels, fused_torch
 torch.manual_seed(0)
 # fan-ins 300, 70, 54: the unhinted kernels; fan-ins 32, 48 (multiples of 16): the ALIGNED ones
 unaligned = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 40), nn.Conv2d(6, 10, 3))
@@ -295,7 +295,7 @@ for model, targets, expect_aligned, r, ranks in cases:
     engines = {}
     for k in ("torch", "triton"):
         flat = FlatLoRA(model, sigma=0.2, schedule="constant")
-        flat._fast = fc.FastFlat(flat, kernels=k)
+        flat._fast = fused.FastFlat(flat, kernels=k)
         engines[k] = flat._fast
     for step in (5, 6):
         if step == 6:  # a frozen weight written in place: the cached ||W_i||^2 must follow
@@ -321,8 +321,9 @@ cases = ((-(2**63), 0, 3, 0, True), (2**63 - 1, 10**7, 2, 7, False), (5, 1, 1, 1
 for seed, step, micro, rank, use_micro in cases:
     t = lambda v: torch.tensor(v, dtype=torch.int64)
     keys = torch.zeros(len(ids), dtype=torch.int64)
-    fc.flat_keys_kernel[(2,)](torch.tensor([fc._i64(i) for i in ids]), t(seed), t(step), t(micro), t(rank), keys,
-                              len(ids), USE_MICRO=use_micro, BLOCK=1024)
+    layer_ids = torch.tensor([fused_torch.to_int64(i) for i in ids])
+    fused_kernels.flat_keys_kernel[(2,)](layer_ids, t(seed), t(step), t(micro), t(rank), keys, len(ids),
+                                         USE_MICRO=use_micro, BLOCK=1024)
     assert keys.tolist() == [noise_key(seed, step, micro if use_micro else 0, i, rank) for i in ids]
 print("OK")
 """
@@ -355,18 +356,18 @@ def test_compiled_kernels_move_w_and_w_plus_eps_with_evict_first_hints():
     import triton.language as tl
 
     flat = FlatLoRA(mlp(torch.float32), sigma=0.1, schedule="constant")
-    assert fc.FastFlat(flat).evict_first is True
+    assert fused.FastFlat(flat).evict_first is True
     noise_sig = {"prog_ptr": "*i32", "meta_ptr": "*i64", "keys_ptr": "*i64", "std_ptr": "*fp32", "out_ptr": "*bf16"}
-    noise_const = {"W_T": tl.bfloat16, "ADD_W": True, "BM": fc._NOISE_ROWS, "T": fc._NOISE_CALLS, "ROUNDS": 10,
-                   "FAST": True, "WHILE_LOOPS": False, "ALIGNED": True}
+    noise_const = {"W_T": tl.bfloat16, "ADD_W": True, "BM": fused_kernels.NOISE_ROWS, "T": fused_kernels.NOISE_CALLS,
+                   "ROUNDS": 10, "FAST": True, "WHILE_LOOPS": False, "ALIGNED": True}
     norm_sig = {n: "*fp32" for n in ("scale_ptr", "sigma_ptr", "wsq_ptr", "gram_ptr", "std_ptr")}
     norm_sig = {"prog_ptr": "*i32", "meta_ptr": "*i64", **norm_sig}
-    norm_const = {"W_T": tl.bfloat16, "AB_T": tl.float32, "BM": fc._NORM_ROWS, "BK": fc._NORM_COLS, "RP": 16,
-                  "WHILE_LOOPS": False, "ALIGNED": True, "SPLIT_BF16": True}
+    norm_const = {"W_T": tl.bfloat16, "AB_T": tl.float32, "BM": fused_kernels.NORM_ROWS, "BK": fused_kernels.NORM_COLS,
+                  "RP": 16, "WHILE_LOOPS": False, "ALIGNED": True, "SPLIT_BF16": True}
     w_load = re.compile(r"ld\.global\.L1::evict_first\.L2::cache_hint\.v4\.b32")
     for evict_first in (True, False):
-        noise = _sm90_ptx(fc.flat_noise_kernel, noise_sig, {**noise_const, "EVICT_FIRST": evict_first})
-        norm = _sm90_ptx(fc.flat_norm_kernel, norm_sig, {**norm_const, "EVICT_FIRST": evict_first})
+        noise = _sm90_ptx(fused_kernels.flat_noise_kernel, noise_sig, {**noise_const, "EVICT_FIRST": evict_first})
+        norm = _sm90_ptx(fused_kernels.flat_norm_kernel, norm_sig, {**norm_const, "EVICT_FIRST": evict_first})
         assert bool(w_load.search(noise)) is evict_first  # W of the noise kernel
         assert ("st.global.cs.v4.b32" in noise) is evict_first  # W + eps
         assert ("st.global.v4.b32" in noise) is not evict_first

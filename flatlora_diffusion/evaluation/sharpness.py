@@ -15,13 +15,12 @@ Why it is built on flat.FlatLoRA instead of its own perturbation code:
 
 By default each draw is an antithetic pair (W' + eps, W' - eps), see sharpness_curve.
 
-Only torch and flat.py are imported, so this module works on any nn.Module with a loss closure.
+Only torch and flat/ are imported, so this module works on any nn.Module with a loss closure.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
@@ -29,7 +28,15 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..flat import FlatLoRA, ReferenceNoise, find_lora_layers, noise_key, noisy_forward, patched_forwards
+from ..flat import (
+    FlatLoRA,
+    ReferenceNoise,
+    find_lora_layers,
+    noise_key,
+    noisy_forward,
+    patched_forwards,
+    stable_id,
+)
 
 # Keeps evaluation draws apart from every training draw: training keys Flat-LoRA's noise by the run's seed,
 # so an evaluation seed equal to it would otherwise replay the noise the run was trained against.
@@ -55,11 +62,6 @@ class PlainLayer:
         return self.base.weight.detach().float()
 
 
-def _layer_id(name: str) -> int:
-    """A process-independent id of a layer name (Python's hash() is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
-
-
 def lora_layers(models: Sequence[nn.Module]) -> list:
     """Every peft LoRA Linear / Conv2d layer of `models`, named "<model index>.<path>" as in training."""
     return find_lora_layers(models)
@@ -73,7 +75,7 @@ def plain_layers(models: Sequence[nn.Module]) -> list[PlainLayer]:
             if type(module) is nn.Linear or (type(module) is nn.Conv2d and module.padding_mode == "zeros"
                                                and not isinstance(module.padding, str)):
                 name = f"{index}.{path}"
-                layers.append(PlainLayer(name=name, base=module, layer_id=_layer_id(name)))
+                layers.append(PlainLayer(name=name, base=module, layer_id=stable_id(name)))
     return layers
 
 

@@ -1,0 +1,45 @@
+"""The exact reference path, the specification: eps of one layer at a time from a torch.Generator seeded with
+the layer's key, scaled row by row, added to W in fp32 (used on the CPU, and with backend="reference")."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def standard_normal(key: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """N(0, 1) float32 noise determined by `key` alone, from a generator that is not the global one."""
+    device = torch.device(device)
+    gen = _generators.get(device)
+    if gen is None:
+        gen = _generators[device] = torch.Generator(device=device)
+    gen.manual_seed(key)
+    return torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32)
+
+
+def _perturbed_weight(weight: torch.Tensor, row_std: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
+    """W + eps for one layer, as a temporary in `dtype`; the sum is formed in fp32 so eps is not lost to rounding."""
+    eps = standard_normal(key, weight.shape, weight.device)
+    eps.mul_(row_std.view(-1, *([1] * (weight.dim() - 1))))
+    return eps.add_(weight.float()).to(dtype)
+
+
+class ReferenceNoise:
+    """Where a perturbed layer gets W + eps from, on the reference path: one layer's generator key and row std.
+
+    The fused engine (fused.py) supplies the same two methods from its per-chunk buffers; the autograd
+    functions of perturbed_layers.py serve both."""
+
+    __slots__ = ("weight_tensor", "row_std", "key")
+
+    def __init__(self, weight: torch.Tensor, row_std: torch.Tensor, key: int):
+        self.weight_tensor, self.row_std, self.key = weight, row_std, key
+
+    def forward_seen(self, input_needs_grad: bool) -> None:
+        """Told at each forward whether backward will need W + eps again (the fused engine uses it)."""
+
+    def weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
+        return _perturbed_weight(self.weight_tensor, self.row_std, self.key, dtype)
