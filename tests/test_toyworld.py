@@ -148,13 +148,13 @@ def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
     assert image.size == (64, 64)
     assert len(judge_images([image], load_judge(tmp_path / "judge"))) == 1
 
-    # The later stage that trains the UNet and text encoder again (here without top-level attention) keeps the
+    # The later stage that trains the UNet and text encoder again (here with top-level attention) keeps the
     # VAE and judge bytes, rewrites the other two and records itself.
     vae_file = tmp_path / "model/vae/diffusion_pytorch_model.safetensors"
     unet_file = tmp_path / "model/unet/diffusion_pytorch_model.safetensors"
     before = {f: f.read_bytes() for f in (vae_file, unet_file, tmp_path / "judge/judge.safetensors")}
-    plain_top = tiny[-1][:-1] + ', "unet_top_attention": false}'
-    assert main(["--out", str(tmp_path), "--retrain-unet", "--device", "cpu", "--set", *tiny[:-1], plain_top]) == 0
+    top_attention = tiny[-1][:-1] + ', "unet_top_attention": true}'
+    assert main(["--out", str(tmp_path), "--retrain-unet", "--device", "cpu", "--set", *tiny[:-1], top_attention]) == 0
     assert vae_file.read_bytes() == before[vae_file]
     assert (tmp_path / "judge/judge.safetensors").read_bytes() == before[tmp_path / "judge/judge.safetensors"]
     assert unet_file.read_bytes() != before[unet_file]
@@ -162,7 +162,7 @@ def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
     assert record["stages"][-1]["command"].endswith("--retrain-unet") and record["stages"][-1]["steps_done"] == 2
     assert record["sha256"]["model/unet/diffusion_pytorch_model.safetensors"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
-    assert pipe.unet.config.down_block_types[0] == "DownBlock2D"
+    assert pipe.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
 
 
 def test_pretraining_refuses_unknown_settings(tmp_path, capsys):

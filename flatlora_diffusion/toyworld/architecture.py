@@ -20,10 +20,11 @@ class Architecture:
     unet_channels: tuple[int, ...] = (64, 128, 128)
     unet_layers_per_block: int = 1
     unet_heads: int = 4
-    # Cross-attention at the top (16 x 16) level too. The first base model had none there (attention only at
-    # 8 x 8 and 4 x 4), and attention LoRA could then learn the subject's colour but hardly its eyes, nor keep
-    # it when the scene changed: the attention layers are all a LoRA can move.
-    unet_top_attention: bool = True
+    # Cross-attention at the top (16 x 16) level as well: off in the shipped model. Tried on 2026-12-06 (commit
+    # 194031b, `pretrain --retrain-unet`): the base model was as good, but after the demo's LoRA the subject was
+    # found in 0 % of pictures (52 % without it): the LoRA's change went into the unconditional prediction (the
+    # empty prompt drew teal shapes), so classifier-free guidance pushed every picture away from teal.
+    unet_top_attention: bool = False
     text_hidden: int = 128
     text_layers: int = 3
     text_heads: int = 4
