@@ -137,8 +137,8 @@ def run_trainer(args, model, images, batch, sigma, code: str | None, label: str)
 KERNEL_CLASSES = [  # first match wins; names of Hopper cuBLAS/cuDNN/flash kernels and this project's own
     ("flat_lora", r"_flat|flat_|_noise|_row_norm|philox"),
     ("optimizer", r"multi_tensor_apply|adam|foreach|fused_adam"),
+    ("attention", r"flash|fmha|attention|attn|sdpa|cutlass.*kernel.*mem"),  # before conv: cuDNN's SDPA is "cudnn_*"
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
-    ("attention", r"flash|fmha|attention|attn|sdpa|cutlass.*kernel.*mem"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|matmul|sm90"),
     ("norm", r"norm"),
     ("copy", r"copy|memcpy|memset|cast"),
