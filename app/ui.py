@@ -226,7 +226,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     cmp_refresh = gr.Button("Refresh", scale=0)
                 cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="step (0 = untrained baseline)",
                                      elem_id="cmp-step")
-                cmp_info = gr.Markdown()
+                cmp_info = gr.Markdown(elem_id="cmp-info")
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
                                     elem_id="cmp-grid")
                 cmp_loss = gr.HTML(label="loss", elem_id="cmp-loss")
@@ -542,7 +542,10 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return (slider, *compare_runs(runs, top))
 
         cmp_runs.change(pick_runs, inputs=[cmp_runs], outputs=[cmp_step, *cmp_outputs], api_visibility="private")
-        cmp_step.release(compare_runs, inputs=[cmp_runs, cmp_step], outputs=cmp_outputs, api_visibility="private")
+        # a step typed into the slider's number box fires input (Enter does not blur, so no release comes);
+        # dragging fires input all along and release at the end: the newest value wins
+        gr.on([cmp_step.input, cmp_step.release], compare_runs, inputs=[cmp_runs, cmp_step], outputs=cmp_outputs,
+              trigger_mode="always_last", show_progress="hidden", api_visibility="private")
         # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
         cmp_step_api = gr.Number(visible=False, precision=0)
         cmp_api_btn = gr.Button(visible=False)

@@ -1,0 +1,94 @@
+"""The Compare tab in a real browser (Debian's Chromium driven by Playwright) on run folders written by
+tests/compare_world.py: the step slider's number box, which pair is preselected, the baseline column, download
+names, the LoRA of the shown step and the differences-only settings table.
+
+Each validation image is one solid colour per (run, step), so the tests read from the grid's pixels which run
+and step each column shows."""
+
+import io
+import socket
+import time
+
+import numpy as np
+import pytest
+
+from tests.compare_world import BASE_RED, COLOURS, files_of, make_pair, make_run
+from tests.test_app_browser import CHROMIUM, _HAVE_CHROMIUM, browser  # noqa: F401 (browser is a fixture)
+
+pytestmark = pytest.mark.skipif(not _HAVE_CHROMIUM, reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
+
+
+@pytest.fixture
+def serve(tmp_path, browser):
+    """serve(runs_dir) -> a page on the app's Compare tab for that runs folder; page errors fail the test."""
+    import app
+
+    opened = []
+
+    def start(runs_dir):
+        demo, launcher = app.create_app(runs_dir, refresh_s=0.5)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                            ssr_mode=False, allowed_paths=[str(runs_dir)])
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page = context.new_page()
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        opened.append((demo, launcher, context, errors))
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.get_by_role("tab", name="Compare").click()
+        return page
+
+    yield start
+    for demo, launcher, context, errors in opened:
+        context.close()
+        launcher.shutdown(cancel_running=True, timeout=10)
+        demo.close()
+        assert not errors, errors
+
+
+def grid_colours(page) -> set[tuple[int, int, int]]:
+    """The test colours (see compare_world) present in the shown grid image, read from its own bytes."""
+    from PIL import Image
+
+    src = page.locator("#cmp-grid img").get_attribute("src")
+    rgb = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB")).reshape(-1, 3)
+    present = {tuple(int(v) for v in c) for c in np.unique(rgb, axis=0)}
+    return present & ({BASE_RED} | set(COLOURS.values()))
+
+
+def wait_colours(page, expected: set, timeout: float = 20.0):
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        try:
+            seen = grid_colours(page)
+        except Exception:  # the image is being replaced
+            seen = None
+        if seen == expected:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"grid colours {seen}, expected {expected}")
+
+
+def pick_runs(page, names):
+    box = page.locator("#cmp-runs input")
+    for name in names:
+        box.fill(name)
+        box.press("Enter")
+
+
+def test_a_step_typed_into_the_number_box_shows_that_steps_images(tmp_path, serve):
+    from playwright.sync_api import expect
+
+    make_pair(tmp_path / "runs", "typed")
+    page = serve(tmp_path / "runs")
+    expect(page.locator("#cmp-info")).to_contain_text("typed-flat at step 8", timeout=30_000)
+    number = page.locator("#cmp-step input[type=number]")
+    number.fill("4")
+    number.press("Enter")  # no blur: the box keeps the focus, as after typing and Enter
+    expect(page.locator("#cmp-info")).to_contain_text("typed-flat at step 4", timeout=10_000)
+    assert COLOURS[("lora", 4)] in grid_colours(page) and COLOURS[("flat", 4)] in grid_colours(page)
+    assert COLOURS[("lora", 8)] not in grid_colours(page)
