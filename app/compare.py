@@ -8,7 +8,7 @@ from collections import OrderedDict
 from functools import reduce
 from pathlib import Path
 
-from .runs import Run
+from .runs import Run, group_runs
 
 
 def _viewable(image, low: int = 160, high: int = 512):
@@ -31,6 +31,27 @@ def run_label(run: Run) -> str:
     sigma = run.config().get("flat_sigma")
     kind = "LoRA" if sigma in (0, 0.0) else f"Flat-LoRA sigma={sigma}" if sigma is not None else "?"
     return f"{run.name} ({kind})"
+
+
+def default_selection(runs: list[Run]) -> tuple[list[str], str]:
+    """(names, note): what the Compare tab opens on. The newest A/B pair in which every run has validation
+    images (a pair cancelled before its first images has nothing to compare), else the two newest runs with
+    images; none when no run has any, and then the one line that says so. `runs` newest first."""
+    with_images = {r.name for r in runs if r.sample_steps()}
+    groups_seen = set()
+    for run in runs:
+        if not run.ab_group or run.ab_group in groups_seen:
+            continue
+        groups_seen.add(run.ab_group)
+        pair = group_runs(runs, run.name)
+        if len(pair) > 1 and all(r.name in with_images for r in pair):
+            return [r.name for r in pair], ""
+    if with_images:
+        return [r.name for r in runs if r.name in with_images][:2], ""
+    if not runs:
+        return [], "No run yet: launch one in the Train tab."
+    return [], ("No run has validation images yet (a run makes them at step 0 when it has a validation "
+                "prompt): pick runs to compare their settings and files.")
 
 
 def all_steps(runs: list[Run]) -> list[int]:

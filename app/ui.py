@@ -554,16 +554,17 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                           api_visibility="private")
 
         def default_compare(selected):
-            """Preselect the newest A/B pair (or the two newest runs) when the page opens."""
+            """Preselect runs with images to compare (compare.default_selection) when the page opens and when
+            the tab is opened with nothing selected; the user's own selection stays."""
             runs = list_runs(runs_dir)
             names = [r.name for r in runs]
             if selected:
-                return gr.Dropdown(choices=names)
-            pair = next((group_runs(runs, r.name) for r in runs if r.ab_group), None)
-            value = [r.name for r in pair] if pair else names[:2]
-            return gr.Dropdown(choices=names, value=value)
+                return gr.Dropdown(choices=names), gr.skip()
+            value, note = compare.default_selection(runs)
+            # with a selection, its change event fills the tab (and the info line) itself
+            return gr.Dropdown(choices=names, value=value), note if not value else gr.skip()
 
-        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
+        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs, cmp_info], api_visibility="private")
 
         # ------------------------------------------------------------------ Compare: evaluation
         def evaluation_view(runs: list[str]):
@@ -624,7 +625,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
 
         eval_timer.tick(follow_evaluations, inputs=[cmp_runs, eval_seen], outputs=[*eval_outputs, eval_seen],
                         show_progress="hidden", concurrency_limit=None, api_visibility="private")
-        compare_tab.select(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
+        compare_tab.select(default_compare, inputs=[cmp_runs], outputs=[cmp_runs, cmp_info],
+                           api_visibility="private")
 
         def generate_now(runs: list[str], prompt: str, negative_prompt: str, seed: float, strength: float,
                          steps: float, guidance_scale: float, include_base: bool):

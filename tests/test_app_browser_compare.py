@@ -92,3 +92,24 @@ def test_a_step_typed_into_the_number_box_shows_that_steps_images(tmp_path, serv
     expect(page.locator("#cmp-info")).to_contain_text("typed-flat at step 4", timeout=10_000)
     assert COLOURS[("lora", 4)] in grid_colours(page) and COLOURS[("flat", 4)] in grid_colours(page)
     assert COLOURS[("lora", 8)] not in grid_colours(page)
+
+
+def test_the_newest_pair_with_images_is_preselected_and_none_is_said_in_one_line(tmp_path, serve):
+    from playwright.sync_api import expect
+
+    now = time.time()
+    make_pair(tmp_path / "runs", "done", created_at=now - 100)
+    make_pair(tmp_path / "runs", "late", state="cancelled", sample_steps=(), checkpoints=(), final=False,
+              created_at=now)
+    page = serve(tmp_path / "runs")
+    selected = page.locator("#cmp-runs .token")
+    expect(selected).to_have_count(2, timeout=30_000)
+    assert sorted(selected.all_inner_texts()) == ["done-flat", "done-lora"]
+    page.locator("#cmp-grid img").wait_for(timeout=20_000)
+
+    make_pair(tmp_path / "none", "late", state="cancelled", sample_steps=(), checkpoints=(), final=False)
+    page = serve(tmp_path / "none")
+    expect(page.locator("#cmp-info")).to_have_text(
+        "No run has validation images yet (a run makes them at step 0 when it has a validation prompt): pick runs "
+        "to compare their settings and files.", timeout=30_000)
+    expect(page.locator("#cmp-runs .token")).to_have_count(0)
