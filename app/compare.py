@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 
@@ -74,33 +75,80 @@ def step_at_or_before(run: Run, step: int | None) -> int | None:
     return earlier[-1] if earlier else steps[0]
 
 
-def validation_grid(runs: list[Run], step: int | None):
-    """(grid image or None, [used step per run]): one column per run, one row per (prompt, seed)."""
+# What a run's step-0 images depend on besides the prompt and seed of their row: runs that agree on these
+# share one base-model column (an A/B pair always does), runs that differ get one each.
+_BASELINE_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant",
+                      "single_file_config", "resolution", "validation_inference_steps", "validation_guidance_scale")
+
+
+@dataclass
+class Baseline:
+    """A base-model column: the step-0 validation images of `source` (the trainer validates before the first
+    step, when every LoRA init it offers adds exactly zero, so they are the base model's own images), shared
+    by `runs`; source None when none of them has step-0 images (a run started from a checkpoint)."""
+    runs: list[Run]
+    source: Run | None
+
+    def samples(self) -> dict[tuple[int, int], Path]:
+        return self.source.samples_at(0) if self.source else {}
+
+    def label(self, several: bool) -> str:
+        if self.source is None:
+            return "base model\nno step-0 images"
+        model = Path(str(self.source.config().get("pretrained_model_name_or_path") or "?")).name
+        return f"base model\n{model} · step 0" + (f"\nas in {self.runs[0].name}" if several else "")
+
+
+def baselines(runs: list[Run]) -> list[Baseline]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        cfg = run.config()
+        key = repr([cfg.get(k) for k in _BASELINE_SETTINGS] + [sorted(run.prompts().items())])
+        groups.setdefault(key, []).append(run)
+    return [Baseline(members, next((r for r in members if 0 in r.sample_steps()), None))
+            for members in groups.values()]
+
+
+def baseline_note(found: list[Baseline]) -> str:
+    """One line under the slider about the base-model column(s)."""
+    missing = [r.name for b in found if b.source is None for r in b.runs]
+    if not missing:
+        return "Base model: the runs' step-0 images (before the first training step, the LoRA adds zero)."
+    return (f"No step-0 images for {', '.join(missing)}, so its base-model column is empty: Generate now, with "
+            f"'include the base model', draws the base model's image of a prompt and seed.")
+
+
+def _open(path: Path | None):
     from PIL import Image
 
+    try:
+        return Image.open(path).convert("RGB") if path else None
+    except OSError:
+        return None
+
+
+def validation_grid(runs: list[Run], step: int | None):
+    """(grid image or None, [used step per run], [Baseline]): the base-model column(s), then one column per run;
+    one row per (prompt, seed)."""
     from flatlora_diffusion.sample import comparison_grid
 
     used = [step_at_or_before(r, step) for r in runs]
     per_run = [r.samples_at(s) if s is not None else {} for r, s in zip(runs, used)]
-    keys = sorted({k for samples in per_run for k in samples})
+    found = baselines(runs)
+    base_samples = [b.samples() for b in found]
+    keys = sorted({k for samples in per_run + base_samples for k in samples})
     if not keys:
-        return None, used
+        return None, used, found
     prompts: dict[int, str] = {}
     for r in runs:
         for p, text in r.prompts().items():
             prompts.setdefault(p, text)
-    columns = []
+    columns = [(b.label(len(found) > 1), [_viewable(_open(samples.get(k))) for k in keys])
+               for b, samples in zip(found, base_samples)]
     for run, s, samples in zip(runs, used, per_run):
-        images = []
-        for k in keys:
-            path = samples.get(k)
-            try:
-                images.append(Image.open(path).convert("RGB") if path else None)
-            except OSError:
-                images.append(None)
-        columns.append((f"{run_label(run)}\nstep {s}", [_viewable(im) for im in images]))
+        columns.append((f"{run_label(run)}\nstep {s}", [_viewable(_open(samples.get(k))) for k in keys]))
     labels = [f"{prompts.get(p, f'prompt {p}')} · seed {seed}" for p, seed in keys]
-    return comparison_grid(columns, row_labels=labels), used
+    return comparison_grid(columns, row_labels=labels), used, found
 
 
 SETTINGS_SHOWN = ("pretrained_model_name_or_path", "flat_sigma", "flat_schedule", "seed", "rank", "lora_alpha",

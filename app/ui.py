@@ -224,7 +224,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     cmp_runs = gr.Dropdown(choices=_follow_choices(runs_dir), multiselect=True, scale=3, allow_custom_value=True,
                                            label="runs to compare (two or more)", elem_id="cmp-runs")
                     cmp_refresh = gr.Button("Refresh", scale=0)
-                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="step (0 = untrained baseline)",
+                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="step (of the runs' columns; the base-model column shows step 0)",
                                      elem_id="cmp-step")
                 cmp_info = gr.Markdown(elem_id="cmp-info")
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
@@ -519,33 +519,57 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     raise _user_error(e) from None
             return runs
 
-        def compare_runs(runs: list[str], step: float | None):
+        def step_view(runs: list[str], step: float | None):
+            """What the slider changes: the image grid and the line that says which steps it shows."""
             picked = _picked(runs)
             if not picked:
-                return None, "Pick two or more runs.", loss_chart([]), None, []
+                return None, "Pick two or more runs."
             steps = compare.all_steps(picked)
-            grid, used = compare.validation_grid(picked, int(step) if step is not None else None)
+            if not steps:
+                return None, "These runs have no validation images yet."
+            grid, used, found = compare.validation_grid(picked, int(step) if step is not None else None)
+            info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
+                    + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))
+                    + ".  \n" + compare.baseline_note(found))
+            return grid, info
+
+        def runs_view(runs: list[str]):
+            """What does not depend on the step: the loss curves, the settings table, the LoRA files."""
+            picked = _picked(runs)
+            if not picked:
+                return loss_chart([]), None, []
             headers, rows = compare.settings_table(picked)
             files = [str(p) for r in picked for p in r.exports().values() if p is not None]
-            info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
-                    + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))) if steps \
-                else "These runs have no validation images yet."
-            return grid, info, loss_chart(picked), {"headers": headers, "data": rows}, files
+            return loss_chart(picked), {"headers": headers, "data": rows}, files
 
-        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files]
+        def compare_runs(runs: list[str], step: float | None):
+            return (*step_view(runs, step), *runs_view(runs))
 
-        def pick_runs(runs: list[str]):
+        step_outputs = [cmp_grid, cmp_info]
+        cmp_outputs = [*step_outputs, cmp_loss, cmp_table, cmp_files]
+        cmp_shown = gr.State(None)  # the selection the slider was last set for
+
+        def pick_runs(runs: list[str], shown):
+            """A new selection puts the slider on its newest step. The same selection again (the page sends its
+            change more than once while it opens) keeps the slider where the user put it."""
             picked = _picked(runs)
+            if [r.name for r in picked] == shown:
+                return (gr.skip(), *runs_view(runs), shown)
             steps = compare.all_steps(picked)
             top = steps[-1] if steps else 0
             slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
-            return (slider, *compare_runs(runs, top))
+            return (slider, *runs_view(runs), [r.name for r in picked])
 
-        cmp_runs.change(pick_runs, inputs=[cmp_runs], outputs=[cmp_step, *cmp_outputs], api_visibility="private")
+        # the grid is drawn after the slider is set, from the slider's value then; all grid drawing shares one
+        # queue, so the drawing asked for last is the one left on the page
+        cmp_runs.change(pick_runs, inputs=[cmp_runs, cmp_shown], outputs=[cmp_step, *cmp_outputs[2:], cmp_shown],
+                        api_visibility="private").then(
+            step_view, inputs=[cmp_runs, cmp_step], outputs=step_outputs, concurrency_id="cmp-grid",
+            api_visibility="private")
         # a step typed into the slider's number box fires input (Enter does not blur, so no release comes);
         # dragging fires input all along and release at the end: the newest value wins
-        gr.on([cmp_step.input, cmp_step.release], compare_runs, inputs=[cmp_runs, cmp_step], outputs=cmp_outputs,
-              trigger_mode="always_last", show_progress="hidden", api_visibility="private")
+        gr.on([cmp_step.input, cmp_step.release], step_view, inputs=[cmp_runs, cmp_step], outputs=step_outputs,
+              trigger_mode="always_last", show_progress="hidden", concurrency_id="cmp-grid", api_visibility="private")
         # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
         cmp_step_api = gr.Number(visible=False, precision=0)
         cmp_api_btn = gr.Button(visible=False)

@@ -113,3 +113,21 @@ def test_the_newest_pair_with_images_is_preselected_and_none_is_said_in_one_line
         "No run has validation images yet (a run makes them at step 0 when it has a validation prompt): pick runs "
         "to compare their settings and files.", timeout=30_000)
     expect(page.locator("#cmp-runs .token")).to_have_count(0)
+
+
+def test_a_base_model_column_shows_step_0_beside_the_runs(tmp_path, serve):
+    from playwright.sync_api import expect
+
+    make_pair(tmp_path / "runs", "base")
+    page = serve(tmp_path / "runs")
+    info = page.locator("#cmp-info")
+    expect(info).to_contain_text("base-flat at step 8", timeout=30_000)
+    expect(info).to_contain_text("Base model: the runs' step-0 images")
+    wait_colours(page, {BASE_RED, COLOURS[("lora", 8)], COLOURS[("flat", 8)]})
+
+    # runs without step-0 images (started from a checkpoint): the page says why the column is empty
+    make_pair(tmp_path / "resumed", "resumed", sample_steps=(4, 8))
+    page = serve(tmp_path / "resumed")
+    expect(page.locator("#cmp-info")).to_contain_text(
+        "No step-0 images for resumed-lora, resumed-flat, so its base-model column is empty", timeout=30_000)
+    wait_colours(page, {COLOURS[("lora", 8)], COLOURS[("flat", 8)]})

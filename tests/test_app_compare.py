@@ -37,3 +37,45 @@ def test_when_no_run_has_images_nothing_is_preselected_and_one_line_says_why(tmp
     make_pair(runs_dir, "late", state="cancelled", sample_steps=(), checkpoints=(), final=False)
     names, note = compare.default_selection(list_runs(runs_dir))
     assert names == [] and note.startswith("No run has validation images yet") and "\n" not in note
+
+
+def colour_pixels(image, colour) -> int:
+    import numpy as np
+
+    return int((np.asarray(image.convert("RGB")) == np.array(colour)).all(-1).sum())
+
+
+CELL = 160 * 160  # a 32 px sample is shown enlarged to 160 px (compare._viewable)
+
+
+def test_the_grid_starts_with_the_base_model_column_of_step_0(tmp_path):
+    from tests.compare_world import BASE_RED, COLOURS
+
+    make_pair(tmp_path / "runs", "ab")
+    runs = sorted(list_runs(tmp_path / "runs"), key=lambda r: r.name, reverse=True)  # lora, flat
+    grid, used, found = compare.validation_grid(runs, 8)
+    assert used == [8, 8]
+    # the pair shares one base-model column: 2 rows (seeds) of step-0 images, then each run at step 8
+    assert [len(b.runs) for b in found] == [2] and found[0].source is not None
+    assert colour_pixels(grid, BASE_RED) == 2 * CELL
+    assert colour_pixels(grid, COLOURS[("lora", 8)]) == colour_pixels(grid, COLOURS[("flat", 8)]) == 2 * CELL
+    assert compare.baseline_note(found).startswith("Base model: the runs' step-0 images")
+
+
+def test_runs_on_other_base_settings_get_a_base_column_each_and_a_missing_one_is_said(tmp_path):
+    from tests.compare_world import BASE_RED
+
+    runs_dir = tmp_path / "runs"
+    make_run(runs_dir, "a", "lora", None)
+    make_run(runs_dir, "b", "flat", None, extra_config="validation_guidance_scale: 3.0\n")
+    grid, _, found = compare.validation_grid(list_runs(runs_dir), 8)
+    assert len(found) == 2 and colour_pixels(grid, BASE_RED) == 4 * CELL
+    assert all("as in" in b.label(True) for b in found)
+    # a run without step-0 images (started from a checkpoint): a labelled empty column, and the note says so
+    make_run(runs_dir, "c", "flat", None, sample_steps=(4, 8))
+    only_c = [r for r in list_runs(runs_dir) if r.name == "c"]
+    grid_c, _, found = compare.validation_grid(only_c, 8)
+    assert found[0].source is None and found[0].label(False) == "base model\nno step-0 images"
+    note = compare.baseline_note(found)
+    assert note.startswith("No step-0 images for c") and "include the base model" in note
+    assert colour_pixels(grid_c, BASE_RED) == 0 and grid_c.width > 2 * 160  # the empty column is drawn
