@@ -15,7 +15,7 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, evaluations, form, manage, plan
+from . import chart, compare, downloads, evaluations, form, manage, plan
 from .eval_job import EvaluationRefused
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
@@ -231,7 +231,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                     elem_id="cmp-grid")
                 cmp_loss = gr.HTML(label="loss", elem_id="cmp-loss")
                 cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
-                cmp_files = gr.File(label="LoRA files of the selected runs", file_count="multiple",
+                cmp_files = gr.File(label="final LoRA files of the selected runs (named <run>_<format>)",
+                                    file_count="multiple",
                                     interactive=False, elem_id="cmp-files")
                 with gr.Accordion("Evaluation: held-out loss, sharpness, image scores", open=True):
                     with gr.Row():
@@ -522,8 +523,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         def step_view(runs: list[str], step: float | None):
             """What the slider changes: the image grid and the line that says which steps it shows."""
             picked = _picked(runs)
-            if not picked:
-                return None, "Pick two or more runs."
+            if not picked:  # nothing selected: say why, when it is that no run has images
+                return None, compare.default_selection(list_runs(runs_dir))[1] or "Pick two or more runs."
             steps = compare.all_steps(picked)
             if not steps:
                 return None, "These runs have no validation images yet."
@@ -539,37 +540,63 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             if not picked:
                 return loss_chart([]), None, []
             headers, rows = compare.settings_table(picked)
-            files = [str(p) for r in picked for p in r.exports().values() if p is not None]
+            downloads.prune(runs_dir)
+            files = [str(p) for r in picked for p in downloads.final_files(r)]
             return loss_chart(picked), {"headers": headers, "data": rows}, files
 
         def compare_runs(runs: list[str], step: float | None):
             return (*step_view(runs, step), *runs_view(runs))
 
+        def evaluation_view(runs: list[str]):
+            """The evaluation table (one row per selected run; 'not evaluated' without eval.json), the sharpness
+            curves of the evaluated ones, and where each run's evaluation stands."""
+            picked = _picked(runs)
+            headers, rows = evaluations.eval_table(picked)
+            snap = launcher.eval_snapshot()
+            status = evaluations.status_markdown(picked, snap["waiting"], snap["evaluating"])
+            return ({"headers": headers, "data": rows}, chart.sharpness_svg(evaluations.sharpness_series(picked)),
+                    status or "Pick runs to see their evaluation.")
+
         step_outputs = [cmp_grid, cmp_info]
         cmp_outputs = [*step_outputs, cmp_loss, cmp_table, cmp_files]
-        cmp_shown = gr.State(None)  # the selection the slider was last set for
+        eval_outputs = [cmp_eval_table, cmp_sharp, cmp_eval_msg]
+        # the selection and step the grid shows, kept on the server: a slider value set by an answer reaches the
+        # page's slider a moment later than a following .then reads it, so the grid follows this, not that
+        cmp_at = gr.State(None)
 
-        def pick_runs(runs: list[str], shown):
+        def pick_runs(runs: list[str], at):
             """A new selection puts the slider on its newest step. The same selection again (the page sends its
-            change more than once while it opens) keeps the slider where the user put it."""
+            change more than once while it opens) keeps the step where the user put it."""
             picked = _picked(runs)
-            if [r.name for r in picked] == shown:
-                return (gr.skip(), *runs_view(runs), shown)
-            steps = compare.all_steps(picked)
-            top = steps[-1] if steps else 0
-            slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
-            return (slider, *runs_view(runs), [r.name for r in picked])
+            names = [r.name for r in picked]
+            slider = gr.skip()
+            if not at or at["runs"] != names:
+                steps = compare.all_steps(picked)
+                top = steps[-1] if steps else 0
+                slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
+                at = {"runs": names, "step": top}
+            return (slider, *runs_view(runs), at, *evaluation_view(runs))
 
-        # the grid is drawn after the slider is set, from the slider's value then; all grid drawing shares one
-        # queue, so the drawing asked for last is the one left on the page
-        cmp_runs.change(pick_runs, inputs=[cmp_runs, cmp_shown], outputs=[cmp_step, *cmp_outputs[2:], cmp_shown],
+        def draw(runs: list[str], at):
+            return step_view(runs, at["step"] if at else None)
+
+        def move_step(runs: list[str], step: float | None):
+            return (*step_view(runs, step), {"runs": list(runs or []), "step": step})
+
+        # One listener only: Gradio's multiselect dropdown fires change whenever its value is sent anew, even
+        # unchanged, and with two listeners of its change each one's answer set off the other again: the tab
+        # redrew itself every second and its busy overlays caught the clicks. All grid drawing shares one
+        # queue, so the drawing asked for last is the one left on the page.
+        cmp_runs.change(pick_runs, inputs=[cmp_runs, cmp_at],
+                        outputs=[cmp_step, cmp_loss, cmp_table, cmp_files, cmp_at, *eval_outputs],
                         api_visibility="private").then(
-            step_view, inputs=[cmp_runs, cmp_step], outputs=step_outputs, concurrency_id="cmp-grid",
+            draw, inputs=[cmp_runs, cmp_at], outputs=step_outputs, concurrency_id="cmp-grid",
             api_visibility="private")
         # a step typed into the slider's number box fires input (Enter does not blur, so no release comes);
         # dragging fires input all along and release at the end: the newest value wins
-        gr.on([cmp_step.input, cmp_step.release], step_view, inputs=[cmp_runs, cmp_step], outputs=step_outputs,
-              trigger_mode="always_last", show_progress="hidden", concurrency_id="cmp-grid", api_visibility="private")
+        gr.on([cmp_step.input, cmp_step.release], move_step, inputs=[cmp_runs, cmp_step],
+              outputs=[*step_outputs, cmp_at], trigger_mode="always_last", show_progress="hidden",
+              concurrency_id="cmp-grid", api_visibility="private")
         # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
         cmp_step_api = gr.Number(visible=False, precision=0)
         cmp_api_btn = gr.Button(visible=False)
@@ -583,28 +610,14 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             runs = list_runs(runs_dir)
             names = [r.name for r in runs]
             if selected:
-                return gr.Dropdown(choices=names), gr.skip()
-            value, note = compare.default_selection(runs)
-            # with a selection, its change event fills the tab (and the info line) itself
-            return gr.Dropdown(choices=names, value=value), note if not value else gr.skip()
+                return gr.Dropdown(choices=names)
+            return gr.Dropdown(choices=names, value=compare.default_selection(runs)[0])
 
-        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs, cmp_info], api_visibility="private")
+        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
 
         # ------------------------------------------------------------------ Compare: evaluation
-        def evaluation_view(runs: list[str]):
-            """The evaluation table (one row per selected run; 'not evaluated' without eval.json), the sharpness
-            curves of the evaluated ones, and where each run's evaluation stands."""
-            picked = _picked(runs)
-            headers, rows = evaluations.eval_table(picked)
-            snap = launcher.eval_snapshot()
-            status = evaluations.status_markdown(picked, snap["waiting"], snap["evaluating"])
-            return ({"headers": headers, "data": rows}, chart.sharpness_svg(evaluations.sharpness_series(picked)),
-                    status or "Pick runs to see their evaluation.")
-
-        eval_outputs = [cmp_eval_table, cmp_sharp, cmp_eval_msg]
         eval_api_btn = gr.Button(visible=False)
         eval_api_btn.click(evaluation_view, inputs=[cmp_runs], outputs=eval_outputs, api_name="evaluations")
-        cmp_runs.change(evaluation_view, inputs=[cmp_runs], outputs=eval_outputs, api_visibility="private")
 
         def evaluate_runs(runs: list[str]):
             """Queue `flatlora-diffusion evaluate` for each selected finished run (one job at a time, in the
@@ -649,8 +662,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
 
         eval_timer.tick(follow_evaluations, inputs=[cmp_runs, eval_seen], outputs=[*eval_outputs, eval_seen],
                         show_progress="hidden", concurrency_limit=None, api_visibility="private")
-        compare_tab.select(default_compare, inputs=[cmp_runs], outputs=[cmp_runs, cmp_info],
-                           api_visibility="private")
+        compare_tab.select(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
 
         def generate_now(runs: list[str], prompt: str, negative_prompt: str, seed: float, strength: float,
                          steps: float, guidance_scale: float, include_base: bool):

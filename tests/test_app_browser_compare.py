@@ -37,6 +37,7 @@ def serve(tmp_path, browser):
         errors = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         opened.append((demo, launcher, context, errors))
+        start.demo = demo
         page.goto(f"http://127.0.0.1:{port}/")
         page.get_by_role("tab", name="Compare").click()
         return page
@@ -131,3 +132,54 @@ def test_a_base_model_column_shows_step_0_beside_the_runs(tmp_path, serve):
     expect(page.locator("#cmp-info")).to_contain_text(
         "No step-0 images for resumed-lora, resumed-flat, so its base-model column is empty", timeout=30_000)
     wait_colours(page, {COLOURS[("lora", 8)], COLOURS[("flat", 8)]})
+
+
+def download(page, box: str, name: str):
+    """Click the download link of `name` in a file box; (the name the browser saves it as, its bytes)."""
+    with page.expect_download(timeout=20_000) as info:
+        page.locator(f"{box} a[download='{name}']").click()
+    return info.value.suggested_filename, open(info.value.path(), "rb").read()
+
+
+def test_each_final_lora_file_downloads_under_its_run_and_format(tmp_path, serve):
+    from playwright.sync_api import expect
+
+    runs_dir = tmp_path / "runs"
+    lora, flat = make_pair(runs_dir, "myrun")
+    before = {r: files_of(r) for r in (lora, flat)}
+    page = serve(runs_dir)
+    names = page.locator("#cmp-files td.filename")
+    expect(names).to_have_count(4, timeout=30_000)
+    assert sorted(names.evaluate_all("tds => tds.map(td => td.getAttribute('aria-label'))")) == [
+        "myrun-flat_diffusers.safetensors", "myrun-flat_kohya.safetensors",
+        "myrun-lora_diffusers.safetensors", "myrun-lora_kohya.safetensors"]
+    for run, fmt, source in ((flat, "diffusers", "pytorch_lora_weights.safetensors"),
+                             (lora, "diffusers", "pytorch_lora_weights.safetensors"),
+                             (flat, "kohya", "myrun-flat.safetensors")):
+        saved_as, data = download(page, "#cmp-files", f"{run.name}_{fmt}.safetensors")
+        assert saved_as == f"{run.name}_{fmt}.safetensors" and data == (run / source).read_bytes()
+    assert {r: files_of(r) for r in (lora, flat)} == before  # the run folders are as the trainer left them
+
+
+def test_the_tab_does_not_redraw_itself_while_nothing_changes(tmp_path, serve):
+    """Two listeners of the runs picker's change set each other off (Gradio sends the picker's value again
+    after each answer): the tab redrew itself every second, busy overlays caught clicks and reset the step."""
+    import json
+
+    from playwright.sync_api import expect
+
+    make_pair(tmp_path / "runs", "still")
+    page = serve(tmp_path / "runs")
+    names = {i: getattr(dep.fn, "__name__", "") for i, dep in enumerate(serve.demo.fns.values())}
+    expect(page.locator("#cmp-info")).to_contain_text("still-flat at step 8", timeout=30_000)
+    page.wait_for_timeout(3000)  # the page has opened
+    calls = []
+
+    def on_request(request):
+        if "queue/join" in request.url:
+            calls.append(names.get(json.loads(request.post_data or "{}").get("fn_index")))
+
+    page.on("request", on_request)
+    page.wait_for_timeout(5000)
+    timers = {"watch", "tick", "clear", "follow_evaluations"}  # the live views' own timers
+    assert [c for c in calls if c not in timers] == []

@@ -79,3 +79,28 @@ def test_runs_on_other_base_settings_get_a_base_column_each_and_a_missing_one_is
     note = compare.baseline_note(found)
     assert note.startswith("No step-0 images for c") and "include the base model" in note
     assert colour_pixels(grid_c, BASE_RED) == 0 and grid_c.width > 2 * 160  # the empty column is drawn
+
+
+def test_downloads_are_links_named_after_run_and_format_outside_the_run_folders(tmp_path):
+    from app import downloads
+    from tests.compare_world import files_of
+
+    runs_dir = tmp_path / "runs"
+    lora, flat = make_pair(runs_dir, "myrun")
+    before = files_of(flat)
+    run = {r.name: r for r in list_runs(runs_dir)}["myrun-flat"]
+    offered = downloads.final_files(run)
+    assert [p.name for p in offered] == ["myrun-flat_kohya.safetensors", "myrun-flat_diffusers.safetensors"]
+    assert offered[1].read_bytes() == (flat / "pytorch_lora_weights.safetensors").read_bytes()
+    assert files_of(flat) == before and all(not p.is_relative_to(flat) for p in offered)
+    assert [r.name for r in list_runs(runs_dir)] == ["myrun-flat", "myrun-lora"]  # .downloads is not a run
+    # the link follows the file when the trainer replaces it (a resumed run's new final LoRA)
+    (flat / "pytorch_lora_weights.safetensors").write_bytes(b"new")
+    assert offered[1].read_bytes() == b"new"
+    # a deleted run's links go
+    import shutil
+
+    shutil.rmtree(flat)
+    downloads.prune(runs_dir)
+    assert not (runs_dir / downloads.DOWNLOADS / "myrun-flat").exists()
+    assert downloads.download_name("myrun-flat", "diffusers", step=120) == "myrun-flat_step120_diffusers.safetensors"

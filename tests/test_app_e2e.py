@@ -127,8 +127,8 @@ def test_ab_run_end_to_end(server, tiny):
     base, *_ = client.predict(runs=["e2e-lora", "e2e-flat"], step=0, api_name="/compare")
     assert Image.open(base).size == grid_img.size
     assert {row[0] for row in table["data"]} >= {"flat_sigma", "seed", "final_loss"}
-    assert {Path(f).name for f in files} == {"e2e-lora.safetensors", "e2e-flat.safetensors",
-                                              "pytorch_lora_weights.safetensors"}
+    assert {Path(f).name for f in files} == {"e2e-lora_kohya.safetensors", "e2e-lora_diffusers.safetensors",
+                                              "e2e-flat_kohya.safetensors", "e2e-flat_diffusers.safetensors"}
     assert "data-lines='2'" in loss and loss.count("<polyline class='run'") == 2
     assert "e2e-lora (LoRA)" in loss and "e2e-flat (Flat-LoRA sigma=0.1)" in loss
 
