@@ -46,6 +46,29 @@ def final_files(run: Run) -> list[Path]:
     return [offer(run, path, download_name(run.name, fmt)) for fmt, path in run.exports().items() if path]
 
 
+def step_files(runs: list[Run], steps: list[int | None]) -> tuple[list[Path], str]:
+    """(files, note): each run's LoRA of its step (the step its grid column shows), offered as
+    <run>_step<N>_<format>.safetensors, and one line per run that has none at that step."""
+    files, missing, untrained = [], [], []
+    for run, step in zip(runs, steps):
+        if step is None:
+            continue
+        if step == 0:
+            untrained.append(run.name)
+            continue
+        saved = run.lora_steps()
+        if step in saved:
+            files += [offer(run, path, download_name(run.name, fmt, step)) for fmt, path in saved[step].items()]
+        else:
+            kept = ", ".join(str(s) for s in saved) or "none yet"
+            missing.append(f"{run.name}: no LoRA file of step {step} (LoRA files at steps: {kept}; a checkpoint "
+                           f"keeps one, see Checkpoint every N steps)")
+    if untrained:
+        missing.append(f"{', '.join(untrained)}: step 0 is the base model before any training, there is no LoRA "
+                       f"to download")
+    return files, "  \n".join(missing)
+
+
 def prune(runs_dir: Path) -> None:
     """Links of runs that were deleted or renamed, and links whose file is gone (a checkpoint rotated out)."""
     root = Path(runs_dir) / DOWNLOADS
@@ -60,4 +83,4 @@ def prune(runs_dir: Path) -> None:
                 link.unlink(missing_ok=True)
 
 
-__all__ = ["DOWNLOADS", "download_name", "offer", "final_files", "prune"]
+__all__ = ["DOWNLOADS", "download_name", "offer", "final_files", "step_files", "prune"]

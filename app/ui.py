@@ -229,6 +229,9 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 cmp_info = gr.Markdown(elem_id="cmp-info")
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
                                     elem_id="cmp-grid")
+                cmp_step_files = gr.File(label="LoRA of the shown step, per run (named <run>_step<N>_<format>)",
+                                         file_count="multiple", interactive=False, elem_id="cmp-step-files")
+                cmp_step_note = gr.Markdown(elem_id="cmp-step-note")
                 cmp_loss = gr.HTML(label="loss", elem_id="cmp-loss")
                 cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
                 cmp_files = gr.File(label="final LoRA files of the selected runs (named <run>_<format>)",
@@ -521,18 +524,20 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return runs
 
         def step_view(runs: list[str], step: float | None):
-            """What the slider changes: the image grid and the line that says which steps it shows."""
+            """What the slider changes: the image grid, the line that says which steps it shows, and the LoRA
+            files of those steps."""
             picked = _picked(runs)
             if not picked:  # nothing selected: say why, when it is that no run has images
-                return None, compare.default_selection(list_runs(runs_dir))[1] or "Pick two or more runs."
+                return None, compare.default_selection(list_runs(runs_dir))[1] or "Pick two or more runs.", [], ""
             steps = compare.all_steps(picked)
             if not steps:
-                return None, "These runs have no validation images yet."
+                return None, "These runs have no validation images yet.", [], ""
             grid, used, found = compare.validation_grid(picked, int(step) if step is not None else None)
             info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
                     + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))
                     + ".  \n" + compare.baseline_note(found))
-            return grid, info
+            files, note = downloads.step_files(picked, used)
+            return grid, info, [str(p) for p in files], note
 
         def runs_view(runs: list[str]):
             """What does not depend on the step: the loss curves, the settings table, the LoRA files."""
@@ -545,7 +550,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return loss_chart(picked), {"headers": headers, "data": rows}, files
 
         def compare_runs(runs: list[str], step: float | None):
-            return (*step_view(runs, step), *runs_view(runs))
+            grid, info, step_files, step_note = step_view(runs, step)
+            return (grid, info, *runs_view(runs), step_files, step_note)
 
         def evaluation_view(runs: list[str]):
             """The evaluation table (one row per selected run; 'not evaluated' without eval.json), the sharpness
@@ -557,8 +563,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return ({"headers": headers, "data": rows}, chart.sharpness_svg(evaluations.sharpness_series(picked)),
                     status or "Pick runs to see their evaluation.")
 
-        step_outputs = [cmp_grid, cmp_info]
-        cmp_outputs = [*step_outputs, cmp_loss, cmp_table, cmp_files]
+        step_outputs = [cmp_grid, cmp_info, cmp_step_files, cmp_step_note]
+        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files, cmp_step_files, cmp_step_note]
         eval_outputs = [cmp_eval_table, cmp_sharp, cmp_eval_msg]
         # the selection and step the grid shows, kept on the server: a slider value set by an answer reaches the
         # page's slider a moment later than a following .then reads it, so the grid follows this, not that

@@ -183,3 +183,35 @@ def test_the_tab_does_not_redraw_itself_while_nothing_changes(tmp_path, serve):
     page.wait_for_timeout(5000)
     timers = {"watch", "tick", "clear", "follow_evaluations"}  # the live views' own timers
     assert [c for c in calls if c not in timers] == []
+
+
+def test_the_lora_of_the_shown_step_downloads_per_run_with_the_step_in_its_name(tmp_path, serve):
+    from playwright.sync_api import expect
+
+    runs_dir = tmp_path / "runs"
+    lora, flat = make_pair(runs_dir, "st")
+    before = {r: files_of(r) for r in (lora, flat)}
+    page = serve(runs_dir)
+    box = page.locator("#cmp-step-files td.filename")
+    labels = "tds => tds.map(td => td.getAttribute('aria-label'))"
+    # the newest step: the finished files, in both formats
+    expect(box).to_have_count(4, timeout=30_000)
+    assert sorted(box.evaluate_all(labels)) == [
+        "st-flat_step8_diffusers.safetensors", "st-flat_step8_kohya.safetensors",
+        "st-lora_step8_diffusers.safetensors", "st-lora_step8_kohya.safetensors"]
+    # step 4: each run's checkpoint-4 file
+    number = page.locator("#cmp-step input[type=number]")
+    number.fill("4")
+    number.press("Enter")
+    expect(box).to_have_count(2, timeout=10_000)
+    assert sorted(box.evaluate_all(labels)) == ["st-flat_step4_diffusers.safetensors",
+                                                "st-lora_step4_diffusers.safetensors"]
+    saved_as, data = download(page, "#cmp-step-files", "st-flat_step4_diffusers.safetensors")
+    assert saved_as == "st-flat_step4_diffusers.safetensors"
+    assert data == (flat / "checkpoints" / "checkpoint-4" / "pytorch_lora_weights.safetensors").read_bytes()
+    # step 0: no LoRA, and the page says why
+    number.fill("0")
+    number.press("Enter")
+    expect(page.locator("#cmp-step-note")).to_contain_text("step 0 is the base model", timeout=10_000)
+    expect(box).to_have_count(0)
+    assert {r: files_of(r) for r in (lora, flat)} == before

@@ -104,3 +104,41 @@ def test_downloads_are_links_named_after_run_and_format_outside_the_run_folders(
     downloads.prune(runs_dir)
     assert not (runs_dir / downloads.DOWNLOADS / "myrun-flat").exists()
     assert downloads.download_name("myrun-flat", "diffusers", step=120) == "myrun-flat_step120_diffusers.safetensors"
+
+
+def test_the_lora_of_a_step_is_its_checkpoints_file_or_the_finished_files_at_their_step(tmp_path):
+    from app import downloads
+
+    runs_dir = tmp_path / "runs"
+    lora, flat = make_pair(runs_dir, "st")
+    run = {r.name: r for r in list_runs(runs_dir)}
+    # the finished files' step comes from their metadata (ss_steps), not from a guess
+    assert run["st-flat"].final_lora_step() == 8
+    assert {s: sorted(f) for s, f in run["st-flat"].lora_steps().items()} == {4: ["diffusers"],
+                                                                              8: ["diffusers", "kohya"]}
+    files, note = downloads.step_files([run["st-lora"], run["st-flat"]], [4, 4])
+    assert [p.name for p in files] == ["st-lora_step4_diffusers.safetensors", "st-flat_step4_diffusers.safetensors"]
+    assert files[1].read_bytes() == (flat / "checkpoints/checkpoint-4/pytorch_lora_weights.safetensors").read_bytes()
+    assert note == ""
+    files, _ = downloads.step_files([run["st-flat"]], [8])
+    assert [p.name for p in files] == ["st-flat_step8_kohya.safetensors", "st-flat_step8_diffusers.safetensors"]
+    # no file of that step: said per run, with the steps that have one
+    (flat / "checkpoints/checkpoint-4/pytorch_lora_weights.safetensors").unlink()
+    files, note = downloads.step_files([run["st-lora"], run["st-flat"]], [4, 4])
+    assert [p.name for p in files] == ["st-lora_step4_diffusers.safetensors"]
+    assert note.startswith("st-flat: no LoRA file of step 4 (LoRA files at steps: 8;")
+    files, note = downloads.step_files([run["st-lora"], run["st-flat"]], [0, 0])
+    assert files == [] and note.startswith("st-lora, st-flat: step 0 is the base model")
+
+
+def test_a_cancelled_runs_files_count_at_the_step_it_stopped_and_files_without_metadata_at_its_last_step(tmp_path):
+    from tests.compare_world import lora_file
+
+    runs_dir = tmp_path / "runs"
+    stopped = make_run(runs_dir, "stopped", "flat", None, state="cancelled", total=8, sample_steps=(0, 4),
+                       checkpoints=(4,), final=False)
+    lora_file(stopped / "pytorch_lora_weights.safetensors", 5, 1.0)  # cancelled at step 5
+    assert {r.name: r for r in list_runs(runs_dir)}["stopped"].lora_steps().keys() == {4, 5}
+    other = make_run(runs_dir, "other", "lora", None, final=False)  # files another tool wrote, no metadata
+    (other / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert {r.name: r for r in list_runs(runs_dir)}["other"].final_lora_step() == 8
