@@ -1,4 +1,5 @@
-"""Runs side by side: validation-image grids at a step, settings and metrics tables, "generate now"."""
+"""Runs side by side: which runs to open on, validation-image grids with the base model, loss series,
+"generate now". (The settings table is compare_table.py; the downloads, downloads.py.)"""
 
 from __future__ import annotations
 
@@ -149,35 +150,6 @@ def validation_grid(runs: list[Run], step: int | None):
         columns.append((f"{run_label(run)}\nstep {s}", [_viewable(_open(samples.get(k))) for k in keys]))
     labels = [f"{prompts.get(p, f'prompt {p}')} · seed {seed}" for p, seed in keys]
     return comparison_grid(columns, row_labels=labels), used, found
-
-
-SETTINGS_SHOWN = ("pretrained_model_name_or_path", "flat_sigma", "flat_schedule", "seed", "rank", "lora_alpha",
-                  "learning_rate", "max_train_steps", "train_batch_size", "resolution", "train_text_encoder",
-                  "with_prior_preservation", "lr_scheduler", "optimizer", "mixed_precision")
-METRICS_SHOWN = ("state", "step", "first_loss", "final_loss", "mean_loss_last_10pct", "it_per_s", "duration_s")
-
-
-def settings_table(runs: list[Run]) -> tuple[list[str], list[list]]:
-    """(headers, rows): the key settings, every other setting that differs, then the metrics."""
-    configs = [r.config() for r in runs]
-    summaries = [r.summary() for r in runs]
-    keys = list(SETTINGS_SHOWN)
-    for key in sorted({k for c in configs for k in c}):
-        if key in keys or key in ("output_dir", "output_name", "instance_data_dir", "class_data_dir"):
-            continue
-        if len({repr(c.get(key)) for c in configs}) > 1:
-            keys.append(key)
-    rows = [[k] + [_cell(c.get(k)) for c in configs] for k in keys]
-    rows += [[k] + [_cell(s.get(k)) for s in summaries] for k in METRICS_SHOWN]
-    return ["setting"] + [r.name for r in runs], rows
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
 
 
 def loss_series(runs: list[Run], max_points: int = 2000) -> list[tuple[str, list[tuple[int, float]]]]:

@@ -15,7 +15,7 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, downloads, evaluations, form, manage, plan
+from . import chart, compare, compare_table, downloads, evaluations, form, manage, plan
 from .eval_job import EvaluationRefused
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
@@ -233,7 +233,11 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                                          file_count="multiple", interactive=False, elem_id="cmp-step-files")
                 cmp_step_note = gr.Markdown(elem_id="cmp-step-note")
                 cmp_loss = gr.HTML(label="loss", elem_id="cmp-loss")
-                cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
+                with gr.Row():
+                    cmp_table_note = gr.Markdown(elem_id="cmp-table-note")
+                    cmp_all_settings = gr.Checkbox(label="show all settings", value=False, scale=0,
+                                                   elem_id="cmp-all-settings")
+                cmp_table = gr.Dataframe(label="settings and metrics", interactive=False, elem_id="cmp-table")
                 cmp_files = gr.File(label="final LoRA files of the selected runs (named <run>_<format>)",
                                     file_count="multiple",
                                     interactive=False, elem_id="cmp-files")
@@ -539,19 +543,26 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             files, note = downloads.step_files(picked, used)
             return grid, info, [str(p) for p in files], note
 
-        def runs_view(runs: list[str]):
-            """What does not depend on the step: the loss curves, the settings table, the LoRA files."""
+        def table_view(runs: list[str], show_all: bool):
+            """The settings table (those that differ, or all) and the line that says which it holds."""
             picked = _picked(runs)
             if not picked:
-                return loss_chart([]), None, []
-            headers, rows = compare.settings_table(picked)
+                return None, ""
+            headers, rows, note = compare_table.settings_table(picked, bool(show_all))
+            return {"headers": headers, "data": rows}, note
+
+        def runs_view(runs: list[str], show_all: bool):
+            """What does not depend on the step: the loss curves, the settings table, the LoRA files."""
+            picked = _picked(runs)
             downloads.prune(runs_dir)
             files = [str(p) for r in picked for p in downloads.final_files(r)]
-            return loss_chart(picked), {"headers": headers, "data": rows}, files
+            table, note = table_view(runs, show_all)
+            return loss_chart(picked), table, files, note
 
-        def compare_runs(runs: list[str], step: float | None):
+        def compare_runs(runs: list[str], step: float | None, show_all: bool = False):
             grid, info, step_files, step_note = step_view(runs, step)
-            return (grid, info, *runs_view(runs), step_files, step_note)
+            loss, table, files, table_note = runs_view(runs, show_all)
+            return grid, info, loss, table, files, step_files, step_note, table_note
 
         def evaluation_view(runs: list[str]):
             """The evaluation table (one row per selected run; 'not evaluated' without eval.json), the sharpness
@@ -564,13 +575,14 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     status or "Pick runs to see their evaluation.")
 
         step_outputs = [cmp_grid, cmp_info, cmp_step_files, cmp_step_note]
-        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files, cmp_step_files, cmp_step_note]
+        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files, cmp_step_files, cmp_step_note,
+                       cmp_table_note]
         eval_outputs = [cmp_eval_table, cmp_sharp, cmp_eval_msg]
         # the selection and step the grid shows, kept on the server: a slider value set by an answer reaches the
         # page's slider a moment later than a following .then reads it, so the grid follows this, not that
         cmp_at = gr.State(None)
 
-        def pick_runs(runs: list[str], at):
+        def pick_runs(runs: list[str], show_all: bool, at):
             """A new selection puts the slider on its newest step. The same selection again (the page sends its
             change more than once while it opens) keeps the step where the user put it."""
             picked = _picked(runs)
@@ -581,7 +593,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                 top = steps[-1] if steps else 0
                 slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
                 at = {"runs": names, "step": top}
-            return (slider, *runs_view(runs), at, *evaluation_view(runs))
+            return (slider, *runs_view(runs, show_all), at, *evaluation_view(runs))
 
         def draw(runs: list[str], at):
             return step_view(runs, at["step"] if at else None)
@@ -593,8 +605,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         # unchanged, and with two listeners of its change each one's answer set off the other again: the tab
         # redrew itself every second and its busy overlays caught the clicks. All grid drawing shares one
         # queue, so the drawing asked for last is the one left on the page.
-        cmp_runs.change(pick_runs, inputs=[cmp_runs, cmp_at],
-                        outputs=[cmp_step, cmp_loss, cmp_table, cmp_files, cmp_at, *eval_outputs],
+        cmp_runs.change(pick_runs, inputs=[cmp_runs, cmp_all_settings, cmp_at],
+                        outputs=[cmp_step, cmp_loss, cmp_table, cmp_files, cmp_table_note, cmp_at, *eval_outputs],
                         api_visibility="private").then(
             draw, inputs=[cmp_runs, cmp_at], outputs=step_outputs, concurrency_id="cmp-grid",
             api_visibility="private")
@@ -606,7 +618,10 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
         # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
         cmp_step_api = gr.Number(visible=False, precision=0)
         cmp_api_btn = gr.Button(visible=False)
-        cmp_api_btn.click(compare_runs, inputs=[cmp_runs, cmp_step_api], outputs=cmp_outputs, api_name="compare")
+        cmp_api_btn.click(compare_runs, inputs=[cmp_runs, cmp_step_api, cmp_all_settings], outputs=cmp_outputs,
+                          api_name="compare")
+        cmp_all_settings.change(table_view, inputs=[cmp_runs, cmp_all_settings], outputs=[cmp_table, cmp_table_note],
+                                api_visibility="private")
         cmp_refresh.click(lambda: gr.Dropdown(choices=_follow_choices(runs_dir)), outputs=[cmp_runs],
                           api_visibility="private")
 

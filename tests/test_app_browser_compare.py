@@ -215,3 +215,18 @@ def test_the_lora_of_the_shown_step_downloads_per_run_with_the_step_in_its_name(
     expect(page.locator("#cmp-step-note")).to_contain_text("step 0 is the base model", timeout=10_000)
     expect(box).to_have_count(0)
     assert {r: files_of(r) for r in (lora, flat)} == before
+
+
+def test_the_settings_table_shows_what_differs_and_all_on_request(tmp_path, serve):
+    from playwright.sync_api import expect
+
+    make_pair(tmp_path / "runs", "tab")
+    page = serve(tmp_path / "runs")
+    table = page.locator("#cmp-table")
+    expect(table).to_contain_text("flat_sigma", timeout=30_000)
+    expect(table).to_contain_text("final_loss")
+    expect(table).not_to_contain_text("learning_rate")  # the same in both runs
+    expect(page.locator("#cmp-table-note")).to_contain_text("Only the 1 of")
+    page.locator("#cmp-all-settings input[type=checkbox]").check()
+    expect(table).to_contain_text("learning_rate", timeout=10_000)
+    expect(page.locator("#cmp-table-note")).to_contain_text("All ")

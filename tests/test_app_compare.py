@@ -142,3 +142,28 @@ def test_a_cancelled_runs_files_count_at_the_step_it_stopped_and_files_without_m
     other = make_run(runs_dir, "other", "lora", None, final=False)  # files another tool wrote, no metadata
     (other / "pytorch_lora_weights.safetensors").write_bytes(b"")
     assert {r.name: r for r in list_runs(runs_dir)}["other"].final_lora_step() == 8
+
+
+def test_the_settings_table_holds_what_differs_unless_all_are_asked_for(tmp_path):
+    from app.compare_table import settings_table
+
+    runs_dir = tmp_path / "runs"
+    make_pair(runs_dir, "ab")  # identical but for flat_sigma; output_dir, output_name, images: each its own
+    runs = sorted(list_runs(runs_dir), key=lambda r: r.name, reverse=True)
+    headers, rows, note = settings_table(runs)
+    assert headers == ["setting", "ab-lora", "ab-flat"]
+    settings = [r[0] for r in rows if r[0] not in ("state", "step", "first_loss", "final_loss",
+                                                  "mean_loss_last_10pct", "it_per_s", "duration_s")]
+    assert settings == ["flat_sigma"] and rows[0] == ["flat_sigma", "0.0", "0.1"]
+    assert rows[-1][0] == "duration_s"  # then the metrics
+    assert note.startswith("Only the 1 of ") and "show all settings" in note
+    _, rows, note = settings_table(runs, show_all=True)
+    shown = [r[0] for r in rows]
+    assert {"seed", "output_dir", "instance_data_dir", "validation_seeds"} <= set(shown)
+    assert shown.index("pretrained_model_name_or_path") == 0 and note.startswith("All ")
+    # a folder outside the run (typed by the user) is a real difference
+    flat = runs_dir / "ab-flat" / "config.yaml"
+    flat.write_text(flat.read_text().replace(f"instance_data_dir: {runs_dir / 'ab-flat'}/instance_images",
+                                             "instance_data_dir: /data/other-images"))
+    _, rows, _ = settings_table(runs)
+    assert [r[0] for r in rows][:2] == ["flat_sigma", "instance_data_dir"]
