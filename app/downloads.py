@@ -61,8 +61,10 @@ def step_files(runs: list[Run], steps: list[int | None]) -> tuple[list[Path], st
             files += [offer(run, path, download_name(run.name, fmt, step)) for fmt, path in saved[step].items()]
         else:
             kept = ", ".join(str(s) for s in saved) or "none yet"
-            missing.append(f"{run.name}: no LoRA file of step {step} (LoRA files at steps: {kept}; a checkpoint "
-                           f"keeps one, see Checkpoint every N steps)")
+            missing.append(f"{run.name}: no LoRA file of step {step} (LoRA files at steps: {kept})")
+    if missing:
+        missing.append("Each checkpoint keeps the LoRA of its step: with Checkpoint every N steps equal to "
+                       "Validate every N steps, every validation step has one.")
     if untrained:
         missing.append(f"{', '.join(untrained)}: step 0 is the base model before any training, there is no LoRA "
                        f"to download")

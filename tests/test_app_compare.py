@@ -126,7 +126,8 @@ def test_the_lora_of_a_step_is_its_checkpoints_file_or_the_finished_files_at_the
     (flat / "checkpoints/checkpoint-4/pytorch_lora_weights.safetensors").unlink()
     files, note = downloads.step_files([run["st-lora"], run["st-flat"]], [4, 4])
     assert [p.name for p in files] == ["st-lora_step4_diffusers.safetensors"]
-    assert note.startswith("st-flat: no LoRA file of step 4 (LoRA files at steps: 8;")
+    assert note.startswith("st-flat: no LoRA file of step 4 (LoRA files at steps: 8)  \n")
+    assert "Checkpoint every N steps" in note
     files, note = downloads.step_files([run["st-lora"], run["st-flat"]], [0, 0])
     assert files == [] and note.startswith("st-lora, st-flat: step 0 is the base model")
 
