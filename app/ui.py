@@ -224,7 +224,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     cmp_runs = gr.Dropdown(choices=_follow_choices(runs_dir), multiselect=True, scale=3, allow_custom_value=True,
                                            label="runs to compare (two or more)", elem_id="cmp-runs")
                     cmp_refresh = gr.Button("Refresh", scale=0)
-                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="step (of the runs' columns; the base-model column shows step 0)",
+                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0,
+                                     label="step (of the runs' columns; the base-model column shows step 0)",
                                      elem_id="cmp-step")
                 cmp_info = gr.Markdown(elem_id="cmp-info")
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,

@@ -25,8 +25,8 @@ def lora_file(path: Path, step: int, marker: float) -> None:
 
 
 def make_run(runs_dir: Path, name: str, variant: str, group: str | None, *, state: str = "completed",
-             total: int = 8, sample_steps=(0, 4, 8), checkpoints=(4,), final: bool = True, created_at: float | None = None,
-             seed: int = 3, extra_config: str = "") -> Path:
+             total: int = 8, sample_steps=(0, 4, 8), checkpoints=(4,), final: bool = True,
+             created_at: float | None = None, seed: int = 3, extra_config: str = "") -> Path:
     from PIL import Image
 
     run = runs_dir / name
@@ -37,7 +37,7 @@ def make_run(runs_dir: Path, name: str, variant: str, group: str | None, *, stat
         f"learning_rate: 0.001\nresolution: 32\nmax_train_steps: {total}\noutput_dir: {run}\noutput_name: {name}\n"
         f"instance_data_dir: {run / 'instance_images'}\nvalidation_prompt:\n- {PROMPT}\nvalidation_seeds:\n- 0\n- 1\n"
         + extra_config)
-    step = max(sample_steps) if state == "completed" and sample_steps else (total if state == "completed" else 0)
+    step = total if state == "completed" else max(sample_steps, default=0)  # where a cancelled run stopped
     (run / "status.json").write_text(json.dumps({"state": state, "step": step, "total": total, "message": state}))
     (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n"
                                                for i in range(1, step + 1)))

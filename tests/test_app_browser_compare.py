@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.compare_world import BASE_RED, COLOURS, files_of, make_pair, make_run
+from tests.compare_world import BASE_RED, COLOURS, files_of, make_pair
 from tests.test_app_browser import CHROMIUM, _HAVE_CHROMIUM, browser  # noqa: F401 (browser is a fixture)
 
 pytestmark = pytest.mark.skipif(not _HAVE_CHROMIUM, reason=f"no Chromium at {CHROMIUM} (apt-get install chromium)")
