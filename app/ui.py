@@ -597,7 +597,9 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return (slider, *runs_view(runs, show_all), at, *evaluation_view(runs))
 
         def draw(runs: list[str], at):
-            return step_view(runs, at["step"] if at else None)
+            """The grid of the step kept for this selection (the newest step when it was kept for another: the
+            page may send a selection's change before the selection itself)."""
+            return step_view(runs, at["step"] if at and at["runs"] == list(runs or []) else None)
 
         def move_step(runs: list[str], step: float | None):
             return (*step_view(runs, step), {"runs": list(runs or []), "step": step})
@@ -610,7 +612,7 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                         outputs=[cmp_step, cmp_loss, cmp_table, cmp_files, cmp_table_note, cmp_at, *eval_outputs],
                         api_visibility="private").then(
             draw, inputs=[cmp_runs, cmp_at], outputs=step_outputs, concurrency_id="cmp-grid",
-            api_visibility="private")
+            trigger_mode="always_last", api_visibility="private")  # "once" dropped a draw while one was pending
         # a step typed into the slider's number box fires input (Enter does not blur, so no release comes);
         # dragging fires input all along and release at the end: the newest value wins
         gr.on([cmp_step.input, cmp_step.release], move_step, inputs=[cmp_runs, cmp_step],
