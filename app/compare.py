@@ -1,14 +1,16 @@
-"""Runs side by side: validation-image grids at a step, settings and metrics tables, "generate now"."""
+"""Runs side by side: which runs to open on, validation-image grids with the base model, loss series,
+"generate now". (The settings table is compare_table.py; the downloads, downloads.py.)"""
 
 from __future__ import annotations
 
 import math
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
 
-from .runs import Run
+from .runs import Run, group_runs
 
 
 def _viewable(image, low: int = 160, high: int = 512):
@@ -33,6 +35,27 @@ def run_label(run: Run) -> str:
     return f"{run.name} ({kind})"
 
 
+def default_selection(runs: list[Run]) -> tuple[list[str], str]:
+    """(names, note): what the Compare tab opens on. The newest A/B pair in which every run has validation
+    images (a pair cancelled before its first images has nothing to compare), else the two newest runs with
+    images; none when no run has any, and then the one line that says so. `runs` newest first."""
+    with_images = {r.name for r in runs if r.sample_steps()}
+    groups_seen = set()
+    for run in runs:
+        if not run.ab_group or run.ab_group in groups_seen:
+            continue
+        groups_seen.add(run.ab_group)
+        pair = group_runs(runs, run.name)
+        if len(pair) > 1 and all(r.name in with_images for r in pair):
+            return [r.name for r in pair], ""
+    if with_images:
+        return [r.name for r in runs if r.name in with_images][:2], ""
+    if not runs:
+        return [], "No run yet: launch one in the Train tab."
+    return [], ("No run has validation images yet (a run makes them at step 0 when it has a validation "
+                "prompt): pick runs to compare their settings and files.")
+
+
 def all_steps(runs: list[Run]) -> list[int]:
     return sorted({s for r in runs for s in r.sample_steps()})
 
@@ -53,62 +76,80 @@ def step_at_or_before(run: Run, step: int | None) -> int | None:
     return earlier[-1] if earlier else steps[0]
 
 
-def validation_grid(runs: list[Run], step: int | None):
-    """(grid image or None, [used step per run]): one column per run, one row per (prompt, seed)."""
+# What a run's step-0 images depend on besides the prompt and seed of their row: runs that agree on these
+# share one base-model column (an A/B pair always does), runs that differ get one each.
+_BASELINE_SETTINGS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant",
+                      "single_file_config", "resolution", "validation_inference_steps", "validation_guidance_scale")
+
+
+@dataclass
+class Baseline:
+    """A base-model column: the step-0 validation images of `source` (the trainer validates before the first
+    step, when every LoRA init it offers adds exactly zero, so they are the base model's own images), shared
+    by `runs`; source None when none of them has step-0 images (a run started from a checkpoint)."""
+    runs: list[Run]
+    source: Run | None
+
+    def samples(self) -> dict[tuple[int, int], Path]:
+        return self.source.samples_at(0) if self.source else {}
+
+    def label(self, several: bool) -> str:
+        if self.source is None:
+            return "base model\nno step-0 images"
+        model = Path(str(self.source.config().get("pretrained_model_name_or_path") or "?")).name
+        return f"base model\n{model} · step 0" + (f"\nas in {self.runs[0].name}" if several else "")
+
+
+def baselines(runs: list[Run]) -> list[Baseline]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        cfg = run.config()
+        key = repr([cfg.get(k) for k in _BASELINE_SETTINGS] + [sorted(run.prompts().items())])
+        groups.setdefault(key, []).append(run)
+    return [Baseline(members, next((r for r in members if 0 in r.sample_steps()), None))
+            for members in groups.values()]
+
+
+def baseline_note(found: list[Baseline]) -> str:
+    """One line under the slider about the base-model column(s)."""
+    missing = [r.name for b in found if b.source is None for r in b.runs]
+    if not missing:
+        return "Base model: the runs' step-0 images (before the first training step, the LoRA adds zero)."
+    return (f"No step-0 images for {', '.join(missing)}, so its base-model column is empty: Generate now, with "
+            f"'include the base model', draws the base model's image of a prompt and seed.")
+
+
+def _open(path: Path | None):
     from PIL import Image
 
+    try:
+        return Image.open(path).convert("RGB") if path else None
+    except OSError:
+        return None
+
+
+def validation_grid(runs: list[Run], step: int | None):
+    """(grid image or None, [used step per run], [Baseline]): the base-model column(s), then one column per run;
+    one row per (prompt, seed)."""
     from flatlora_diffusion.sample import comparison_grid
 
     used = [step_at_or_before(r, step) for r in runs]
     per_run = [r.samples_at(s) if s is not None else {} for r, s in zip(runs, used)]
-    keys = sorted({k for samples in per_run for k in samples})
+    found = baselines(runs)
+    base_samples = [b.samples() for b in found]
+    keys = sorted({k for samples in per_run + base_samples for k in samples})
     if not keys:
-        return None, used
+        return None, used, found
     prompts: dict[int, str] = {}
     for r in runs:
         for p, text in r.prompts().items():
             prompts.setdefault(p, text)
-    columns = []
+    columns = [(b.label(len(found) > 1), [_viewable(_open(samples.get(k))) for k in keys])
+               for b, samples in zip(found, base_samples)]
     for run, s, samples in zip(runs, used, per_run):
-        images = []
-        for k in keys:
-            path = samples.get(k)
-            try:
-                images.append(Image.open(path).convert("RGB") if path else None)
-            except OSError:
-                images.append(None)
-        columns.append((f"{run_label(run)}\nstep {s}", [_viewable(im) for im in images]))
+        columns.append((f"{run_label(run)}\nstep {s}", [_viewable(_open(samples.get(k))) for k in keys]))
     labels = [f"{prompts.get(p, f'prompt {p}')} · seed {seed}" for p, seed in keys]
-    return comparison_grid(columns, row_labels=labels), used
-
-
-SETTINGS_SHOWN = ("pretrained_model_name_or_path", "flat_sigma", "flat_schedule", "seed", "rank", "lora_alpha",
-                  "learning_rate", "max_train_steps", "train_batch_size", "resolution", "train_text_encoder",
-                  "with_prior_preservation", "lr_scheduler", "optimizer", "mixed_precision")
-METRICS_SHOWN = ("state", "step", "first_loss", "final_loss", "mean_loss_last_10pct", "it_per_s", "duration_s")
-
-
-def settings_table(runs: list[Run]) -> tuple[list[str], list[list]]:
-    """(headers, rows): the key settings, every other setting that differs, then the metrics."""
-    configs = [r.config() for r in runs]
-    summaries = [r.summary() for r in runs]
-    keys = list(SETTINGS_SHOWN)
-    for key in sorted({k for c in configs for k in c}):
-        if key in keys or key in ("output_dir", "output_name", "instance_data_dir", "class_data_dir"):
-            continue
-        if len({repr(c.get(key)) for c in configs}) > 1:
-            keys.append(key)
-    rows = [[k] + [_cell(c.get(k)) for c in configs] for k in keys]
-    rows += [[k] + [_cell(s.get(k)) for s in summaries] for k in METRICS_SHOWN]
-    return ["setting"] + [r.name for r in runs], rows
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list):
-        return ", ".join(str(v) for v in value)
-    return str(value)
+    return comparison_grid(columns, row_labels=labels), used, found
 
 
 def loss_series(runs: list[Run], max_points: int = 2000) -> list[tuple[str, list[tuple[int, float]]]]:

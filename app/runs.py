@@ -21,6 +21,7 @@ import yaml
 from flatlora_diffusion.config import safe_load_yaml_text
 from flatlora_diffusion.run_dir import RunDir
 from flatlora_diffusion.run_dir import DIFFUSERS_WEIGHTS, write_json_atomic  # the run-directory contract
+from flatlora_diffusion.safetensors_io import read_metadata
 
 TERMINAL = ("completed", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -30,6 +31,7 @@ RUN_MARKERS = ("config.yaml", "status.json", APP_META)
 _META_CACHE: dict[Path, tuple[int, dict]] = {}
 _STEP_DIR = re.compile(r"step_(\d+)$")
 _SAMPLE = re.compile(r"(\d+)_(-?\d+)\.png$")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)$")  # published ones only: checkpoint-N.partial is being written
 
 
 def _read_json(path: Path, default):
@@ -125,6 +127,37 @@ class Run:
             others = sorted(p for p in self.path.glob("*.safetensors") if p.name != DIFFUSERS_WEIGHTS)
             kohya = others[0] if len(others) == 1 else None
         return {"kohya": kohya, "diffusers": diffusers if diffusers.is_file() else None}
+
+    def final_lora_step(self) -> int | None:
+        """The training step of the finished LoRA files (a cancelled run's are of the step it stopped at): their
+        metadata's ss_steps, else, for files without it, the step of a run that ended."""
+        files = self.exports()
+        for path in (files["diffusers"], files["kohya"]):
+            try:
+                steps = read_metadata(path).get("ss_steps") if path else None
+            except (OSError, ValueError):
+                continue
+            if steps and steps.isdigit():
+                return int(steps)
+        step = self.status().get("step")
+        if any(files.values()) and self.state in ("completed", "cancelled") and isinstance(step, int):
+            return step
+        return None
+
+    def lora_steps(self) -> dict[int, dict[str, Path]]:
+        """step -> {format: file} for every step with a LoRA file: each checkpoint's diffusers file, and the
+        finished files (both formats) at their step."""
+        out: dict[int, dict[str, Path]] = {}
+        folder = self.path / "checkpoints"
+        for p in (folder.iterdir() if folder.is_dir() else []):
+            m = _CHECKPOINT.match(p.name)
+            if m and (p / DIFFUSERS_WEIGHTS).is_file():
+                out[int(m.group(1))] = {"diffusers": p / DIFFUSERS_WEIGHTS}
+        final = {fmt: path for fmt, path in self.exports().items() if path}
+        step = self.final_lora_step() if final else None
+        if step is not None:
+            out[step] = final
+        return dict(sorted(out.items()))
 
     # --- the app's files ----------------------------------------------------------------------------------
     def meta(self) -> dict[str, Any]:

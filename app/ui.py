@@ -15,7 +15,7 @@ import gradio as gr
 
 from flatlora_diffusion.config import ConfigError
 
-from . import chart, compare, evaluations, form, manage, plan
+from . import chart, compare, compare_table, downloads, evaluations, form, manage, plan
 from .eval_job import EvaluationRefused
 from .launcher import Launcher
 from .runs import ACTIVE, TERMINAL, Run, format_eta, get_run, group_runs, list_runs, safe_name
@@ -224,14 +224,23 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     cmp_runs = gr.Dropdown(choices=_follow_choices(runs_dir), multiselect=True, scale=3, allow_custom_value=True,
                                            label="runs to compare (two or more)", elem_id="cmp-runs")
                     cmp_refresh = gr.Button("Refresh", scale=0)
-                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0, label="step (0 = untrained baseline)",
+                cmp_step = gr.Slider(minimum=0, maximum=1, step=1, value=0,
+                                     label="step (of the runs' columns; the base-model column shows step 0)",
                                      elem_id="cmp-step")
-                cmp_info = gr.Markdown()
+                cmp_info = gr.Markdown(elem_id="cmp-info")
                 cmp_grid = gr.Image(label="validation images", type="pil", format="png", interactive=False,
                                     elem_id="cmp-grid")
+                cmp_step_files = gr.File(label="LoRA of the shown step, per run (named <run>_step<N>_<format>)",
+                                         file_count="multiple", interactive=False, elem_id="cmp-step-files")
+                cmp_step_note = gr.Markdown(elem_id="cmp-step-note")
                 cmp_loss = gr.HTML(label="loss", elem_id="cmp-loss")
-                cmp_table = gr.Dataframe(label="settings and metrics", interactive=False)
-                cmp_files = gr.File(label="LoRA files of the selected runs", file_count="multiple",
+                with gr.Row():
+                    cmp_table_note = gr.Markdown(elem_id="cmp-table-note")
+                    cmp_all_settings = gr.Checkbox(label="show all settings", value=False, scale=0,
+                                                   elem_id="cmp-all-settings")
+                cmp_table = gr.Dataframe(label="settings and metrics", interactive=False, elem_id="cmp-table")
+                cmp_files = gr.File(label="final LoRA files of the selected runs (named <run>_<format>)",
+                                    file_count="multiple",
                                     interactive=False, elem_id="cmp-files")
                 with gr.Accordion("Evaluation: held-out loss, sharpness, image scores", open=True):
                     with gr.Row():
@@ -519,50 +528,43 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
                     raise _user_error(e) from None
             return runs
 
-        def compare_runs(runs: list[str], step: float | None):
+        def step_view(runs: list[str], step: float | None):
+            """What the slider changes: the image grid, the line that says which steps it shows, and the LoRA
+            files of those steps."""
+            picked = _picked(runs)
+            if not picked:  # nothing selected: say why, when it is that no run has images
+                return None, compare.default_selection(list_runs(runs_dir))[1] or "Pick two or more runs.", [], ""
+            steps = compare.all_steps(picked)
+            if not steps:
+                return None, "These runs have no validation images yet.", [], ""
+            grid, used, found = compare.validation_grid(picked, int(step) if step is not None else None)
+            info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
+                    + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))
+                    + ".  \n" + compare.baseline_note(found))
+            files, note = downloads.step_files(picked, used)
+            return grid, info, [str(p) for p in files], note
+
+        def table_view(runs: list[str], show_all: bool):
+            """The settings table (those that differ, or all) and the line that says which it holds."""
             picked = _picked(runs)
             if not picked:
-                return None, "Pick two or more runs.", loss_chart([]), None, []
-            steps = compare.all_steps(picked)
-            grid, used = compare.validation_grid(picked, int(step) if step is not None else None)
-            headers, rows = compare.settings_table(picked)
-            files = [str(p) for r in picked for p in r.exports().values() if p is not None]
-            info = ("Validation steps: " + ", ".join(str(s) for s in steps) + ". Shown: "
-                    + ", ".join(f"{r.name} at step {u}" for r, u in zip(picked, used))) if steps \
-                else "These runs have no validation images yet."
-            return grid, info, loss_chart(picked), {"headers": headers, "data": rows}, files
+                return None, ""
+            headers, rows, note = compare_table.settings_table(picked, bool(show_all))
+            return {"headers": headers, "data": rows}, note
 
-        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files]
-
-        def pick_runs(runs: list[str]):
+        def runs_view(runs: list[str], show_all: bool):
+            """What does not depend on the step: the loss curves, the settings table, the LoRA files."""
             picked = _picked(runs)
-            steps = compare.all_steps(picked)
-            top = steps[-1] if steps else 0
-            slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
-            return (slider, *compare_runs(runs, top))
+            downloads.prune(runs_dir)
+            files = [str(p) for r in picked for p in downloads.final_files(r)]
+            table, note = table_view(runs, show_all)
+            return loss_chart(picked), table, files, note
 
-        cmp_runs.change(pick_runs, inputs=[cmp_runs], outputs=[cmp_step, *cmp_outputs], api_visibility="private")
-        cmp_step.release(compare_runs, inputs=[cmp_runs, cmp_step], outputs=cmp_outputs, api_visibility="private")
-        # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
-        cmp_step_api = gr.Number(visible=False, precision=0)
-        cmp_api_btn = gr.Button(visible=False)
-        cmp_api_btn.click(compare_runs, inputs=[cmp_runs, cmp_step_api], outputs=cmp_outputs, api_name="compare")
-        cmp_refresh.click(lambda: gr.Dropdown(choices=_follow_choices(runs_dir)), outputs=[cmp_runs],
-                          api_visibility="private")
+        def compare_runs(runs: list[str], step: float | None, show_all: bool = False):
+            grid, info, step_files, step_note = step_view(runs, step)
+            loss, table, files, table_note = runs_view(runs, show_all)
+            return grid, info, loss, table, files, step_files, step_note, table_note
 
-        def default_compare(selected):
-            """Preselect the newest A/B pair (or the two newest runs) when the page opens."""
-            runs = list_runs(runs_dir)
-            names = [r.name for r in runs]
-            if selected:
-                return gr.Dropdown(choices=names)
-            pair = next((group_runs(runs, r.name) for r in runs if r.ab_group), None)
-            value = [r.name for r in pair] if pair else names[:2]
-            return gr.Dropdown(choices=names, value=value)
-
-        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
-
-        # ------------------------------------------------------------------ Compare: evaluation
         def evaluation_view(runs: list[str]):
             """The evaluation table (one row per selected run; 'not evaluated' without eval.json), the sharpness
             curves of the evaluated ones, and where each run's evaluation stands."""
@@ -573,10 +575,73 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             return ({"headers": headers, "data": rows}, chart.sharpness_svg(evaluations.sharpness_series(picked)),
                     status or "Pick runs to see their evaluation.")
 
+        step_outputs = [cmp_grid, cmp_info, cmp_step_files, cmp_step_note]
+        cmp_outputs = [cmp_grid, cmp_info, cmp_loss, cmp_table, cmp_files, cmp_step_files, cmp_step_note,
+                       cmp_table_note]
         eval_outputs = [cmp_eval_table, cmp_sharp, cmp_eval_msg]
+        # the selection and step the grid shows, kept on the server: a slider value set by an answer reaches the
+        # page's slider a moment later than a following .then reads it, so the grid follows this, not that
+        cmp_at = gr.State(None)
+
+        def pick_runs(runs: list[str], show_all: bool, at):
+            """A new selection puts the slider on its newest step. The same selection again (the page sends its
+            change more than once while it opens) keeps the step where the user put it."""
+            picked = _picked(runs)
+            names = [r.name for r in picked]
+            slider = gr.skip()
+            if not at or at["runs"] != names:
+                steps = compare.all_steps(picked)
+                top = steps[-1] if steps else 0
+                slider = gr.Slider(minimum=0, maximum=max(top, 1), step=compare.step_granularity(steps), value=top)
+                at = {"runs": names, "step": top}
+            return (slider, *runs_view(runs, show_all), at, *evaluation_view(runs))
+
+        def draw(runs: list[str], at):
+            """The grid of the step kept for this selection (the newest step when it was kept for another: the
+            page may send a selection's change before the selection itself)."""
+            return step_view(runs, at["step"] if at and at["runs"] == list(runs or []) else None)
+
+        def move_step(runs: list[str], step: float | None):
+            return (*step_view(runs, step), {"runs": list(runs or []), "step": step})
+
+        # One listener only: Gradio's multiselect dropdown fires change whenever its value is sent anew, even
+        # unchanged, and with two listeners of its change each one's answer set off the other again: the tab
+        # redrew itself every second and its busy overlays caught the clicks. All grid drawing shares one
+        # queue, so the drawing asked for last is the one left on the page.
+        cmp_runs.change(pick_runs, inputs=[cmp_runs, cmp_all_settings, cmp_at],
+                        outputs=[cmp_step, cmp_loss, cmp_table, cmp_files, cmp_table_note, cmp_at, *eval_outputs],
+                        api_visibility="private").then(
+            draw, inputs=[cmp_runs, cmp_at], outputs=step_outputs, concurrency_id="cmp-grid",
+            trigger_mode="always_last", api_visibility="private")  # "once" dropped a draw while one was pending
+        # a step typed into the slider's number box fires input (Enter does not blur, so no release comes);
+        # dragging fires input all along and release at the end: the newest value wins
+        gr.on([cmp_step.input, cmp_step.release], move_step, inputs=[cmp_runs, cmp_step],
+              outputs=[*step_outputs, cmp_at], trigger_mode="always_last", show_progress="hidden",
+              concurrency_id="cmp-grid", api_visibility="private")
+        # for scripts: the slider's bounds follow the selected runs, so the API takes the step as a plain number
+        cmp_step_api = gr.Number(visible=False, precision=0)
+        cmp_api_btn = gr.Button(visible=False)
+        cmp_api_btn.click(compare_runs, inputs=[cmp_runs, cmp_step_api, cmp_all_settings], outputs=cmp_outputs,
+                          api_name="compare")
+        cmp_all_settings.change(table_view, inputs=[cmp_runs, cmp_all_settings], outputs=[cmp_table, cmp_table_note],
+                                api_visibility="private")
+        cmp_refresh.click(lambda: gr.Dropdown(choices=_follow_choices(runs_dir)), outputs=[cmp_runs],
+                          api_visibility="private")
+
+        def default_compare(selected):
+            """Preselect runs with images to compare (compare.default_selection) when the page opens and when
+            the tab is opened with nothing selected; the user's own selection stays."""
+            runs = list_runs(runs_dir)
+            names = [r.name for r in runs]
+            if selected:
+                return gr.Dropdown(choices=names)
+            return gr.Dropdown(choices=names, value=compare.default_selection(runs)[0])
+
+        demo.load(default_compare, inputs=[cmp_runs], outputs=[cmp_runs], api_visibility="private")
+
+        # ------------------------------------------------------------------ Compare: evaluation
         eval_api_btn = gr.Button(visible=False)
         eval_api_btn.click(evaluation_view, inputs=[cmp_runs], outputs=eval_outputs, api_name="evaluations")
-        cmp_runs.change(evaluation_view, inputs=[cmp_runs], outputs=eval_outputs, api_visibility="private")
 
         def evaluate_runs(runs: list[str]):
             """Queue `flatlora-diffusion evaluate` for each selected finished run (one job at a time, in the

@@ -146,6 +146,19 @@ def test_train_follow_compare_in_the_browser(page_url, browser):
     page.get_by_role("tab", name="Compare").click()
     page.locator("#cmp-grid img").wait_for(timeout=30_000)
     expect(page.locator("#cmp-loss polyline.run")).to_have_count(2, timeout=10_000)
+    # the trainer's step-0 images make the base-model column; the files download under their run's name
+    expect(page.locator("#cmp-info")).to_contain_text("Base model: the runs' step-0 images", timeout=10_000)
+    expect(page.locator("#cmp-files td.filename")).to_have_count(4, timeout=10_000)
+    with page.expect_download(timeout=20_000) as download:
+        page.locator("#cmp-files a[download='browser-flat_diffusers.safetensors']").click()
+    assert download.value.suggested_filename == "browser-flat_diffusers.safetensors"
+    # the LoRA of the shown step: the finished files at step 16; at step 8 (no checkpoint) the page says so
+    expect(page.locator("#cmp-step-files td.filename")).to_have_count(4, timeout=10_000)
+    number = page.locator("#cmp-step input[type=number]")
+    number.fill("8")
+    number.press("Enter")
+    expect(page.locator("#cmp-step-note")).to_contain_text("browser-flat: no LoRA file of step 8 (LoRA files at "
+                                                           "steps: 16)", timeout=10_000)
     shot(page, "5-compare-tab")
     page.locator("#gen-prompt").locator("input, textarea").first.fill("a sks toy on the beach")
     page.locator("#gen-btn").click()

@@ -88,8 +88,8 @@ def test_ab_run_end_to_end(server, tiny):
     client, runs_dir, launcher = server
     t0 = time.monotonic()
     message, follow_value = client.predict(
-        ab_on=True, name="e2e", images=[handle_file(str(p)) for p in tiny["images"]], **form(tiny),
-        api_name="/launch")
+        ab_on=True, name="e2e", images=[handle_file(str(p)) for p in tiny["images"]],
+        **form(tiny, checkpointing_steps=3), api_name="/launch")
     assert "e2e-lora" in message and "e2e-flat" in message
     assert (follow_value.get("value") if isinstance(follow_value, dict) else follow_value) == "e2e-lora"
 
@@ -120,15 +120,33 @@ def test_ab_run_end_to_end(server, tiny):
     assert "[app] trainer exited with code 0" in (runs_dir / "e2e-flat" / "train.log").read_text()
 
     # compare: one column per run, one row per prompt and seed (2 x 2), at the last step and at step 0
-    grid, info, loss, table, files = client.predict(runs=["e2e-lora", "e2e-flat"], step=6, api_name="/compare")
+    grid, info, loss, table, files, step_files, _, table_note = client.predict(runs=["e2e-lora", "e2e-flat"], step=6,
+                                                                               api_name="/compare")
     assert "0, 3, 6" in info
     grid_img = Image.open(grid)
     assert grid_img.height > 4 * 160 and grid_img.width > 2 * 160
-    base, *_ = client.predict(runs=["e2e-lora", "e2e-flat"], step=0, api_name="/compare")
+    base, *_, step0_files, step0_note, _ = client.predict(runs=["e2e-lora", "e2e-flat"], step=0,
+                                                          api_name="/compare")
     assert Image.open(base).size == grid_img.size
-    assert {row[0] for row in table["data"]} >= {"flat_sigma", "seed", "final_loss"}
-    assert {Path(f).name for f in files} == {"e2e-lora.safetensors", "e2e-flat.safetensors",
-                                              "pytorch_lora_weights.safetensors"}
+    assert not step0_files and "step 0 is the base model" in step0_note
+    # the LoRA of the shown step: the finished files at the last step (their metadata says 6), checkpoint-3's
+    # file at step 3, each under a name with its run, step and format
+    assert sorted(Path(f).name for f in step_files) == [
+        "e2e-flat_step6_diffusers.safetensors", "e2e-flat_step6_kohya.safetensors",
+        "e2e-lora_step6_diffusers.safetensors", "e2e-lora_step6_kohya.safetensors"]
+    *_, step3_files, _, _ = client.predict(runs=["e2e-lora", "e2e-flat"], step=3, api_name="/compare")
+    assert sorted(Path(f).name for f in step3_files) == ["e2e-flat_step3_diffusers.safetensors",
+                                                         "e2e-lora_step3_diffusers.safetensors"]
+    flat3 = next(f for f in step3_files if "flat" in Path(f).name)
+    assert Path(flat3).read_bytes() == \
+        (runs_dir / "e2e-flat" / "checkpoints" / "checkpoint-3" / "pytorch_lora_weights.safetensors").read_bytes()
+    # the settings in which the A/B pair differs (sigma, not the seeds they share), then the metrics; all on request
+    assert "flat_sigma" in {row[0] for row in table["data"]} and "seed" not in {row[0] for row in table["data"]}
+    assert "final_loss" in {row[0] for row in table["data"]} and "settings that differ" in table_note
+    all_table = client.predict(runs=["e2e-lora", "e2e-flat"], step=6, show_all=True, api_name="/compare")[3]
+    assert {"flat_sigma", "seed", "final_loss"} <= {row[0] for row in all_table["data"]}
+    assert {Path(f).name for f in files} == {"e2e-lora_kohya.safetensors", "e2e-lora_diffusers.safetensors",
+                                              "e2e-flat_kohya.safetensors", "e2e-flat_diffusers.safetensors"}
     assert "data-lines='2'" in loss and loss.count("<polyline class='run'") == 2
     assert "e2e-lora (LoRA)" in loss and "e2e-flat (Flat-LoRA sigma=0.1)" in loss
 
