@@ -434,6 +434,8 @@ def build_app(runs_dir, launcher: Launcher, generator: compare.Generator | None 
             except OSError:
                 cfg_text = ""
             k, d = files["kohya"], files["diffusers"]
+            if d:  # every run's diffusers file is pytorch_lora_weights.safetensors: offered as <run>_diffusers
+                d = downloads.offer(run, d, downloads.download_name(run.name, "diffusers"))
             return (run.summary(), cfg_text,
                     gr.DownloadButton(f"kohya file: {k.name}" if k else "kohya file", value=str(k) if k else None,
                                       visible=k is not None),

@@ -140,6 +140,11 @@ def test_train_follow_compare_in_the_browser(page_url, browser):
     with page.expect_download(timeout=20_000) as download:
         page.locator("#dl-kohya").click()
     assert download.value.suggested_filename == "browser-flat.safetensors"
+    # the diffusers file (pytorch_lora_weights.safetensors in every run folder) downloads under the run's name
+    assert "browser-flat_diffusers.safetensors" in page.locator("#dl-diffusers").inner_text()
+    with page.expect_download(timeout=20_000) as download:
+        page.locator("#dl-diffusers").click()
+    assert download.value.suggested_filename == "browser-flat_diffusers.safetensors"
     shot(page, "4-runs-tab")
 
     # Compare tab: the A/B pair is preselected and its grid appears; then generate now
