@@ -1,7 +1,8 @@
 """Trainer: one training run inside its run folder, from loaded models to the finished LoRA files.
 
 Read `run` top to bottom: set-up -> resume -> loop -> finish. The parts live in the mixins of this package, one
-concern each; they share the Trainer's state (below) and call each other's methods through `self`:
+concern each; they share the Trainer's state (below) and call each other's methods through `self`. (Mixins, not
+separate objects: the parts share most of this state, and each method reads as it did when they were one class.)
 
     setup.py        SetupMixin        accelerator, models + LoRA, optimizer + lr schedule, Flat-LoRA, the step
     batches.py      BatchesMixin      dataset and loader, latent cache, a loader batch -> StepBatch
