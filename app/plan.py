@@ -9,7 +9,7 @@ on the page and the config.yaml that prepare_runs writes:
 - Validation prompts empty: the instance prompt.
 - Validate every N steps and every N epochs both empty: every quarter of the run.
 
-Steps per epoch follow the trainer (train.py): the dataset is the images x their kohya repeats x Repeats
+Steps per epoch follow the trainer (trainer/setup.py): the dataset is the images x their kohya repeats x Repeats
 (with prior preservation, at least the class images), in batches of Batch size, Gradient accumulation
 batches per step. Seconds per step come from earlier runs' metrics.jsonl with the same model, resolution and
 batch. Pure Python: no Gradio, no training code.
@@ -29,7 +29,7 @@ from flatlora_diffusion.config import TrainConfig
 from .runs import list_runs
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}  # data.IMAGE_EXTENSIONS
-_KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")  # "10_sks dog": these images 10 times per epoch (data.py)
+_KOHYA_FOLDER = re.compile(r"^(\d+)_(.*)$")  # "10_sks dog": these images 10 times per epoch (data/records.py)
 VALIDATIONS_PER_RUN = 4  # besides step 0: a quarter of the run apart
 FEW_STEPS = 50  # below this a LoRA barely moves away from the base model
 _SPEED_KEYS = ("pretrained_model_name_or_path", "resolution", "train_batch_size", "gradient_accumulation_steps",

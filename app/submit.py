@@ -62,7 +62,7 @@ MAX_CAPTION_BYTES = 64 * 1024  # a caption is a line; the bound keeps a stray up
 
 
 def caption_suffix(values: dict[str, Any]) -> str:
-    """The caption files' extension as the trainer reads it (data.py adds a missing dot)."""
+    """The caption files' extension as the trainer reads it (data/records.py adds a missing dot)."""
     ext = values.get("caption_extension") or ".txt"
     return ext if ext.startswith(".") else "." + ext
 
@@ -155,7 +155,7 @@ def check_instance_folder(text: str, instance_prompt: str | None, caption_extens
     folder = _typed_folder(text, "instance_data_dir")
     try:
         from flatlora_diffusion.data import DataError, scan_image_folder
-    except ImportError:  # pragma: no cover - data.py is part of the package
+    except ImportError:  # pragma: no cover - data/ is part of the package
         if not _images_in(folder):
             raise SubmitError(f"instance_data_dir {folder} holds no images") from None
         return folder
@@ -271,7 +271,7 @@ def prepare_runs(
                 images.mkdir()
                 for i, (src, ext, caption) in enumerate(upload_files):
                     shutil.copyfile(src, images / f"image_{i:03d}{ext}")
-                    if caption is not None:  # beside its image, as the trainer reads captions (data.py)
+                    if caption is not None:  # beside its image, as the trainer reads captions (data/records.py)
                         (images / f"image_{i:03d}{caption_suffix(values)}").write_text(caption + "\n", encoding="utf-8")
             save_yaml(cfg, run_dir / "config.yaml")
             meta = {"created_at": time.time(), "created_by": "flatlora-diffusion app",

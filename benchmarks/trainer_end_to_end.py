@@ -40,7 +40,7 @@ SCALING = {"sdxl": 0.13025, "sd15": 0.18215}
 
 
 def build_full_size(arch: str, out: Path) -> Path:
-    """A pipeline folder with the real model sizes and random weights (tokenizers and scheduler from tiny.py)."""
+    """A pipeline folder with the real model sizes and random weights (tokenizers and scheduler from tiny/)."""
     from bench_flat import te_configs, unet_config
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection

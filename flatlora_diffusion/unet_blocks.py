@@ -2,7 +2,7 @@
 
 One table, read in both directions: kohya LoRA files that sd-scripts writes for SDXL carry LDM names
 (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``) that export reads back as diffusers paths, and the
-tiny test models are written as single-file checkpoints in the LDM layout (tiny.py).
+tiny test models are written as single-file checkpoints in the LDM layout (tiny/single_file.py).
 
 The LDM UNet is a flat list of input blocks (conv_in, then per level `layers_per_block` resnet[+attention]
 blocks and, except on the last level, a downsampler), a 3-part middle block (resnet, attention, resnet), and

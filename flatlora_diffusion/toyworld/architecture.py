@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..tiny import MODEL_MAX_LENGTH
+from ..tiny.tokenizer import MODEL_MAX_LENGTH
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def build_scheduler():
 
 def build_tokenizer(out_dir):
     """A CLIP-style BPE tokenizer whose vocabulary holds every toy-world word (and common prompt words)."""
-    from ..tiny import _CORPUS, build_clip_tokenizer
+    from ..tiny.tokenizer import CORPUS, build_clip_tokenizer
     from .world import vocabulary_corpus
 
-    return build_clip_tokenizer(out_dir, corpus=vocabulary_corpus() + "\n" + _CORPUS)
+    return build_clip_tokenizer(out_dir, corpus=vocabulary_corpus() + "\n" + CORPUS)

@@ -1,0 +1,109 @@
+"""From the user's images to the StepBatch of each step: the dataset and loader (with class images and the
+latent cache), VAE latents, and the text inputs (token ids, or cached embeddings while the encoders are frozen)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """The dataset with every item's pixels replaced by its VAE latents, encoded once (--cache_latents).
+
+    As in diffusers' scripts, each image's crop and flip are then those of the first epoch."""
+
+    def __init__(self, dataset, encode):
+        self.dataset = dataset
+        self.items = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            examples = list(item) if isinstance(item, (tuple, list)) else [item]
+            for e in examples:
+                e.pixel_values = encode(e.pixel_values[None])[0].cpu()
+            self.items.append(tuple(examples))
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def bucket_of(self, i):
+        return self.dataset.bucket_of(i)
+
+    def set_epoch(self, epoch):
+        self.dataset.set_epoch(epoch)
+
+    @property
+    def epoch(self):
+        return self.dataset.epoch
+
+
+class BatchesMixin:
+    """Part of Trainer (see trainer.py for the state it shares)."""
+
+    def _prepare_data(self) -> None:
+        from ..data import (BucketConfig, DreamBoothDataset, load_class_records, load_hf_dataset_records,
+                            make_dataloader)
+
+        cfg = self.cfg
+        records = self.plan.records
+        if records is None:
+            records = load_hf_dataset_records(cfg.dataset_name, cfg.dataset_config_name, cfg.image_column,
+                                              cfg.caption_column, cfg.instance_prompt, cfg.cache_dir)
+        class_records = None
+        if cfg.with_prior_preservation:
+            self._generate_class_images()
+            class_records = load_class_records(cfg.class_data_dir, cfg.class_prompt, cfg.num_class_images,
+                                               cfg.caption_extension)
+        buckets = None
+        if cfg.aspect_ratio_buckets:
+            buckets = BucketConfig(min_reso=cfg.min_bucket_reso, max_reso=cfg.max_bucket_reso,
+                                   step=cfg.bucket_reso_steps, no_upscale=cfg.bucket_no_upscale)
+        self.dataset = DreamBoothDataset(records, class_records, resolution=cfg.resolution, center_crop=cfg.center_crop,
+                                         random_flip=cfg.random_flip, interpolation=cfg.image_interpolation_mode,
+                                         buckets=buckets, repeats=cfg.repeats, seed=cfg.seed)
+        self.num_images = len(records)
+        self.num_class_images = len(class_records or [])
+        if cfg.cache_latents:
+            self._status("caching latents")
+            self.dataset = LatentCache(self.dataset, self._encode_pixels)
+        self.dataloader = make_dataloader(self.dataset, cfg.train_batch_size, cfg.seed, cfg.dataloader_num_workers)
+        self.embedding_cache: dict[str, tuple] = {}
+
+    @torch.no_grad()
+    def _encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        latents = vae.encode(pixel_values.to(self.acc.device, vae.dtype)).latent_dist.sample(
+            generator=torch.Generator(device=self.acc.device).manual_seed(0)
+        )
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.weight_dtype)
+
+    def _text_inputs(self, prompts: list[str]) -> dict:
+        """input_ids (text encoders trained) or cached embeddings (frozen)."""
+        from ..models import tokenize
+        from ..step import encode_prompts
+
+        c = self.components
+        if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
+            return {"input_ids": [tokenize(tok, prompts) for tok in c.tokenizers]}
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.embedding_cache]
+        if missing:
+            with torch.no_grad(), self.acc.autocast():
+                embeds, pooled = encode_prompts(c.text_encoders, [tokenize(t, missing) for t in c.tokenizers], c.arch)
+            for i, p in enumerate(missing):
+                self.embedding_cache[p] = (embeds[i], None if pooled is None else pooled[i])
+        embeds = torch.stack([self.embedding_cache[p][0] for p in prompts])
+        pooled = torch.stack([self.embedding_cache[p][1] for p in prompts]) if self.is_sdxl else None
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+
+    def _make_step_batch(self, batch: dict):
+        from ..step import StepBatch
+
+        if self.cfg.cache_latents:
+            latents = batch["pixel_values"].to(self.acc.device)  # LatentCache put latents there
+        else:
+            latents = self._encode_pixels(batch["pixel_values"])
+        time_ids = batch["time_ids"].to(self.acc.device, self.weight_dtype) if self.is_sdxl else None
+        return StepBatch(latents=latents, time_ids=time_ids, n_class=int(batch["is_class"].sum()),
+                         **self._text_inputs(batch["prompts"]))

@@ -1,0 +1,107 @@
+"""The images a run generates with its own pipeline: prior-preservation class images before the first step,
+validation images during the run (samples/step_<N>/, published whole by one rename)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import faults
+from .errors import Cancelled
+
+
+def _bar(total: int, desc: str):
+    """A progress bar on stderr like the steps bar (log lines go through tqdm.write and stay off it)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+class ImagesMixin:
+    """Part of Trainer (see trainer.py for the state it shares)."""
+
+    def _sampling_pipeline(self):
+        from diffusers import DPMSolverMultistepScheduler
+
+        c = self.components
+        scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
+        pipe = c.pipeline(scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)  # one bar per image set (ours), not one per image
+        return pipe
+
+    def _generate_class_images(self) -> None:
+        """--with_prior_preservation: the images --class_data_dir lacks of --num_class_images, made before the
+        first step (main process; the others wait)."""
+        from ..data import generate_class_images
+
+        cfg = self.cfg
+        self._status("generating class images")
+        if self.acc.is_main_process:
+            bars: list = []
+
+            def progress(done: int, missing: int) -> None:  # a bar for what generation really makes
+                if not bars:
+                    bars.append(_bar(missing, "Class images"))
+                bars[0].update(done - bars[0].n)
+
+            try:
+                generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
+                                      cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
+                                      progress=progress,
+                                      pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+            finally:
+                for bar in bars:
+                    bar.close()
+        self.acc.wait_for_everyone()
+
+    def _validate(self) -> None:
+        """Validation images of the current step (main process; the others wait), unless already made."""
+        cfg, acc = self.cfg, self.acc
+        out = self.run_dir.sample_dir(self.global_step)
+        if cfg.validation_prompt and acc.is_main_process and not (out / ".complete").exists():
+            self._make_validation_images(out)
+        acc.wait_for_everyone()
+
+    @torch.no_grad()
+    def _make_validation_images(self, out: Path) -> None:
+        cfg, acc = self.cfg, self.acc
+        self._status(f"validation images at step {self.global_step}")
+        models = [self.components.unet, *self.components.text_encoders]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()
+        pipe = self._sampling_pipeline()
+        tmp = out.with_name(out.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        size = cfg.resolution
+
+        def stop_if_cancelled(pipe, i, t, kwargs):  # Cancel while sampling: between denoising steps
+            if self.cancelled["flag"]:
+                raise Cancelled()
+            return kwargs
+
+        bar = _bar(len(cfg.validation_prompt) * len(cfg.validation_seeds), f"Validation images (step {self.global_step})")
+        for p, prompt in enumerate(cfg.validation_prompt):
+            for seed in cfg.validation_seeds:
+                gen = torch.Generator(device="cpu").manual_seed(int(seed))
+                with acc.autocast():
+                    image = pipe(prompt, num_inference_steps=cfg.validation_inference_steps,
+                                 guidance_scale=cfg.validation_guidance_scale, generator=gen,
+                                 height=size, width=size, callback_on_step_end=stop_if_cancelled).images[0]
+                image.save(tmp / f"{p}_{seed}.png")
+                bar.update(1)
+                faults.hit("validation")
+                if self.cancelled["flag"]:
+                    bar.close()
+                    raise Cancelled()
+        bar.close()
+        (tmp / ".complete").write_text("")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        for m, mode in zip(models, modes):
+            m.train(mode)
