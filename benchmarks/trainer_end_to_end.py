@@ -10,7 +10,9 @@ per (batch, sigma): steady-state ms/step from metrics.jsonl (the steps after the
 job's wall time, and the peak GPU memory nvidia-smi sees (sampled every 50 ms). `--code DIR` runs the trainer
 from another source tree (e.g. `git worktree add /tmp/old <commit>`), so a before/after pair is timed on the
 same machine in one call. `--profile B` adds one in-process run at batch B with torch.profiler over five
-steady steps: time per kernel class, the GPU's busy share of the wall time, and host syncs per step.
+steady steps: time per kernel class, the GPU's busy share of the wall time, and per step the host-side scalar reads
+(`.item()`, also of CPU tensors) plus stream synchronisations ("host_syncs_per_step"). The profiler slows SDXL
+steps ~3x, so its per-kernel times are inflated; the timed runs above are the figures to quote.
 `--bare-step` adds the benchmark's own graphed step (bench_flat.py's step on a pre-made batch) for reference.
 Writes DIR/results.json (and DIR/profile_*.txt); prints one line per run.
 """
