@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pretrain import _cosine_lr, _log, render_dataset, sha256, to_model_range
+from .pretrain import _cosine_lr, _log, append_stage, render_dataset, to_model_range
 from .render import render_variety
 
 
@@ -117,14 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     vae = generalize(vae, cfg, dev, checkpoint)
     _save(vae, model / "vae")
-    record_file = model.parent / "pretrain.json"
-    record = json.loads(record_file.read_text()) if record_file.exists() else {}
     stage = {"command": "python -m flatlora_diffusion.toyworld.generalize_vae", "config": asdict(cfg),
              "device": args.device, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
-    record.setdefault("stages", []).append(stage)
-    record.setdefault("sha256", {})["model/vae/diffusion_pytorch_model.safetensors"] = sha256(
-        model / "vae" / "diffusion_pytorch_model.safetensors")
-    record_file.write_text(json.dumps(record, indent=1) + "\n")
+    append_stage(model.parent, stage, [f"{model.name}/vae/diffusion_pytorch_model.safetensors"])
     print(json.dumps(stage))
     return 0
 

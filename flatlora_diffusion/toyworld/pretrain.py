@@ -232,6 +232,14 @@ def train_unet(cfg: PretrainConfig, latents, latent_std, ids, empty_ids, tokeniz
     return unet.eval(), text_encoder.eval(), step
 
 
+def train_captioned_unet(cfg: PretrainConfig, scenes, latents, latent_std, tokenizer, device, gen: torch.Generator):
+    """train_unet on the scenes' captions (several wordings each) and the empty prompt for caption dropout."""
+    ids = caption_ids(cfg, scenes, tokenizer, cfg.seed)
+    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                          return_tensors="pt").input_ids[0]
+    return train_unet(cfg, latents, latent_std, ids, empty_ids, tokenizer, device, gen)
+
+
 def _augment(x: torch.Tensor, gen: torch.Generator, vae=None) -> torch.Tensor:
     """Make renders look like generated pictures: VAE round-trips, blur, noise, small colour shifts."""
     b = x.shape[0]
@@ -345,11 +353,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
 
     tokenizer_dir = out / "_tokenizer"
     tokenizer = build_tokenizer(tokenizer_dir)
-    ids = caption_ids(cfg, scenes, tokenizer, cfg.seed)
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids[0]
     t0 = time.time()
-    unet, text_encoder, unet_steps = train_unet(cfg, means * scaling, stds * scaling, ids, empty_ids, tokenizer, dev, gen)
+    unet, text_encoder, unet_steps = train_captioned_unet(cfg, scenes, means * scaling, stds * scaling, tokenizer, dev, gen)
     timings["unet_s"] = round(time.time() - t0, 1)
 
     t0 = time.time()
@@ -411,11 +416,11 @@ def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": "cpu",
              "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps")},
              "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
-    _append_stage(folder, stage, [f"judge/{JUDGE_WEIGHTS}"])
+    append_stage(folder, stage, [f"judge/{JUDGE_WEIGHTS}"])
     return stage
 
 
-def _append_stage(folder: Path, stage: dict, weights: list[str]) -> None:
+def append_stage(folder: Path, stage: dict, weights: list[str]) -> None:
     """Record a later stage and the new sha256 of the weight files it rewrote in folder/pretrain.json."""
     record_file = folder / "pretrain.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
@@ -445,10 +450,7 @@ def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
     scenes, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers)
     means, stds = encode_latents(vae, torch.from_numpy(pixels_np), dev)
     scaling = vae.config.scaling_factor  # the latent space the shipped VAE defines: unchanged
-    ids = caption_ids(cfg, scenes, tokenizer, cfg.seed)
-    empty_ids = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
-                          return_tensors="pt").input_ids[0]
-    unet, text_encoder, steps = train_unet(cfg, means * scaling, stds * scaling, ids, empty_ids, tokenizer, dev, gen)
+    unet, text_encoder, steps = train_captioned_unet(cfg, scenes, means * scaling, stds * scaling, tokenizer, dev, gen)
     for name, module in (("unet", unet), ("text_encoder", text_encoder)):
         module.to("cpu", torch.float16).save_pretrained(model_dir / name, safe_serialization=True)
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-unet", "device": device,
@@ -456,7 +458,7 @@ def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
                                                      "unet_lr", "unet_warmup", "caption_dropout", "ema_decay",
                                                      "architecture")},
              "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
-    _append_stage(folder, stage, ["model/unet/diffusion_pytorch_model.safetensors",
+    append_stage(folder, stage, ["model/unet/diffusion_pytorch_model.safetensors",
                                   "model/text_encoder/model.safetensors"])
     return stage
 
