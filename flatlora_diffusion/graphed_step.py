@@ -84,6 +84,10 @@ class GraphedTrainStep:
             for _ in range(self.warmup):
                 self._body(static)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        # The warm-up's activations are free now but cached for the side stream; the capture allocates from its
+        # own pool and cannot reuse them. Hand them back so the two are not held at once.
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(self.gen)
         with torch.cuda.graph(graph, pool=self.pool):

@@ -291,6 +291,67 @@ def test_latent_and_text_embedding_caches_encode_once_and_train_the_same(tiny, t
     assert_weights_close(lora_weights(text_only.path), lora_weights(uncached.path), rtol=1e-6, atol=1e-8)
 
 
+def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(tiny, tmp_path, monkeypatch):
+    """With cached latents and frozen text encoders, the VAE and the encoders leave the GPU after every training
+    prompt is encoded, come back for each set of validation images, and leave again; training and sampling
+    are those of an unparked run. (On this CPU the moves are recorded: _can_park says yes, the target is the CPU.)"""
+    from flatlora_diffusion.trainer.parking import ParkingMixin
+
+    events, embedded_before_training = [], []
+    original_move, original_sample = ParkingMixin._move, train_module._Trainer._sample_validation_images
+    original_build = train_module._Trainer._build_optimizer
+
+    def move(self, names, device):  # parking passes "cpu"; the way back passes the accelerator's torch.device
+        events.append(("park" if device == "cpu" else "unpark", tuple(names)))
+        return original_move(self, names, device)
+
+    def sample(self, out):
+        events.append(("sample",))
+        return original_sample(self, out)
+
+    def build_optimizer(self):  # right after parking: every prompt a step will see is already encoded
+        embedded_before_training.append(sorted(self.embedding_cache))
+        return original_build(self)
+
+    monkeypatch.setattr(ParkingMixin, "_can_park", lambda self: True)
+    monkeypatch.setattr(ParkingMixin, "_move", move)
+    monkeypatch.setattr(train_module._Trainer, "_sample_validation_images", sample)
+    monkeypatch.setattr(train_module._Trainer, "_build_optimizer", build_optimizer)
+    make_subject_images(tmp_path / "class", n=2)
+    common = dict(max_train_steps=2, validation_prompt=["a toy"], validation_seeds=[0], validation_steps=1,
+                  validation_inference_steps=2, with_prior_preservation=True, class_data_dir=str(tmp_path / "class"),
+                  class_prompt="a photo of a toy", num_class_images=2)
+    parked = run(tiny, tmp_path / "parked", **common, cache_latents=True)
+    both = ("text_encoder", "vae")
+    assert embedded_before_training == [["a photo of a toy", "a photo of sks toy"]]
+    assert events == [("park", both)] + [("unpark", both), ("sample",), ("park", both)] * 3  # steps 0, 1, 2
+    assert (parked.path / "samples" / "step_000002" / "0_0.png").exists()
+
+    events.clear()
+    embedded_before_training.clear()
+    run(tiny, tmp_path / "te", **common, cache_latents=True, train_text_encoder=True)
+    assert events[0] == ("park", ("vae",))  # trained text encoders stay; nothing to pre-encode
+    assert embedded_before_training == [[]]
+    events.clear()
+    run(tiny, tmp_path / "pixels", **common)  # the VAE encodes every step: it stays
+    assert events[0] == ("park", ("text_encoder",))
+
+    monkeypatch.setattr(ParkingMixin, "_move", original_move)
+    monkeypatch.setattr(ParkingMixin, "_can_park", lambda self: False)
+    unparked = run(tiny, tmp_path / "unparked", **common, cache_latents=True)
+    assert_weights_close(lora_weights(parked.path), lora_weights(unparked.path), rtol=0, atol=0)
+    assert losses(parked.path) == losses(unparked.path)
+
+
+def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    train_module._use_expandable_segments()
+    assert train_module.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    train_module._use_expandable_segments()
+    assert train_module.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
 # ==========================================================================================================
 # 8. Min-SNR, noise offset, lr schedules
 # ==========================================================================================================

@@ -62,6 +62,8 @@ class BatchesMixin:
         self.dataset = DreamBoothDataset(records, class_records, resolution=cfg.resolution, center_crop=cfg.center_crop,
                                          random_flip=cfg.random_flip, interpolation=cfg.image_interpolation_mode,
                                          buckets=buckets, repeats=cfg.repeats, seed=cfg.seed)
+        # Every prompt a step can see, for ParkingMixin to encode before the text encoders leave the GPU.
+        self.training_prompts = list(dict.fromkeys(r.caption for r in [*records, *(class_records or [])]))
         self.num_images = len(records)
         self.num_class_images = len(class_records or [])
         if cfg.cache_latents:

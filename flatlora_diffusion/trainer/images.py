@@ -66,14 +66,20 @@ class ImagesMixin:
             self._make_validation_images(out)
         acc.wait_for_everyone()
 
-    @torch.no_grad()
     def _make_validation_images(self, out: Path) -> None:
-        cfg, acc = self.cfg, self.acc
         self._status(f"validation images at step {self.global_step}")
         models = [self.components.unet, *self.components.text_encoders]
         modes = [m.training for m in models]
         for m in models:
             m.eval()
+        with self._parked_models_on_device():
+            self._sample_validation_images(out)
+        for m, mode in zip(models, modes):
+            m.train(mode)
+
+    @torch.no_grad()
+    def _sample_validation_images(self, out: Path) -> None:
+        cfg, acc = self.cfg, self.acc
         pipe = self._sampling_pipeline()
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,5 +109,3 @@ class ImagesMixin:
         (tmp / ".complete").write_text("")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-        for m, mode in zip(models, modes):
-            m.train(mode)

@@ -6,6 +6,7 @@ separate objects: the parts share most of this state, and each method reads as i
 
     setup.py        SetupMixin        accelerator, models + LoRA, optimizer + lr schedule, Flat-LoRA, the step
     batches.py      BatchesMixin      dataset and loader, latent cache, a loader batch -> StepBatch
+    parking.py      ParkingMixin      frozen models the step no longer needs off the GPU until validation
     images.py       ImagesMixin       class images, validation images
     loop.py         LoopMixin         the epochs, the loss read one step late, metrics and status while training
     checkpoints.py  CheckpointsMixin  save, publish, rotate, resume; the finite check
@@ -13,7 +14,7 @@ separate objects: the parts share most of this state, and each method reads as i
 
 State (set by): plan, cfg, run_dir, cancelled (__init__); acc, weight_dtype (setup: _make_accelerator);
 components, is_sdxl, trained_models, pissa_initial (setup: _load_models); dataset, dataloader, num_images,
-num_class_images, embedding_cache (batches); params, optimizer, lr_scheduler, steps_per_epoch, num_epochs
+num_class_images, embedding_cache, training_prompts (batches); parked (parking); params, optimizer, lr_scheduler, steps_per_epoch, num_epochs
 (setup: _build_optimizer); flat (setup: _build_flat); step, global_step, first_epoch (setup:
 _prepare_accelerate; global_step moves on in the loop and is set by a resume); started, pending_loss,
 status_written (loop).
@@ -31,6 +32,7 @@ from .errors import Cancelled
 from .images import ImagesMixin
 from .loop import LoopMixin
 from .lora_files import LoraFilesMixin
+from .parking import ParkingMixin
 from .setup import SetupMixin
 
 if TYPE_CHECKING:
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("flatlora_diffusion")
 
 
-class Trainer(SetupMixin, BatchesMixin, ImagesMixin, LoopMixin, CheckpointsMixin, LoraFilesMixin):
+class Trainer(SetupMixin, BatchesMixin, ParkingMixin, ImagesMixin, LoopMixin, CheckpointsMixin, LoraFilesMixin):
     """One run in its folder; train() makes it after preflight, with the folder locked and the cancel flag."""
 
     def __init__(self, plan: Plan, run: RunDir, cancelled: dict):
@@ -50,6 +52,7 @@ class Trainer(SetupMixin, BatchesMixin, ImagesMixin, LoopMixin, CheckpointsMixin
         self._make_accelerator()
         self._load_models()
         self._prepare_data()
+        self._park_idle_models()
         self._build_optimizer()
         self._build_flat()
         self._prepare_accelerate()
