@@ -102,6 +102,7 @@ def _default_follow(runs_dir, launcher: Launcher) -> str | None:
     return runs[0].name if runs else None
 
 
+# --- the form: uploads, the run plan, repeated launches, presets ----------------------------------------
 def _as_paths(files) -> list[str]:
     out = []
     for f in files or []:
