@@ -2,7 +2,7 @@
 
 This module knows nothing of Gradio: it describes each field (which widget, which group, prominent or
 not) and converts between TrainConfig values and widget values, so that the form, the presets and the
-tests share one set of rules. ui.py turns the descriptions into components.
+tests share one set of rules. tab_train.py turns the descriptions into components.
 """
 
 from __future__ import annotations
