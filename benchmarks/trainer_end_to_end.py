@@ -435,6 +435,7 @@ def job_summary(out: Path, run: dict, times: list[float], events: list[dict]) ->
                "validation_rounds": [rounds[k] for k in sorted(rounds)],
                "validation_images": sum(r["images"] for r in rounds.values()),
                "validation_pngs_on_disk": len(list(out.glob("samples/step_*/*.png"))),
+               "tensorboard_event_files": len(list(out.glob("logs/**/events.out.tfevents*"))),
                "checkpoints": [p.name for p in checkpoints],
                "lora_files": sorted(p.name for p in out.glob("*.safetensors")),
                "after_last_step_s": round(run["end"] - times[-1], 1) if times else None}
@@ -500,7 +501,7 @@ def differences(args) -> list[str]:
                   "once more after training (the final inference, with the saved LoRA)",
                   "job: validation images: ours 25 denoising steps, guidance 7.0, PNG files in samples/; diffusers' "
                   "the pipeline's defaults in the loop (50 steps; guidance 5.0 SDXL, 7.5 SD) and 25 steps at the end, "
-                  "kept only by trackers (none without tensorboard or wandb)",
+                  "kept only by trackers (tensorboard, when installed: tensorboard_event_files)",
                   "job: ours saves no checkpoint at the last step (it writes the LoRA files instead), diffusers' "
                   "does; ours also writes a kohya-format LoRA file by default"]
     return notes
