@@ -13,7 +13,7 @@ from PIL import Image
 from tests.training_helpers import run
 
 
-def _regenerate(run_dir: Path, with_lora: bool) -> np.ndarray:
+def _regenerate(run_dir: Path, with_lora: bool, seed: int | None = None) -> np.ndarray:
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -25,7 +25,7 @@ def _regenerate(run_dir: Path, with_lora: bool) -> np.ndarray:
         pipe.load_lora_weights(str(run_dir / "pytorch_lora_weights.safetensors"))
     image = pipe(cfg["validation_prompt"][0], num_inference_steps=cfg["validation_inference_steps"],
                  guidance_scale=cfg["validation_guidance_scale"], height=64, width=64,
-                 generator=torch.Generator().manual_seed(cfg["validation_seeds"][0])).images[0]
+                 generator=torch.Generator().manual_seed(cfg["validation_seeds"][0] if seed is None else seed)).images[0]
     return np.asarray(image, dtype=np.float32)
 
 
@@ -42,3 +42,16 @@ def test_trained_file_reproduces_the_validation_image(tiny, tmp_path, init):
     meta = json.loads(__import__("safetensors").safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt")
                       .metadata()["lora_adapter_metadata"])
     assert meta["unet.r"] == (8 if init == "pissa" else 4)  # PiSSA ships [B, -B0] @ [A; A0]: rank 2r
+
+
+def test_validation_images_made_in_a_batch_are_each_seeds_own_image(tiny, tmp_path):
+    """A prompt's seeds are sampled together (--sample_batch_size at a time): each image must still be the one its
+    seed gives alone, as a user regenerating "seed 5" from the LoRA file gets it."""
+    out = tmp_path / "batched"
+    run(tiny, out, max_train_steps=2, learning_rate=2e-2, validation_prompt=["a photo of sks toy"],
+        validation_seeds=[3, 5, 7], validation_inference_steps=4, sample_batch_size=2)  # batches [3, 5] and [7]
+    images = {s: np.asarray(Image.open(out / "samples" / "step_000002" / f"0_{s}.png"), dtype=np.float32)
+              for s in (3, 5, 7)}
+    for seed, image in images.items():
+        assert np.abs(_regenerate(out, with_lora=True, seed=seed) - image).max() <= 2
+    assert np.abs(images[3] - images[5]).mean() > 2  # different seeds, different images
