@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="Smoke test of this script on the tiny model (any device).")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from trainer_end_to_end import RESOLUTION, PeakMemory, train_args  # puts this tree on sys.path: the tree asked for goes first
+    from e2e_models import RESOLUTION, PeakMemory
+    from e2e_runs import train_args
 
     sys.path.insert(0, args.code or str(REPO))
     from flatlora_diffusion.tiny import make_subject_images, make_tiny_pipeline

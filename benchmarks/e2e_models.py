@@ -1,0 +1,76 @@
+"""The model the end-to-end benchmarks train, and the GPU memory a user sees while they do.
+
+build_full_size() writes a pipeline folder with the real SDXL (1024 px) or SD 1.5 (512 px) sizes and random
+weights, offline: bench_flat.py's UNet and text-encoder configs, fp16 on disk, tokenizers and scheduler from the
+project's tiny pipeline. PeakMemory samples nvidia-smi's `memory.used` of GPU 0 every 50 ms and keeps the peak.
+Used by trainer_end_to_end.py and trainer_memory.py (both put benchmarks/ on sys.path, where bench_flat.py is).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+RESOLUTION = {"sdxl": 1024, "sd15": 512}
+VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+SCALING = {"sdxl": 0.13025, "sd15": 0.18215}
+
+
+def build_full_size(arch: str, out: Path) -> Path:
+    """A pipeline folder with the real model sizes and random weights (tokenizers and scheduler from tiny/)."""
+    from bench_flat import te_configs, unet_config
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from flatlora_diffusion.tiny import make_tiny_pipeline
+
+    if (out / "model_index.json").exists():
+        return out
+    t0 = time.time()
+    make_tiny_pipeline(out, arch)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        parts = {"unet": UNet2DConditionModel(**unet_config(arch, tiny=False)),
+                 "vae": AutoencoderKL(**VAE, sample_size=RESOLUTION[arch], scaling_factor=SCALING[arch],
+                                      force_upcast=arch == "sdxl")}
+        cfgs = te_configs(arch, tiny=False)
+        parts["text_encoder"] = CLIPTextModel(cfgs[0])
+        if arch == "sdxl":
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(cfgs[1])
+    for name, module in parts.items():
+        for f in (out / name).iterdir():
+            f.unlink()
+        module.to(torch.float16).save_pretrained(out / name, safe_serialization=True)
+    print(f"built full-size {arch} in {time.time() - t0:.0f} s", flush=True)
+    return out
+
+
+class PeakMemory:
+    """Peak `memory.used` of GPU 0 as nvidia-smi reports it (what a user sees), sampled every 50 ms."""
+
+    def __enter__(self):
+        self.peak = 0
+        if not torch.cuda.is_available():  # the --tiny smoke test on a CPU
+            self._proc = None
+            return self
+        self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                       "-i", "0", "-lms", "50"], stdout=subprocess.PIPE, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self):
+        for line in self._proc.stdout:
+            if line.strip().isdigit():
+                self.peak = max(self.peak, int(line))
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        self._thread.join(timeout=5)
