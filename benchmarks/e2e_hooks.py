@@ -82,12 +82,13 @@ def _optimizer(mod):
 class _Timed:
     """A pipeline's progress bar (context manager or iterable) that notes when its loop starts and ends."""
 
-    def __init__(self, bar, steps, pipeline):
-        self.bar, self.steps, self.pipeline, self.start = bar, steps, pipeline, time.perf_counter()
+    def __init__(self, bar, steps, pipeline, images):
+        self.bar, self.steps, self.pipeline, self.images = bar, steps, pipeline, images
+        self.start = time.perf_counter()
 
     def _done(self):
         _append(_EVENTS, json.dumps({"event": "denoise", "start": self.start, "end": time.perf_counter(),
-                                     "steps": self.steps, "pipeline": self.pipeline}))
+                                     "steps": self.steps, "pipeline": self.pipeline, "images": self.images}))
 
     def __enter__(self):
         return self.bar.__enter__()
@@ -114,7 +115,10 @@ def _pipeline_utils(mod):
         steps = total if total is not None else len(iterable) if hasattr(iterable, "__len__") else None
         if "_e2e_serial" not in self.__dict__:
             object.__setattr__(self, "_e2e_serial", next(_serials))
-        return _Timed(original(self, iterable=iterable, total=total), steps, self._e2e_serial)
+        # The images of this call: the calling __call__'s batch_size (prompts) x num_images_per_prompt.
+        caller = sys._getframe(1).f_locals
+        images = (caller.get("batch_size") or 1) * (caller.get("num_images_per_prompt") or 1)
+        return _Timed(original(self, iterable=iterable, total=total), steps, self._e2e_serial, images)
 
     mod.DiffusionPipeline.progress_bar = progress_bar
 

@@ -50,7 +50,7 @@ def job_summary(out: Path, run: dict, times: list[float], events: list[dict]) ->
     for e in (e for e in events if e["event"] == "denoise"):
         r = rounds.setdefault(e["pipeline"], {"after_step": bisect.bisect_right(times, e["start"]), "images": 0,
                                               "denoising_steps": set(), "denoise_s": 0.0})
-        r["images"] += 1
+        r["images"] += e.get("images", 1)
         r["denoising_steps"].add(e["steps"])
         r["denoise_s"] += e["end"] - e["start"]
     windows = [e for e in events if e["event"] == "validation"]  # ours: a whole round, pipeline to PNG files
