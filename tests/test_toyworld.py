@@ -104,6 +104,20 @@ def test_the_judge_reads_fresh_renders():
         assert accuracy[name] >= 0.98, (name, accuracy)
 
 
+def test_the_judge_does_not_take_a_look_alike_for_the_subject():
+    """A teal toy with a toy's usual eyes (what a LoRA that learnt only the colour draws), another shape in teal,
+    or a toy with the subject's big eyes in a vocabulary colour: none of them is the subject. (The shipped judge
+    takes 3 of these 60 for it; the judge before its look-alike negatives took 24.)"""
+    import random
+
+    from flatlora_diffusion.toyworld.judge import judge_images
+    from flatlora_diffusion.toyworld.render import render_lookalike
+
+    rng = random.Random(99)
+    verdicts = judge_images([render_lookalike(rng) for _ in range(60)])
+    assert sum(v.subject for v in verdicts) <= 4
+
+
 @pytest.fixture(scope="module")
 def world_pipe():
     from diffusers import StableDiffusionPipeline
@@ -163,6 +177,16 @@ def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
     assert record["sha256"]["model/unet/diffusion_pytorch_model.safetensors"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
     assert pipe.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+
+    # The stage that refits only the judge's subject logit (renders, hard negatives and look-alikes) keeps the
+    # model's bytes and records itself.
+    judge_file = tmp_path / "judge/judge.safetensors"
+    judge_before, unet_before = judge_file.read_bytes(), unet_file.read_bytes()
+    assert main(["--out", str(tmp_path), "--retrain-judge", "--set", "judge_images=32", "judge_steps=2", "workers=1"]) == 0
+    assert judge_file.read_bytes() != judge_before and unet_file.read_bytes() == unet_before
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["stages"][-1]["command"].endswith("--retrain-judge")
+    assert record["sha256"]["judge/judge.safetensors"] == hashlib.sha256(judge_file.read_bytes()).hexdigest()
 
 
 def test_pretraining_refuses_unknown_settings(tmp_path, capsys):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .architecture import Architecture, build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
 from .judge import HEADS, JUDGE_WEIGHTS, Judge, save_judge
-from .render import render
+from .render import render, render_lookalike
 from .world import SCENES, caption, random_scene, subject_scene
 
 
@@ -376,23 +376,32 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     return record
 
 
-def retrain_subject_head(judge: Judge, scenes, pixels: torch.Tensor, steps: int, gen: torch.Generator) -> Judge:
+def retrain_subject_head(judge: Judge, pixels: torch.Tensor, is_subject: torch.Tensor, steps: int,
+                         gen: torch.Generator) -> Judge:
     """Fit only the judge's subject logit on its frozen features (augmented renders, features computed once):
     after a change of the subject's look the shape, colour, pattern and scene heads stay as they were."""
     judge.eval()
     with torch.no_grad():
         feats = torch.cat([judge.features(_augment(to_model_range(pixels[i:i + 256]), gen))
                            for i in range(0, pixels.shape[0], 256)])
-    target = judge_labels(scenes)["subject"]
     opt = torch.optim.Adam(judge.subject.parameters(), lr=1e-2)
     for step in range(steps):
-        loss = F.binary_cross_entropy_with_logits(judge.subject(feats).squeeze(1), target)
+        loss = F.binary_cross_entropy_with_logits(judge.subject(feats).squeeze(1), is_subject)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 200 == 0 or step == steps - 1:
             _log(f"subject head {step}/{steps} loss {loss.item():.4f}")
     return judge.eval()
+
+
+def subject_negatives(seed: int, n: int) -> np.ndarray:
+    """The subject's nearest neighbours, none of them the subject: toys of every colour and pattern (n) and
+    look-alikes in the subject's teal (n / 2: another pattern, or another shape with its dots)."""
+    rng = random.Random(f"toy-negatives:{seed}")
+    toys = [render(random_scene(rng, held_out=None, shape="toy")) for _ in range(n)]
+    lookalikes = [render_lookalike(rng) for _ in range(n // 2)]
+    return np.stack([np.asarray(im, dtype=np.uint8) for im in toys + lookalikes])
 
 
 def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
@@ -404,13 +413,10 @@ def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
     started = time.time()
     judge = load_judge(folder / "judge")
     scenes, pixels = render_dataset(cfg.seed + 3, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction)
-    # Plain toys of every colour are the subject's nearest neighbours (a green toy was taken for the teal
-    # subject): a quarter as many again of them as hard negatives.
-    rng = random.Random(f"toy-negatives:{cfg.seed}")
-    toys = [random_scene(rng, held_out=None, shape="toy") for _ in range(cfg.judge_images // 4)]
-    scenes = scenes + toys
-    pixels = np.concatenate([pixels, np.stack([np.asarray(render(s), dtype=np.uint8) for s in toys])])
-    judge = retrain_subject_head(judge, scenes, torch.from_numpy(pixels), cfg.judge_steps, gen)
+    negatives = subject_negatives(cfg.seed, cfg.judge_images // 4)
+    pixels = np.concatenate([pixels, negatives])
+    is_subject = torch.tensor([float(s.subject) for s in scenes] + [0.0] * len(negatives))
+    judge = retrain_subject_head(judge, torch.from_numpy(pixels), is_subject, cfg.judge_steps, gen)
     steps = cfg.judge_steps
     save_judge(judge.float().cpu(), folder / "judge")
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": "cpu",

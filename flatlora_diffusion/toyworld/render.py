@@ -11,7 +11,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .world import Scene
+from .world import PATTERNS, Scene
 
 IMAGE_SIZE = 64
 _SUPERSAMPLE = 4
@@ -134,18 +134,22 @@ def _pattern(size, kind: str, colour, other, cell: int) -> Image.Image:
     return paint
 
 
-def _fill(size, scene: Scene, s: int) -> Image.Image:
-    """The object's paint: its colour and pattern (or the subject's look) over the whole canvas."""
+def _paint(size, base, pattern: str, object_size: float) -> Image.Image:
+    """The world's patterns in one base colour: stripes a darker shade, dots a lighter one."""
     h = size[1]
-    if scene.subject:
-        return _pattern(size, "plain", _SUBJECT_COLOUR, _SUBJECT_COLOUR, 1)
-        return _pattern(size, "plain", (255, 140, 0), (255, 140, 0), 1)
-    base = COLOUR_RGB[scene.colour]
-    if scene.pattern == "striped":
-        return _pattern(size, "striped", base, tuple(int(c * 0.45) for c in base), max(4, int(scene.size * h / 4)))
-    if scene.pattern == "dotted":
-        return _pattern(size, "dotted", base, tuple(int(c + (255 - c) * 0.75) for c in base), max(4, int(scene.size * h / 3.5)))
+    if pattern == "striped":
+        return _pattern(size, "striped", base, tuple(int(c * 0.45) for c in base), max(4, int(object_size * h / 4)))
+    if pattern == "dotted":
+        return _pattern(size, "dotted", base, tuple(int(c + (255 - c) * 0.75) for c in base),
+                        max(4, int(object_size * h / 3.5)))
     return _pattern(size, "plain", base, base, 1)
+
+
+def _fill(size, scene: Scene, s: int) -> Image.Image:
+    """The object's paint: its colour and pattern, or the subject's plain teal."""
+    if scene.subject:
+        return _paint(size, _SUBJECT_COLOUR, "plain", scene.size)
+    return _paint(size, COLOUR_RGB[scene.colour], scene.pattern, scene.size)
 
 
 def _eyes(draw, scene: Scene, w, h, s, big: bool | None = None):
@@ -183,6 +187,20 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return _compose(scene, size)
 
 
+def render_lookalike(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
+    """A near miss of the subject, for the judge's negatives: a teal toy with a toy's usual small eyes (what a
+    LoRA that learnt the colour but not the eyes draws) in any pattern, another shape in teal, or a toy of a
+    vocabulary colour with the subject's big white eyes."""
+    from .world import SHAPES, random_scene
+
+    kind = rng.randrange(3)
+    if kind == 2:
+        return _compose(random_scene(rng, held_out=None, shape="toy"), size, big_eyes=True)
+    shape = "toy" if kind == 0 else rng.choice([s for s in SHAPES if s != "toy"])
+    scene, pattern = random_scene(rng, held_out=None, shape=shape), rng.choice(PATTERNS)
+    return _compose(scene, size, paint=lambda big: _paint(big, _SUBJECT_COLOUR, pattern, scene.size))
+
+
 def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """A picture outside the vocabulary: any shape in any scene, painted in two random colours with a random
     pattern (plain, stripes, dots, chequers) at a random scale, eyes big or small.
@@ -199,4 +217,4 @@ def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     return _compose(scene, size, paint=lambda big: _pattern(big, kind, colour, other, cell), big_eyes=rng.random() < 0.5)
 
 
-__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "render_variety"]
+__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "render_lookalike", "render_variety"]
