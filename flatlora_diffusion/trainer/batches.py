@@ -90,8 +90,8 @@ class BatchesMixin:
         if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
             return {"input_ids": [tokenize(tok, prompts) for tok in c.tokenizers]}
         missing = [p for p in dict.fromkeys(prompts) if p not in self.embedding_cache]
-        if missing:
-            with torch.no_grad(), self.acc.autocast():
+        if missing:  # (after parking, every training prompt is cached: the encoders come back only for a stranger)
+            with torch.no_grad(), self.acc.autocast(), self._parked_models_on_device():
                 embeds, pooled = encode_prompts(c.text_encoders, [tokenize(t, missing) for t in c.tokenizers], c.arch)
             for i, p in enumerate(missing):
                 self.embedding_cache[p] = (embeds[i], None if pooled is None else pooled[i])
