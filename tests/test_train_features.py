@@ -290,6 +290,16 @@ def test_latent_and_text_embedding_caches_encode_once_and_train_the_same(tiny, t
     assert_weights_close(lora_weights(cached.path), lora_weights(uncached.path), rtol=1e-6, atol=1e-8)
     assert_weights_close(lora_weights(text_only.path), lora_weights(uncached.path), rtol=1e-6, atol=1e-8)
 
+    # random flips stay random under the cache: both orientations encoded once, each epoch takes its own draw
+    counts.update(vae=[], text=0)
+    flips = dict(common, random_flip=True, max_train_steps=9)  # 3 epochs of 3 images: both sides get drawn
+    cached_flips = run(tiny, tmp_path / "cached_flips", **flips, cache_latents=True)
+    assert counts["vae"] == [1] * 6  # each image twice, before training
+    uncached_flips = run(tiny, tmp_path / "uncached_flips", **flips)
+    assert losses(cached_flips.path) == pytest.approx(losses(uncached_flips.path), rel=1e-6)
+    assert_weights_close(lora_weights(cached_flips.path), lora_weights(uncached_flips.path), rtol=1e-6, atol=1e-8)
+    assert losses(cached_flips.path)[:5] != pytest.approx(losses(cached.path), rel=1e-6)  # and flips did happen
+
 
 def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(tiny, tmp_path, monkeypatch):
     """With cached latents and frozen text encoders, the VAE and the encoders leave the GPU after every training

@@ -54,8 +54,10 @@ def _prepare(
     random_flip: bool,
     resample: Image.Resampling,
     generator: torch.Generator,
+    flip: bool | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
     """Resize ``im`` to cover ``target`` (w, h), maybe flip, crop. Returns pixels and (top, left).
+    ``flip`` given: that orientation whatever the draw (the draws still happen, so the crop is the same).
 
     The crop corner is in the coordinates of the resized (and flipped, if flipped) image: the
     image the model actually sees a window of, which is what SDXL's crop conditioning describes.
@@ -67,10 +69,11 @@ def _prepare(
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), resample=resample)
     # Both draws happen whatever the options, so turning flips on does not change the crops.
-    flip = bool(torch.rand((), generator=generator) < 0.5)
+    drawn = bool(torch.rand((), generator=generator) < 0.5)
+    flip = (random_flip and drawn) if flip is None else flip
     rand_top = int(torch.randint(0, nh - th + 1, (), generator=generator))
     rand_left = int(torch.randint(0, nw - tw + 1, (), generator=generator))
-    if random_flip and flip:
+    if flip:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if center_crop:
         top, left = int(round((nh - th) / 2.0)), int(round((nw - tw) / 2.0))
@@ -195,18 +198,29 @@ class DreamBoothDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[TrainExample, ...]:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        target = self.bucket_of(index)
-        rec = self.instance_records[self._instance_index[index % self.num_instance_images]]
-        items = [self._example(rec, target, index, is_class=False)]
-        if self._class_index:
-            crec = self.class_records[self._class_index[index % self.num_class_images]]
-            items.append(self._example(crec, target, index, is_class=True))
-        return tuple(items)
+        return self.oriented(index, None)
 
-    def _example(self, record: ImageRecord, target: tuple[int, int], index: int, *, is_class: bool) -> TrainExample:
+    def _example(self, record: ImageRecord, target: tuple[int, int], index: int, *, is_class: bool,
+                 flip: bool | None = None) -> TrainExample:
         gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, is_class))
         im = record.open()
         original = (im.height, im.width)
         pixels, crop = _prepare(im, target, center_crop=self.center_crop, random_flip=self.random_flip,
-                                resample=self.resample, generator=gen)
+                                resample=self.resample, generator=gen, flip=flip)
         return TrainExample(pixels, record.caption, original, crop, (target[1], target[0]), is_class)
+
+    def oriented(self, index: int, flip: bool | None) -> tuple[TrainExample, ...]:
+        """Item ``index`` of this epoch; ``flip`` given: every example in that orientation whatever the draw (a
+        latent cache encodes both and takes the one the draw picks, see ``flipped``); None: as drawn."""
+        target = self.bucket_of(index)
+        rec = self.instance_records[self._instance_index[index % self.num_instance_images]]
+        items = [self._example(rec, target, index, is_class=False, flip=flip)]
+        if self._class_index:
+            crec = self.class_records[self._class_index[index % self.num_class_images]]
+            items.append(self._example(crec, target, index, is_class=True, flip=flip))
+        return tuple(items)
+
+    def flipped(self, index: int, is_class: bool) -> bool:
+        """Whether item ``index``'s (class) example is flipped in this epoch: the draw ``__getitem__`` makes."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, is_class))
+        return self.random_flip and bool(torch.rand((), generator=gen) < 0.5)

@@ -9,23 +9,29 @@ import torch
 class LatentCache(torch.utils.data.Dataset):
     """The dataset with every item's pixels replaced by its VAE latents, encoded once (--cache_latents).
 
-    As in diffusers' scripts, each image's crop and flip are then those of the first epoch."""
+    As in diffusers' scripts, each image's crop is then that of the first epoch. Its flip is not: with
+    --random_flip both orientations are encoded and each epoch takes the one the dataset's own draw picks, so a
+    cached run flips exactly as an uncached one (at twice the encoding, once)."""
 
     def __init__(self, dataset, encode):
         self.dataset = dataset
-        self.items = []
+        self.both_flips = bool(getattr(dataset, "random_flip", False))
+        self.items = []  # per item: (examples as drawn) or (unflipped examples, flipped examples)
         for i in range(len(dataset)):
-            item = dataset[i]
-            examples = list(item) if isinstance(item, (tuple, list)) else [item]
-            for e in examples:
-                e.pixel_values = encode(e.pixel_values[None])[0].cpu()
-            self.items.append(tuple(examples))
+            views = [dataset.oriented(i, False), dataset.oriented(i, True)] if self.both_flips else [dataset[i]]
+            for view in views:
+                for e in view:
+                    e.pixel_values = encode(e.pixel_values[None])[0].cpu()
+            self.items.append(tuple(views))
 
     def __len__(self):
         return len(self.items)
 
     def __getitem__(self, i):
-        return self.items[i]
+        if not self.both_flips:
+            return self.items[i][0]
+        plain, flipped = self.items[i]
+        return tuple(f if self.dataset.flipped(i, e.is_class) else e for e, f in zip(plain, flipped))
 
     def bucket_of(self, i):
         return self.dataset.bucket_of(i)
