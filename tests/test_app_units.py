@@ -56,10 +56,10 @@ def test_widget_values_round_trip_to_the_same_config():
     defaults = form.widgets_from_values({})
     values = form.values_from_widgets(defaults)
     # the form starts from diffusers' defaults except where config.py gives a form_default (a run that trains
-    # and validates; see app/plan.py)
-    assert values["max_train_steps"] == 500 and values["validation_epochs"] is None
+    # and validates, see app/plan.py; cached latents)
+    assert values["max_train_steps"] == 500 and values["validation_epochs"] is None and values["cache_latents"] is True
     assert make_config({**values, **base_values(), "instance_data_dir": "/x"}) == \
-        make_config({**base_values(), "instance_data_dir": "/x", "validation_epochs": None})
+        make_config({**base_values(), "instance_data_dir": "/x", "validation_epochs": None, "cache_latents": True})
     widgets = dict(defaults)
     widgets.update(validation_prompt="a photo of sks toy\n\n a sks toy, on the beach ", validation_seeds="3, 4,5",
                    learning_rate="5e-4", mixed_precision=form.DEFAULT_CHOICE, lora_target_modules="to_q, to_v",
