@@ -46,6 +46,11 @@ class TrainExample:
     is_class: bool = False
 
 
+def _draw_flip(generator: torch.Generator) -> bool:
+    """An example's first draw: its flip (made whatever the options, so that flips do not move the crops)."""
+    return bool(torch.rand((), generator=generator) < 0.5)
+
+
 def _prepare(
     im: Image.Image,
     target: tuple[int, int],
@@ -69,7 +74,7 @@ def _prepare(
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), resample=resample)
     # Both draws happen whatever the options, so turning flips on does not change the crops.
-    drawn = bool(torch.rand((), generator=generator) < 0.5)
+    drawn = _draw_flip(generator)
     flip = (random_flip and drawn) if flip is None else flip
     rand_top = int(torch.randint(0, nh - th + 1, (), generator=generator))
     rand_left = int(torch.randint(0, nw - tw + 1, (), generator=generator))
@@ -202,7 +207,7 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def _example(self, record: ImageRecord, target: tuple[int, int], index: int, *, is_class: bool,
                  flip: bool | None = None) -> TrainExample:
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, is_class))
+        gen = self._generator(index, is_class)
         im = record.open()
         original = (im.height, im.width)
         pixels, crop = _prepare(im, target, center_crop=self.center_crop, random_flip=self.random_flip,
@@ -222,5 +227,8 @@ class DreamBoothDataset(torch.utils.data.Dataset):
 
     def flipped(self, index: int, is_class: bool) -> bool:
         """Whether item ``index``'s (class) example is flipped in this epoch: the draw ``__getitem__`` makes."""
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, is_class))
-        return self.random_flip and bool(torch.rand((), generator=gen) < 0.5)
+        return self.random_flip and _draw_flip(self._generator(index, is_class))
+
+    def _generator(self, index: int, is_class: bool) -> torch.Generator:
+        """The draws of item ``index``'s (class) example in this epoch: its flip, then its crop."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, index, is_class))
