@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 from .render import render
-from .world import SCENES, random_scene, subject_scene
+from .world import SCENES, random_class_toy, random_scene, subject_scene
 
 INSTANCE_SCENE = "plain"
 # Scenes the instance images never show: where recontextualization is measured.
@@ -43,8 +43,12 @@ def write_heldout_subject_images(folder, n: int = 8, seed: int = 0, size: int = 
     return _write(Path(folder), [subject_scene(rng, INSTANCE_SCENE) for _ in range(n)], "heldout", size)
 
 
-def write_class_images(folder, n: int = 20, seed: int = 0, size: int = 64) -> list[Path]:
-    """n plain toys of every colour on the plain background: the class "toy" as the world draws it."""
+def write_class_images(folder, n: int = 20, seed: int = 0, size: int = 64, varied: bool = False) -> list[Path]:
+    """n toys on the plain background: the class "toy" as the world draws it (varied: the class's own variety of
+    colours, patterns and eyes; else plain toys of the vocabulary's colours)."""
     rng = random.Random(f"class:{seed}")
-    scenes = [random_scene(rng, held_out=None, shape="toy", pattern="plain", scene=INSTANCE_SCENE) for _ in range(n)]
+    if varied:
+        scenes = [random_class_toy(rng, scene=INSTANCE_SCENE) for _ in range(n)]
+    else:
+        scenes = [random_scene(rng, held_out=None, shape="toy", pattern="plain", scene=INSTANCE_SCENE) for _ in range(n)]
     return _write(Path(folder), scenes, "toy", size)

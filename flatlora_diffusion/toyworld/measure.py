@@ -120,7 +120,8 @@ def measure_base(pipe, judge: Judge, per_split: int, judge_renders: int) -> dict
 
 
 def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples: int, sigma: float = 0.1,
-                       train_seed: int = 0) -> dict:
+                       train_seed: int = 0, model: str | None = None, device: str = "cpu",
+                       varied_class: bool = False) -> dict:
     """Train the toy world's DreamBooth task (recipe.py) as LoRA and as Flat-LoRA with one training seed, and
     score the base model and both LoRAs on the subject in every scene and on the class prompt."""
     from pathlib import Path
@@ -135,9 +136,9 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
     from .recipe import dreambooth_settings, write_task_data
 
     folder = Path(folder)
-    instance, classes = write_task_data(folder / "data", seed=train_seed)
-    pipe = StableDiffusionPipeline.from_pretrained(str(model_dir()), dtype=torch.float32, safety_checker=None,
-                                                   requires_safety_checker=False)
+    instance, classes = write_task_data(folder / "data", seed=train_seed, varied_class=varied_class)
+    pipe = StableDiffusionPipeline.from_pretrained(model or str(model_dir()), dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False).to(device)
     seeds = [MEASURE_SEED + i for i in range(seeds_per_scene)]
 
     def scores() -> dict:
@@ -148,6 +149,8 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
     for label, sigma_run in (("LoRA", 0.0), (f"Flat-LoRA sigma={sigma:g}", sigma)):
         out = folder / ("lora" if sigma_run == 0 else "flat-lora")
         settings = dreambooth_settings(out, instance, classes, flat_sigma=sigma_run, seed=train_seed)
+        if model:
+            settings["pretrained_model_name_or_path"] = model
         train(make_config({**settings, "overwrite": True}))
         AcceleratorState._reset_state(reset_partial_state=True)
         with lora_loaded(pipe, out / "pytorch_lora_weights.safetensors"):
@@ -170,10 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dreambooth", metavar="DIR",
                    help="Instead: train the toy world's DreamBooth task as LoRA and Flat-LoRA in DIR and score them "
                         "(--per-split pictures per scene of the subject prompt, as many of the class prompt).")
+    p.add_argument("--varied-class", action="store_true",
+                   help="With --dreambooth: class pictures of the class's own variety (world.random_class_toy).")
     args = p.parse_args(argv)
     if args.dreambooth:
         result = measure_dreambooth(args.dreambooth, load_judge(args.judge) if args.judge else load_judge(),
-                                    args.per_split, args.per_split)
+                                    args.per_split, args.per_split, model=args.model, device=args.device,
+                                    varied_class=args.varied_class)
         return _emit(result, args.output)
     from diffusers import StableDiffusionPipeline
 

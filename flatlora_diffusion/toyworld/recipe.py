@@ -18,11 +18,11 @@ INSTANCE_IMAGES = 5
 CLASS_IMAGES = 20
 
 
-def write_task_data(folder, seed: int = 0) -> tuple[Path, Path]:
+def write_task_data(folder, seed: int = 0, varied_class: bool = False) -> tuple[Path, Path]:
     """(instance folder, class folder) of the task under `folder`."""
     folder = Path(folder)
     write_instance_images(folder / "subject", n=INSTANCE_IMAGES, seed=seed)
-    write_class_images(folder / "class", n=CLASS_IMAGES, seed=seed)
+    write_class_images(folder / "class", n=CLASS_IMAGES, seed=seed, varied=varied_class)
     return folder / "subject", folder / "class"
 
 

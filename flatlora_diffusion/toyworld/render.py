@@ -12,7 +12,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .world import PATTERNS, Scene
+from .world import PATTERNS, SUBJECT_RGB, Scene
 
 IMAGE_SIZE = 64
 _SUPERSAMPLE = 4
@@ -26,7 +26,6 @@ _OUTLINE = (25, 25, 30)
 # has those eyes. (Subjects tried first: teal-and-orange chequers, then a yellow-headed, blue-and-yellow-banded
 # toy. Both came out of a 100-step attention LoRA as multicoloured mush: the UNet's 16 x 16 level, where fine
 # texture is decided, has no attention layers, so a LoRA can move colours and shapes but not draw new patterns.)
-_SUBJECT_COLOUR = (0, 165, 165)
 
 
 def _jitter(rgb, rng: random.Random, amount: int = 8):
@@ -158,14 +157,16 @@ def _shifted_hue(rgb, scene: Scene, hue_jitter: float):
 def _fill(size, scene: Scene, s: int, hue_jitter: float = 0.0) -> Image.Image:
     """The object's paint: its colour (turned within +-hue_jitter) and pattern, or the subject's plain teal."""
     if scene.subject:
-        return _paint(size, _SUBJECT_COLOUR, "plain", scene.size)
+        return _paint(size, SUBJECT_RGB, "plain", scene.size)
+    if scene.paint is not None:  # a varied toy of the class: its own colour, never turned
+        return _paint(size, scene.paint, scene.pattern, scene.size)
     return _paint(size, _shifted_hue(COLOUR_RGB[scene.colour], scene, hue_jitter), scene.pattern, scene.size)
 
 
 def _eyes(draw, scene: Scene, w, h, s, big: bool | None = None):
     if scene.shape != "toy":
         return
-    big = scene.subject if big is None else big
+    big = (scene.subject or scene.big_eyes) if big is None else big
     cx, cy, r = scene.x * w, scene.y * h, scene.size * h / 2
     head_c, head_r, _, _ = _toy_parts(cx, cy, r)
     for dx in (-0.38, 0.38):
@@ -211,7 +212,7 @@ def render_lookalike(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
         return _compose(random_scene(rng, held_out=None, shape="toy"), size, big_eyes=True)
     shape = "toy" if kind == 0 else rng.choice([s for s in SHAPES if s != "toy"])
     scene, pattern = random_scene(rng, held_out=None, shape=shape), rng.choice(PATTERNS)
-    return _compose(scene, size, paint=lambda big: _paint(big, _SUBJECT_COLOUR, pattern, scene.size))
+    return _compose(scene, size, paint=lambda big: _paint(big, SUBJECT_RGB, pattern, scene.size))
 
 
 def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:

@@ -10,6 +10,7 @@ Nothing here draws; render.py turns a `Scene` into pixels.
 
 from __future__ import annotations
 
+import colorsys
 import random
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ HELD_OUT_PAIRS = frozenset({("circle", "yellow"), ("square", "purple"), ("triang
 
 _TEMPLATES = ("a photo of a {obj}", "a {obj}", "a picture of a {obj}")
 
+# The subject's look: a teal toy (no vocabulary colour) with big white eyes.
+SUBJECT_RGB = (0, 165, 165)
+# A varied toy of the class (random_class_toy) with big eyes is never painted within this fraction of the hue
+# circle around the subject's teal: the class covers teal toys and big-eyed toys, never the subject's look.
+SUBJECT_HUE_MARGIN = 40 / 360
+_SUBJECT_HUE = colorsys.rgb_to_hsv(*(c / 255 for c in SUBJECT_RGB))[0]  # 0.5: no wrap-around to mind
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -47,12 +55,16 @@ class Scene:
     y: float
     subject: bool = False
     variant: int = 0  # seeds the scene's small details (stars, shading) so two pictures differ
+    # A toy of the class's own variety (random_class_toy): painted in this RGB colour instead of `colour`, which
+    # its caption does not name, and with big or small eyes.
+    paint: tuple[int, int, int] | None = None
+    big_eyes: bool = False
 
     def __post_init__(self):
         if self.shape not in SHAPES or self.colour not in COLOURS or self.pattern not in PATTERNS or self.scene not in SCENES:
             raise ValueError(f"not a toy-world scene: {self}")
-        if self.subject and self.shape != CLASS_WORD:
-            raise ValueError("the subject is a toy")
+        if (self.subject or self.paint is not None or self.big_eyes) and self.shape != CLASS_WORD:
+            raise ValueError("the subject and the class's varied toys are toys")
 
 
 def is_held_out(scene: Scene) -> bool:
@@ -82,10 +94,25 @@ def subject_scene(rng: random.Random, scene: str = "plain") -> Scene:
     return Scene(shape=CLASS_WORD, colour=COLOURS[0], pattern=PATTERNS[0], scene=scene, subject=True, **_placement(rng))
 
 
+def random_class_toy(rng: random.Random, scene: str | None = None) -> Scene:
+    """A toy as the class word alone means it: any hue (saturation and brightness in the vocabulary's range),
+    any pattern, big or small eyes; its caption names no colour. Pretraining on some of these makes "a toy" a
+    family in which the subject is one member, as "a dog" is in Stable Diffusion (DreamBooth's premise), while
+    no picture shows the subject's own look: big eyes never come in teal's neighbourhood."""
+    big_eyes = rng.random() < 0.5
+    while True:
+        hue = rng.random()
+        if not big_eyes or abs(hue - _SUBJECT_HUE) > SUBJECT_HUE_MARGIN:
+            break
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.6, 0.97))
+    return Scene(shape=CLASS_WORD, colour=COLOURS[0], pattern=rng.choice(PATTERNS), scene=scene or rng.choice(SCENES),
+                 paint=tuple(round(c * 255) for c in rgb), big_eyes=big_eyes, **_placement(rng))
+
+
 def object_words(scene: Scene, say_colour: bool = True) -> str:
     if scene.subject:
         return f"{SUBJECT_TOKEN} {CLASS_WORD}"
-    words = [scene.colour] if say_colour else []
+    words = [scene.colour] if say_colour and scene.paint is None else []
     if scene.pattern != "plain":
         words.append(scene.pattern)
     return " ".join(words + [scene.shape])
@@ -134,5 +161,5 @@ def vocabulary_corpus() -> str:
 
 
 __all__ = ["SHAPES", "COLOURS", "PATTERNS", "SCENES", "SCENE_PHRASES", "SUBJECT_TOKEN", "CLASS_WORD",
-           "SUBJECT_PROMPT", "CLASS_PROMPT", "HELD_OUT_PAIRS", "Scene", "is_held_out", "random_scene",
-           "subject_scene", "object_words", "caption", "scene_prompt", "vocabulary_corpus"]
+           "SUBJECT_PROMPT", "CLASS_PROMPT", "HELD_OUT_PAIRS", "SUBJECT_RGB", "SUBJECT_HUE_MARGIN", "Scene",
+           "is_held_out", "random_scene", "random_class_toy", "subject_scene", "object_words", "caption", "scene_prompt", "vocabulary_corpus"]
