@@ -56,6 +56,36 @@ def test_a_hue_range_turns_each_colour_word_within_its_range_and_leaves_the_subj
     assert render(subject, hue_jitter=0.05).tobytes() == render(subject).tobytes()
 
 
+def test_the_class_varies_around_the_subject_but_never_draws_its_look():
+    """random_class_toy (pretrain --set class_variety=F): toys of every hue and both eye sizes whose captions
+    name no colour, so "a toy" covers the subject's neighbourhood; but no big-eyed one is painted within
+    SUBJECT_HUE_MARGIN of the subject's teal, so the base model never sees the subject."""
+    import colorsys
+
+    from flatlora_diffusion.toyworld.world import SUBJECT_HUE_MARGIN, SUBJECT_RGB, random_class_toy
+
+    rng = random.Random(7)
+    toys = [random_class_toy(rng) for _ in range(600)]
+    teal = colorsys.rgb_to_hsv(*(c / 255 for c in SUBJECT_RGB))[0]
+    hues = [colorsys.rgb_to_hsv(*(c / 255 for c in t.paint))[0] for t in toys]
+    assert all(t.shape == "toy" and not t.subject for t in toys)
+    assert all(abs(h - teal) > SUBJECT_HUE_MARGIN for h, t in zip(hues, toys) if t.big_eyes)
+    assert any(abs(h - teal) < 0.03 for h, t in zip(hues, toys) if not t.big_eyes)  # teal toys, small-eyed
+    assert 0.4 < sum(t.big_eyes for t in toys) / len(toys) < 0.6
+    assert {int(h * 10) for h in hues} == set(range(10)) and {t.pattern for t in toys} == {"plain", "striped", "dotted"}
+    for t in toys[:30]:
+        words = caption(t, random.Random(0)).split()
+        assert "toy" in words and not set(words) & set(COLOURS)
+    # Its eyes are the subject's big white ones, drawn in its own paint: a big-eyed toy differs from the same
+    # toy with small eyes, and from the subject only by its paint.
+    toy = next(t for t in toys if t.big_eyes and t.pattern == "plain")
+    small = Scene(**{**toy.__dict__, "big_eyes": False})
+    assert render(toy).tobytes() != render(small).tobytes()
+    assert render(toy).tobytes() == render(toy).tobytes()
+    with pytest.raises(ValueError):
+        Scene("circle", "red", "plain", "plain", 0.5, 0.5, 0.5, big_eyes=True)
+
+
 def test_every_scene_is_drawn_differently():
     base = Scene("circle", "red", "plain", "plain", 0.5, 0.5, 0.5, variant=3)
     variants = [base] + [Scene(**{**base.__dict__, key: value}) for key, value in
