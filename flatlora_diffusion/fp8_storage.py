@@ -25,6 +25,8 @@ import re
 
 import torch
 import torch.nn.functional as F
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
 from torch import nn
 
 STORAGE_DTYPE = torch.float8_e4m3fn
@@ -32,12 +34,11 @@ _HOOK_NAME = "layerwise_casting"  # diffusers' name: its get_parameter_dtype rep
 _CAST_TYPES = (nn.Linear, nn.Conv2d)  # exact types: a subclass may compute differently
 
 
-class _CastCopyHook:
+class _CastCopyHook(ModelHook):
     """Stores the module's parameters in float8; its forward computes with compute-dtype copies of them."""
 
-    _is_stateful = False
-
     def __init__(self, compute_dtype: torch.dtype):
+        super().__init__()
         self.storage_dtype, self.compute_dtype = STORAGE_DTYPE, compute_dtype
 
     def initialize_hook(self, module: nn.Module) -> nn.Module:
@@ -62,8 +63,6 @@ class _CastCopyHook:
 
 def skip_patterns(model: nn.Module) -> tuple[str, ...]:
     """diffusers' layers to keep in the compute dtype: its defaults plus the model class's own list."""
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-
     own = (getattr(model, "_skip_layerwise_casting_patterns", None) or []) + (getattr(model, "_keep_in_fp32_modules", None) or [])
     return tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(own)
 
@@ -72,8 +71,6 @@ def store_frozen_weights_in_fp8(model: nn.Module, compute_dtype: torch.dtype = t
     """Store every frozen Linear / Conv2d of a diffusers model (LoRA already added) in float8, computed in
     `compute_dtype`; returns the number of weights now stored in float8. Layers with a trainable parameter (the LoRA
     adapters) and those matching diffusers' skip patterns keep their dtype."""
-    from diffusers.hooks import HookRegistry
-
     patterns = skip_patterns(model)
     for name, module in model.named_modules():
         if type(module) not in _CAST_TYPES or any(p.requires_grad for p in module.parameters()):

@@ -111,6 +111,19 @@ def test_flat_noise_source_on_fp8_weights_equals_the_fp32_formula(monkeypatch):
             assert p.dtype == F8 and torch.equal(p.view(torch.uint8), before[name].view(torch.uint8)), name
 
 
+def test_why_not_diffusers_own_hook_it_breaks_gradient_checkpointing():
+    """diffusers' LayerwiseCastingHook casts the module back to float8 after each forward; non-reentrant
+    checkpointing keeps frozen parameters by reference, so backward finds float8. If this ever passes, diffusers'
+    own enable_layerwise_casting can replace fp8_storage's hook."""
+    unet = tiny_unet()
+    unet.enable_layerwise_casting(storage_dtype=F8, compute_dtype=torch.bfloat16)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    with pytest.raises(tuc.CheckpointError, match="different metadata"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            unet(*unet_inputs()).sample.float().pow(2).mean().backward()
+
+
 def test_the_fused_path_refuses_fp8_weights_with_a_reason():
     unet, _, _ = _fp8_unet()
     flat = FlatLoRA(unet, sigma=0.1)
