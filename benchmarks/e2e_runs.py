@@ -46,7 +46,10 @@ def shared_args(model: Path, images: Path, out: Path, arch: str, batch: int, ste
 def train_args(model: Path, images: Path, out: Path, arch: str, batch: int, sigma: float, steps: int,
                flags: list[str], job: list[str] | None = None) -> list[str]:
     """Our command line: the shared flags, then ours only (--overwrite, --flat_sigma, --report_to none)."""
-    return [*shared_args(model, images, out, arch, batch, steps), *(job or ["--checkpointing_steps", "100000"]),
+    shared = shared_args(model, images, out, arch, batch, steps)
+    if "--low_memory" in flags:  # the mode computes in bf16 and refuses the CPU smoke test's fp32 ("no")
+        shared[shared.index("--mixed_precision") + 1] = "bf16"
+    return [*shared, *(job or ["--checkpointing_steps", "100000"]),
             "--overwrite", "--flat_sigma", str(sigma), "--report_to", "none", *flags]
 
 

@@ -207,6 +207,11 @@ class TrainConfig:
         True, "When the text encoders are frozen, encode each distinct prompt once.", "speed",
         aliases=["pre_compute_text_embeddings"], label="Cache text embeddings",  # diffusers' SD script's name for the same thing
     )
+    low_memory: bool = _f(
+        False, "Low-memory mode: the UNet's frozen weights stored in float8 and computed in bf16, with gradient "
+        "checkpointing, cached latents and text embeddings, bf16 mixed precision, no CUDA graph; the text encoders "
+        "stay frozen.", "speed", label="Low-memory mode (fp8 base weights)",
+    )
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every N steps.", "state", ge=1, le=10**12, label="Checkpoint every N steps")
@@ -295,6 +300,7 @@ class TrainConfig:
         if self.output_name is not None and (not self.output_name.strip() or any(c in self.output_name for c in "/\\")):
             raise ConfigError(f"--output_name must be a plain file name without slashes, got {self.output_name!r}")
         self._check_ranges()
+        self._check_low_memory()
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
@@ -303,6 +309,39 @@ class TrainConfig:
                     if item not in choices:
                         raise ConfigError(f"--{f.name} must be one of {', '.join(choices)}; got {item!r}")
         return self
+
+    def _check_low_memory(self) -> None:
+        """--low_memory with a setting it cannot honour: one line naming the conflict (resolve_low_memory then
+        turns on what the mode implies)."""
+        if not self.low_memory:
+            return
+        conflicts = [
+            (self.train_text_encoder, "--train_text_encoder (the mode keeps the text encoders frozen and their "
+                                      "prompts cached)"),
+            (self.mixed_precision in ("no", "fp16"), f"--mixed_precision {self.mixed_precision} (the mode computes "
+                                                      "in bf16; leave it out or give bf16)"),
+            (not self.cache_text_embeddings, "--no_cache_text_embeddings (the mode needs the prompts encoded once)"),
+            (self.cuda_graph == "on", "--cuda_graph on (the mode turns the CUDA graph off: its private memory "
+                                      "pool would keep the step's peak)"),
+            (self.use_dora, "--use_dora (DoRA reads the base weight outside the layer, where it is float8)"),
+            (self.flat_backend == "cuda", "--flat_backend cuda (the fused kernels do not read float8 weights; "
+                                          "use auto or reference)"),
+        ]
+        for conflict, what in conflicts:
+            if conflict:
+                raise ConfigError(f"--low_memory cannot be combined with {what}")
+
+    def resolve_low_memory(self) -> list[str]:
+        """Turn on what --low_memory implies (after validate); returns the settings it changed, for the log.
+        Written into config.yaml, so the saved config says how the run really trained."""
+        if not self.low_memory:
+            return []
+        implied = {"mixed_precision": "bf16", "gradient_checkpointing": True, "cache_latents": True,
+                   "cuda_graph": "off"}
+        changed = [name for name, value in implied.items() if getattr(self, name) != value]
+        for name in changed:
+            setattr(self, name, implied[name])
+        return changed
 
     def _check_ranges(self) -> None:
         """Every number within its field's range (metadata "bounds"), and finite: nan and inf are never settings."""

@@ -182,6 +182,10 @@ def preflight(cfg: TrainConfig) -> Plan:
         raise ConfigError("--cuda_graph on needs a CUDA GPU; use auto or off")
     if cfg.cuda_graph == "on" and cfg.gradient_accumulation_steps != 1:
         raise ConfigError("--cuda_graph on needs --gradient_accumulation_steps 1; use auto or off")
+    implied = cfg.resolve_low_memory()
+    if implied:  # the CUDA graph is off too: its private memory pool would keep the step's peak for good
+        logger.info("--low_memory: UNet base weights stored in float8_e4m3fn, computed in bf16; set %s",
+                    ", ".join(f"{k}={getattr(cfg, k)}" for k in implied))
     if cfg.use_8bit_adam:
         _require("bitsandbytes", "--use_8bit_adam needs bitsandbytes: pip install 'flatlora-diffusion[bnb]'")
     if cfg.optimizer == "prodigy":

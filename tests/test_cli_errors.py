@@ -59,7 +59,7 @@ def _replace(argv, flag, value):
     "case",
     ["missing_dir", "empty_dir", "no_readable", "unknown_model", "unknown_hub_id", "not_a_pipeline",
      "resolution", "rank", "sigma", "prior_no_prompt", "unknown_flag", "output_is_file", "output_unwritable",
-     "cuda_graph_without_gpu", "push_offline", "push_no_token", "push_bad_repo_id", "push_token_refused"],
+     "cuda_graph_without_gpu", "low_memory_text_encoder", "low_memory_fp16", "push_offline", "push_no_token", "push_bad_repo_id", "push_token_refused"],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, case, monkeypatch):
     out = tmp_path / "out"
@@ -95,6 +95,10 @@ def test_bad_input_gives_one_line_and_writes_nothing(tiny, tmp_path, capsys, cas
         if torch.cuda.is_available():
             pytest.skip("this machine has a GPU: --cuda_graph on is valid here")
         argv, frag = argv + ["--cuda_graph", "on"], "needs a CUDA GPU"
+    elif case == "low_memory_text_encoder":
+        argv, frag = argv + ["--low_memory", "--train_text_encoder"], "--low_memory cannot be combined with --train_text_encoder"
+    elif case == "low_memory_fp16":
+        argv, frag = argv + ["--mixed_precision", "fp16", "--low_memory"], "--low_memory cannot be combined with --mixed_precision fp16"
     elif case.startswith("push_"):
         import huggingface_hub
 

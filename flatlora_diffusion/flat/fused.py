@@ -43,6 +43,7 @@ generator): it is what the CPU tests exercise, and what the GPU benchmark compar
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, NamedTuple
@@ -73,6 +74,8 @@ from .perturbed_layers import noisy_forward, patched_forwards
 
 if TYPE_CHECKING:  # FlatLoRA builds this engine; the engine only reads its settings and layers
     from .flat_lora import FlatLoRA
+
+logger = logging.getLogger("flatlora_diffusion")  # the trainer's log: its lines say which path a run took
 
 
 
@@ -463,18 +466,33 @@ def _fast_forward(engine: FastFlat, fl: _FastLayer):
     return noisy_forward(fl.flat_layer.base, _FastNoise(engine, fl))
 
 
+def unreadable_weights(layers: list[FlatLayer]) -> str | None:
+    """Why the fused kernels cannot read these layers' frozen weights (None: they can). float8-stored weights
+    (--low_memory) are the case: the kernels load W as bf16/fp16/fp32; the reference path upcasts any float dtype."""
+    dtypes = sorted({str(lay.base.weight.dtype).removeprefix("torch.") for lay in layers
+                     if lay.base.weight.dtype not in KERNEL_DTYPES})
+    return f"the perturbed weights are stored in {', '.join(dtypes)}, which the fused kernels do not read" if dtypes else None
+
+
 def engine_for(flat: FlatLoRA, backend: str):
     """The fast engine FlatLoRA(backend=...) uses, or None for the reference path.
-    auto: the fast engine when the layers are on CUDA and Triton imports; cuda: it, or an error."""
+    auto: the fast engine when the layers are on CUDA, Triton imports and the kernels read the weights' dtype
+    (else the reference path, with one log line when only the dtype stood in the way); cuda: it, or an error."""
     if backend == "reference" or not flat.layers:
         return None
     on_cuda = all(lay.base.weight.is_cuda for lay in flat.layers)
+    unreadable = unreadable_weights(flat.layers)
     if backend == "cuda":
         if not on_cuda:
             raise RuntimeError("FlatLoRA(backend='cuda') needs the perturbed layers on a CUDA device")
         if not triton_available():
             raise RuntimeError("FlatLoRA(backend='cuda') needs Triton (pip install triton)")
+        if unreadable:
+            raise RuntimeError(f"FlatLoRA(backend='cuda'): {unreadable}")
         return FastFlat(flat, kernels="triton")
     if on_cuda and triton_available():
+        if unreadable:
+            logger.info("Flat-LoRA: the reference path, not the fused one: %s", unreadable)
+            return None
         return FastFlat(flat, kernels="triton")
     return None

@@ -26,7 +26,9 @@ class FlatLayer:
         return self.base.weight[0].numel()
 
     def merged_weight(self) -> torch.Tensor:
-        """W' = W + sum of the active adapters' scaling * B @ A, in fp32 (what the noise scale is taken from)."""
+        """W' = W + sum of the active adapters' scaling * B @ A, in fp32 (what the noise scale is taken from).
+        W is the weight as stored: a float8-stored W (--low_memory) enters ||W'_i|| as its float8 value, upcast
+        exactly, the same W that W + eps is formed from."""
         layer = self.lora_layer
         weight = self.base.weight.detach().float()
         if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):

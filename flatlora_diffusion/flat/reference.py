@@ -21,7 +21,11 @@ def standard_normal(key: int, shape: Sequence[int], device: torch.device) -> tor
 
 
 def _perturbed_weight(weight: torch.Tensor, row_std: torch.Tensor, key: int, dtype: torch.dtype) -> torch.Tensor:
-    """W + eps for one layer, as a temporary in `dtype`; the sum is formed in fp32 so eps is not lost to rounding."""
+    """W + eps for one layer, as a temporary in `dtype`; the sum is formed in fp32 so eps is not lost to rounding.
+
+    W is read in whatever dtype it is stored in at the time of the call, forward, backward or checkpoint
+    recomputation alike: a float8 weight (--low_memory, or any hook that casts W back to its storage dtype after a
+    forward) is upcast to fp32 exactly, so every call sees the same W + eps."""
     eps = standard_normal(key, weight.shape, weight.device)
     eps.mul_(row_std.view(-1, *([1] * (weight.dim() - 1))))
     return eps.add_(weight.float()).to(dtype)

@@ -99,6 +99,14 @@ class SetupMixin:
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
+        if cfg.low_memory:
+            from ..fp8_storage import STORAGE_DTYPE, store_frozen_weights_in_fp8
+
+            stored = store_frozen_weights_in_fp8(c.unet, self.weight_dtype)
+            # validation images at full size: the VAE decodes one image at a time (SDXL's fp32 VAE at 1024 px
+            # would otherwise hold --sample_batch_size images' activations at once)
+            c.vae.enable_slicing()
+            logger.info("--low_memory: %.1f M UNet weights stored in %s", stored / 1e6, str(STORAGE_DTYPE).split(".")[-1])
         if cfg.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
