@@ -29,7 +29,8 @@ def written_once(out: Path, steps: int, validation_steps: list[int], checkpoint_
     loras = sorted(p.name for p in out.glob("*.safetensors"))
     samples = sorted(p.name for p in (out / "samples").glob("step_*"))
     pngs = {p.name: len(list(p.glob("*.png"))) for p in (out / "samples").glob("step_*")}
-    checkpoints = sorted((p.name for p in (out / "checkpoints").glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+    checkpoints = sorted((p.name for p in (out / "checkpoints").glob("checkpoint-*")),
+                         key=lambda n: int(n.split("-")[1]))
     states = {name: sorted(p.name for p in (out / "checkpoints" / name).glob("random_states_*.pkl"))
               for name in checkpoints}
     steps_logged = metrics_steps(out)

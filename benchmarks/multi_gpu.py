@@ -44,13 +44,13 @@ from mgpu_report import summary  # noqa: E402
 PARTS = ("scaling", "correctness", "resume")
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _ints(ap: argparse.ArgumentParser, text: str, flag: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"error: {flag} takes comma-separated whole numbers, got {text!r}") from None
+        ap.error(f"{flag} takes comma-separated whole numbers, got {text!r}")
     if not values or min(values) < 1:
-        raise SystemExit(f"error: {flag} needs numbers >= 1, got {text!r}")
+        ap.error(f"{flag} needs numbers >= 1, got {text!r}")
     return values
 
 
@@ -96,13 +96,13 @@ def parse(argv) -> argparse.Namespace:
     if not args.tiny and not available:
         ap.error("no CUDA GPU here: the benchmark needs GPUs (--tiny runs its smoke test on the CPU)")
     limit = 2 if args.tiny else available
-    args.gpus = _ints(args.gpus, "--gpus") if args.gpus else [n for n in (1, 2, 4, 8) if n <= limit]
+    args.gpus = _ints(ap, args.gpus, "--gpus") if args.gpus else [n for n in (1, 2, 4, 8) if n <= limit]
     if max(args.gpus) > limit:
         ap.error(f"--gpus {max(args.gpus)}: only {limit} {'CPU processes in --tiny' if args.tiny else 'GPUs'} here")
     args.check_n = args.check_n or max(args.gpus)
     if not 2 <= args.check_n <= limit:
         ap.error(f"--check-n must be from 2 to {limit}, got {args.check_n}")
-    args.resume_to = _ints(args.resume_to, "--resume-to") if args.resume_to else [args.check_n, 1]
+    args.resume_to = _ints(ap, args.resume_to, "--resume-to") if args.resume_to else [args.check_n, 1]
     if max(args.resume_to) > limit:
         ap.error(f"--resume-to {max(args.resume_to)}: only {limit} here")
     if (N_PICTURES // args.batch) % args.check_n:
