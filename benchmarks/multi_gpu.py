@@ -13,8 +13,9 @@ against one GPU), correctness (1 process with N-fold accumulation vs N processes
 without it) and resume (an N-process checkpoint resumed on N and on another count). Every run's folder is checked
 for files written once (mgpu_outputs.py). --gpus defaults to 1, 2, 4, 8 up to torch.cuda.device_count().
 
-Writes DIR/results.json and DIR/summary.md after every run; a results.json already in DIR keeps its other
-architectures, so one architecture per call fits a time limit and the table still ends up in one file.
+Writes DIR/results.json and DIR/summary.md after every run; a results.json already in DIR keeps the parts and
+architectures this call does not run, so calls of one architecture or part each fit a time limit and the table
+still ends up in one file.
 DIR/runs/ holds each run's folder and log.
 
 `--tiny`: the same orchestration on the CPU (tiny offline models, 64 px, fp32, accelerate's processes on gloo),
@@ -143,7 +144,7 @@ def main(argv=None) -> int:
 
     for arch in args.archs:
         model, images = model_and_images(args, arch, out)
-        parts = results["archs"][arch] = {}
+        parts = results["archs"].setdefault(arch, {})  # a part of an earlier call stays unless rerun
         ctx = SimpleNamespace(**{**vars(args), "flags": args.flags.split()}, arch=arch, model=model, images=images,
                               runs=out / "runs" / arch, save=save)
         if "scaling" in args.parts:
