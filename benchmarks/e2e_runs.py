@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 PROMPT = "a photo of sks toy"
 N_PICTURES = 8  # whole batches at batch 1, 2, 4 and 8 (a short last batch would be a step of another size)
+TRAIN_MODULE = ["-m", "flatlora_diffusion.cli", "train"]  # after `python` or `accelerate launch`
 
 
 def precision() -> str:
@@ -79,10 +80,15 @@ def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
     return {"rc": proc.returncode, "start": start, "end": end, "wall": end - start, "peak": mem.peak, "log": text}
 
 
+def trainer_env(code: str | None = None) -> dict:
+    """The environment of a trainer process: this tree (or `code`, first) on PYTHONPATH."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code, str(REPO), os.environ.get("PYTHONPATH")])))
+
+
 def run_trainer(args, model, images, batch, sigma, code: str | None, label: str) -> dict:
     out = Path(args.out) / "runs" / f"{label}-b{batch}-s{sigma}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code, str(REPO), os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "flatlora_diffusion.cli", "train",
+    env = trainer_env(code)
+    cmd = [sys.executable, *TRAIN_MODULE,
            *train_args(model, images, out, args.arch, batch, sigma, args.steps, args.flags.split())]
     run = timed_run(cmd, env, out.with_name(out.name + ".log"))
     if run["rc"]:

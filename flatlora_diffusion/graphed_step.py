@@ -97,7 +97,8 @@ class GraphedTrainStep:
     def __call__(self, batch, global_step: int):
         ts, acc = self.ts, self.ts.accelerator
         micro = ts._micro_step(global_step)
-        seed = step_generator(self.device, ts.options.seed, global_step, micro, acc.process_index).initial_seed()
+        seed = step_generator(self.device, ts.options.seed, global_step, micro, acc.process_index,
+                              acc.num_processes).initial_seed()
         key = self._signature(batch)
         entry = self.graphs.get(key)
         if entry is None:

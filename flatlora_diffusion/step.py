@@ -10,8 +10,9 @@ This is the step the trainer runs and the GPU benchmark times. It works on model
                                       # prompt_embeds/pooled_prompt_embeds, time_ids (SDXL), n_class
 
 Randomness of the step (diffusion noise, timesteps, noise offset) comes from a generator seeded by
-(seed, global step, micro-batch, process rank), never from the global RNG: a resumed run repeats exactly
-what the uninterrupted one would have done, and Flat-LoRA's own noise cannot shift it.
+(seed, global step, the micro-batch's place in the step's global batch), never from the global RNG: a resumed
+run repeats exactly what the uninterrupted one would have done, Flat-LoRA's own noise cannot shift it, and N
+processes draw what one process with N-fold gradient accumulation draws for the same batches.
 """
 
 from __future__ import annotations
@@ -61,11 +62,17 @@ def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch
     return embeds, pooled.reshape(embeds.shape[0], -1)
 
 
-def step_generator(device: torch.device, seed: int, global_step: int, micro_step: int, rank: int) -> torch.Generator:
+def step_generator(device: torch.device, seed: int, global_step: int, micro_step: int, rank: int = 0,
+                   num_processes: int = 1) -> torch.Generator:
     """The generator of one micro-step's diffusion noise and timesteps (independent of Flat-LoRA's keys:
-    a different leading constant)."""
+    a different leading constant).
+
+    Keyed by the micro-batch's slot in the step's global batch, micro_step * num_processes + rank: accelerate
+    gives process r the loader's batches r, r + N, ..., so the slot is the batch's place in the loader's order
+    within the step, and N processes draw exactly what one process with N-fold accumulation draws for the same
+    batches (the check of benchmarks/multi_gpu.py). One process: the slot is micro_step, as before."""
     gen = torch.Generator(device=device)
-    gen.manual_seed(noise_key(seed ^ 0x5EED, global_step, micro_step, 0xD1FF, rank))
+    gen.manual_seed(noise_key(seed ^ 0x5EED, global_step, micro_step * num_processes + rank, 0xD1FF, 0))
     return gen
 
 
@@ -176,7 +183,7 @@ class TrainStep:
         """Run one micro-batch; returns (detached loss, sigma_t)."""
         acc = self.accelerator
         micro = self._micro_step(global_step)
-        gen = step_generator(acc.device, self.options.seed, global_step, micro, acc.process_index)
+        gen = step_generator(acc.device, self.options.seed, global_step, micro, acc.process_index, acc.num_processes)
         flat_ctx = self.flat.perturb(global_step, micro) if self.flat is not None else contextlib.nullcontext(0.0)
         with acc.accumulate(*self._trained_models()):
             with flat_ctx as sigma_t:

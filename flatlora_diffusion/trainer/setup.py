@@ -205,6 +205,7 @@ class SetupMixin:
             flat=self.flat, lr_scheduler=self.lr_scheduler,
         )
         self._maybe_graph_the_step()
+        self._log_flat_path()
         self.global_step = 0
         self.first_epoch = 0
 
@@ -236,3 +237,24 @@ class SetupMixin:
 
         self.step = GraphedTrainStep(self.step)
         logger.info("CUDA graph on: each step's forward and backward replay from a captured graph")
+
+    def _log_flat_path(self) -> None:
+        """Which Flat-LoRA implementation the steps use and, with several processes, whether they draw one noise
+        or one each: a fingerprint per process of the first layer's noise at step 1 (the sign bits of its first
+        32 values; gathered, so every process takes part). A log reader (benchmarks/multi_gpu.py) checks both."""
+        flat, cfg, acc = self.flat, self.cfg, self.acc
+        if flat is None or not flat.layers or not cfg.flat_sigma:
+            return
+        if flat.fast_engine() is not None:
+            logger.info("Flat-LoRA path: fused (Triton kernels)")
+        else:
+            why = ("--flat_backend reference" if cfg.flat_backend == "reference" else "the layers are not on a CUDA "
+                   "device" if acc.device.type != "cuda" else "Triton is not installed")
+            logger.info("Flat-LoRA path: reference (%s)", why)
+        if acc.num_processes > 1:
+            eps = flat.noise(flat.layers[0], 1).flatten()[:32]
+            bits = (eps > 0).long() << torch.arange(eps.numel(), device=eps.device)
+            prints = acc.gather(bits.sum().reshape(1)).tolist()
+            logger.info("Flat-LoRA noise per process (layer %s, step 1): %s (%s)", flat.layers[0].name,
+                        " ".join(f"{p:08x}" for p in prints),
+                        "shared" if cfg.flat_share_noise_across_ranks else "independent draws")
