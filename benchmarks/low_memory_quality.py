@@ -8,9 +8,11 @@ in bf16 mixed precision on the CPU: for each training seed one run with the base
 bf16 compute) and one with --low_memory (float8 storage, bf16 compute, gradient checkpointing). The toy world is
 a real pretrained model, so its weights' float8 rounding is the kind a real checkpoint gets.
 
-The guard: the loss curve of a --low_memory run, in windows of 10 steps, stays inside the spread (min..max) of the
-bf16 runs' curves over the training seeds. Also reported: the paired difference (same seed, so same data order,
-timesteps and noise: it isolates the float8 rounding) per window, and each final LoRA's toy-world subject score
+The guard: in every window of 10 steps, the float8 rounding's effect on the loss (the paired difference, low_memory
+minus bf16 with the same training seed: same data order, timesteps and noise) is smaller than the bf16 runs'
+seed-to-seed spread (their standard deviation over the training seeds in that window). Whether a run's curve lies
+inside min..max of the bf16 curves is reported too, but it is no test: each low-memory run tracks its bf16 twin,
+which is often itself the edge of three seeds' range. Also reported: each final LoRA's toy-world subject score
 (the judge, the demo's prompts and seeds) so that "same loss, worse pictures" would show.
 
 Writes benchmarks/results/low_memory_quality.json (the committed one: 3 seeds, 100 steps, 2-core CPU).
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -95,18 +98,20 @@ def main(argv=None) -> int:
     spread = [(min(col), max(col)) for col in zip(*bf16)]
     inside = [all(lo <= w <= hi for w, (lo, hi) in zip(curve, spread)) for curve in lows]
     paired = [[round(a - b, 5) for a, b in zip(low, ref)] for low, ref in zip(lows, bf16)]
+    seed_std = [statistics.stdev(col) for col in zip(*bf16)]
+    # Per window: the largest paired difference over seeds, as a fraction of the seed-to-seed standard deviation.
+    ratio = [round(max(abs(row[w]) for row in paired) / seed_std[w], 3) for w in range(len(seed_std))]
     result = {"task": "toy-world DreamBooth, UNet LoRA rank 4, Flat-LoRA sigma 0.1, bf16, CPU",
               "steps": args.steps, "window": WINDOW, "arms": arms,
-              "bf16_spread_per_window": spread, "low_memory_inside_spread": inside,
-              "paired_window_difference": paired,
-              "max_abs_paired_difference": max(abs(d) for row in paired for d in row),
-              "max_bf16_spread_width": max(hi - lo for lo, hi in spread)}
+              "paired_window_difference": paired, "bf16_seed_std_per_window": [round(v, 5) for v in seed_std],
+              "paired_difference_over_seed_std": ratio, "guard_passed": max(ratio) < 1,
+              "bf16_range_per_window": spread, "low_memory_inside_bf16_range": inside}
     Path(args.output).write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps({k: result[k] for k in ("low_memory_inside_spread", "max_abs_paired_difference",
-                                             "max_bf16_spread_width")}))
+    print(json.dumps({k: result[k] for k in ("paired_difference_over_seed_std", "guard_passed",
+                                             "low_memory_inside_bf16_range")}))
     for arm, runs in arms.items():
         print(arm, [(r["seed"], r["subject"], r["scene"]) for r in runs])
-    return 0 if all(inside) else 1
+    return 0 if result["guard_passed"] else 1
 
 
 if __name__ == "__main__":
