@@ -48,9 +48,6 @@ class PretrainConfig:
     unet_lr: float = 6e-4
     unet_warmup: int = 300
     caption_dropout: float = 0.1  # so that classifier-free guidance has an unconditional model
-    # Each colour word painted as a range of hues (+- this fraction of the circle) in the UNet's and the judge's
-    # data, so the base model has colours between its words (render.render). 0: the shipped world, six exact colours.
-    hue_jitter: float = 0.0
     # Fraction of the base model's (and the judge's) pictures that are toys of the class's own variety
     # (world.random_class_toy: any colour, unnamed; big or small eyes), so that "a toy" is a family the subject
     # belongs to. 0: the shipped world's first design, toys only in the six vocabulary colours.
@@ -71,7 +68,7 @@ class PretrainConfig:
 
 
 def _render_chunk(args):
-    seed, start, count, subject_fraction, hue_jitter, class_variety = args
+    seed, start, count, subject_fraction, class_variety = args
     scenes, pixels = [], []
     for i in range(start, start + count):
         rng = random.Random(f"{seed}:{i}")
@@ -84,17 +81,16 @@ def _render_chunk(args):
         else:  # the judge's data: every combination, so that it reads held-out prompts' pictures too
             scene = random_scene(rng, held_out=None)
         scenes.append(scene)
-        pixels.append(np.asarray(render(scene, hue_jitter=hue_jitter), dtype=np.uint8))
+        pixels.append(np.asarray(render(scene), dtype=np.uint8))
     return scenes, np.stack(pixels)
 
 
-def render_dataset(seed: int, n: int, workers: int, subject_fraction: float = 0.0, hue_jitter: float = 0.0,
-                   class_variety: float = 0.0):
+def render_dataset(seed: int, n: int, workers: int, subject_fraction: float = 0.0, class_variety: float = 0.0):
     """n pictures of seed `seed` (scene i depends only on (seed, i)), as scenes and a uint8 (n, 64, 64, 3) array.
 
     subject_fraction 0: the base model's data (pretraining pairs, no subject); > 0: the judge's data."""
     chunk = 2000
-    jobs = [(seed, s, min(chunk, n - s), subject_fraction, hue_jitter, class_variety) for s in range(0, n, chunk)]
+    jobs = [(seed, s, min(chunk, n - s), subject_fraction, class_variety) for s in range(0, n, chunk)]
     if workers == 1 or len(jobs) == 1:
         parts = [_render_chunk(j) for j in jobs]
     else:
@@ -350,8 +346,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.time()
-    scenes, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers, hue_jitter=cfg.hue_jitter,
-                                       class_variety=cfg.class_variety)
+    scenes, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers, class_variety=cfg.class_variety)
     pixels = torch.from_numpy(pixels_np)
     timings["render_s"] = round(time.time() - t0, 1)
     _log(f"rendered {len(scenes)} pictures in {timings['render_s']} s")
@@ -372,7 +367,7 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
 
     t0 = time.time()
     judge_scenes, judge_pixels = render_dataset(cfg.seed + 1, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction,
-                                                cfg.hue_jitter, cfg.class_variety)
+                                                cfg.class_variety)
     judge, judge_steps = train_judge(cfg, judge_scenes, torch.from_numpy(judge_pixels), dev, gen, vae=vae)
     timings["judge_s"] = round(time.time() - t0, 1)
 
@@ -409,12 +404,12 @@ def retrain_subject_head(judge: Judge, pixels: torch.Tensor, is_subject: torch.T
     return judge.eval()
 
 
-def subject_negatives(seed: int, n: int, hue_jitter: float = 0.0, class_variety: float = 0.0) -> np.ndarray:
+def subject_negatives(seed: int, n: int, class_variety: float = 0.0) -> np.ndarray:
     """The subject's nearest neighbours, none of them the subject: toys of every colour and pattern (n),
     look-alikes in the subject's teal (n / 2: another pattern, or another shape with its dots) and, in a world
     with class variety, the class's varied toys (n: big-eyed ones in every hue outside teal's neighbourhood)."""
     rng = random.Random(f"toy-negatives:{seed}")
-    toys = [render(random_scene(rng, held_out=None, shape="toy"), hue_jitter=hue_jitter) for _ in range(n)]
+    toys = [render(random_scene(rng, held_out=None, shape="toy")) for _ in range(n)]
     lookalikes = [render_lookalike(rng) for _ in range(n // 2)]
     varied = [render(random_class_toy(rng)) for _ in range(n if class_variety else 0)]
     return np.stack([np.asarray(im, dtype=np.uint8) for im in toys + lookalikes + varied])
@@ -429,8 +424,8 @@ def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
     started = time.time()
     judge = load_judge(folder / "judge")
     scenes, pixels = render_dataset(cfg.seed + 3, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction,
-                                    cfg.hue_jitter, cfg.class_variety)
-    negatives = subject_negatives(cfg.seed, cfg.judge_images // 4, cfg.hue_jitter, cfg.class_variety)
+                                    cfg.class_variety)
+    negatives = subject_negatives(cfg.seed, cfg.judge_images // 4, cfg.class_variety)
     pixels = np.concatenate([pixels, negatives])
     is_subject = torch.tensor([float(s.subject) for s in scenes] + [0.0] * len(negatives))
     judge = retrain_subject_head(judge, torch.from_numpy(pixels), is_subject, cfg.judge_steps, gen)
@@ -438,7 +433,7 @@ def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
     save_judge(judge.float().cpu(), folder / "judge")
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": "cpu",
              "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps",
-                                                     "hue_jitter", "class_variety")},
+                                                     "class_variety")},
              "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
     append_stage(folder, stage, [f"judge/{JUDGE_WEIGHTS}"])
     return stage
@@ -471,8 +466,7 @@ def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
     started = time.time()
     vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), dtype=torch.float32).to(dev).eval()
     tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-    scenes, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers, hue_jitter=cfg.hue_jitter,
-                                       class_variety=cfg.class_variety)
+    scenes, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers, class_variety=cfg.class_variety)
     means, stds = encode_latents(vae, torch.from_numpy(pixels_np), dev)
     scaling = vae.config.scaling_factor  # the latent space the shipped VAE defines: unchanged
     unet, text_encoder, steps = train_captioned_unet(cfg, scenes, means * scaling, stds * scaling, tokenizer, dev, gen)
@@ -480,7 +474,7 @@ def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
         module.to("cpu", torch.float16).save_pretrained(model_dir / name, safe_serialization=True)
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-unet", "device": device,
              "config": {k: getattr(cfg, k) for k in ("seed", "images", "caption_variants", "unet_steps", "unet_batch",
-                                                     "unet_lr", "unet_warmup", "caption_dropout", "ema_decay", "hue_jitter",
+                                                     "unet_lr", "unet_warmup", "caption_dropout", "ema_decay",
                                                      "class_variety", "architecture")},
              "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
     append_stage(folder, stage, ["model/unet/diffusion_pytorch_model.safetensors",

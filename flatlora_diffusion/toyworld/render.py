@@ -6,7 +6,6 @@ small VAE reproduces better than hard pixel steps. The same Scene always gives t
 
 from __future__ import annotations
 
-import colorsys
 import math
 import random
 
@@ -145,22 +144,13 @@ def _paint(size, base, pattern: str, object_size: float) -> Image.Image:
     return _pattern(size, "plain", base, base, 1)
 
 
-def _shifted_hue(rgb, scene: Scene, hue_jitter: float):
-    """The colour turned by up to +-hue_jitter of a full hue circle, the turn drawn from the scene's own seed."""
-    if not hue_jitter:
-        return rgb
-    turn = random.Random(f"hue:{scene.variant}").uniform(-hue_jitter, hue_jitter)
-    h, s, v = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))
-    return tuple(round(c * 255) for c in colorsys.hsv_to_rgb((h + turn) % 1.0, s, v))
-
-
-def _fill(size, scene: Scene, s: int, hue_jitter: float = 0.0) -> Image.Image:
-    """The object's paint: its colour (turned within +-hue_jitter) and pattern, or the subject's plain teal."""
+def _fill(size, scene: Scene, s: int) -> Image.Image:
+    """The object's paint: its colour and pattern, or the subject's plain teal."""
     if scene.subject:
         return _paint(size, SUBJECT_RGB, "plain", scene.size)
     if scene.paint is not None:  # a varied toy of the class: its own colour, never turned
         return _paint(size, scene.paint, scene.pattern, scene.size)
-    return _paint(size, _shifted_hue(COLOUR_RGB[scene.colour], scene, hue_jitter), scene.pattern, scene.size)
+    return _paint(size, COLOUR_RGB[scene.colour], scene.pattern, scene.size)
 
 
 def _eyes(draw, scene: Scene, w, h, s, big: bool | None = None):
@@ -178,8 +168,7 @@ def _eyes(draw, scene: Scene, w, h, s, big: bool | None = None):
             draw.ellipse(_circle_box(ec, head_r * 0.12), fill=_OUTLINE)
 
 
-def _compose(scene: Scene, size: int, paint=None, big_eyes: bool | None = None,
-             hue_jitter: float = 0.0) -> Image.Image:
+def _compose(scene: Scene, size: int, paint=None, big_eyes: bool | None = None) -> Image.Image:
     rng = random.Random(scene.variant)
     big = (size * _SUPERSAMPLE, size * _SUPERSAMPLE)
     img = Image.new("RGB", big)
@@ -189,16 +178,14 @@ def _compose(scene: Scene, size: int, paint=None, big_eyes: bool | None = None,
     outline = mask.resize((big[0] // _SUPERSAMPLE, big[1] // _SUPERSAMPLE), Image.Resampling.BOX)
     outline = outline.point(lambda v: 255 if v > 0 else 0).resize(big, Image.Resampling.NEAREST)
     img.paste(Image.new("RGB", big, _OUTLINE), (0, 0), outline)
-    img.paste(paint(big) if paint else _fill(big, scene, _SUPERSAMPLE, hue_jitter), (0, 0), mask)
+    img.paste(paint(big) if paint else _fill(big, scene, _SUPERSAMPLE), (0, 0), mask)
     _eyes(ImageDraw.Draw(img), scene, big[0], big[1], _SUPERSAMPLE, big_eyes)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def render(scene: Scene, size: int = IMAGE_SIZE, hue_jitter: float = 0.0) -> Image.Image:
-    """The RGB picture of `scene`, `size` pixels square. `hue_jitter` > 0 paints each colour word as a range of
-    hues (+- that fraction of the hue circle, per scene) instead of one exact colour: a base model pretrained so
-    has colours between its words to move to (the shipped world uses 0: six exact colours)."""
-    return _compose(scene, size, hue_jitter=hue_jitter)
+def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
+    """The RGB picture of `scene`, `size` pixels square."""
+    return _compose(scene, size)
 
 
 def render_lookalike(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
