@@ -43,7 +43,6 @@ generator): it is what the CPU tests exercise, and what the GPU benchmark compar
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator, NamedTuple
@@ -74,9 +73,6 @@ from .perturbed_layers import noisy_forward, patched_forwards
 
 if TYPE_CHECKING:  # FlatLoRA builds this engine; the engine only reads its settings and layers
     from .flat_lora import FlatLoRA
-
-logger = logging.getLogger("flatlora_diffusion")  # the trainer's log: its lines say which path a run took
-
 
 
 def _simple_adapter(layer: nn.Module, base: nn.Module, fan_in: int):
@@ -477,7 +473,7 @@ def unreadable_weights(layers: list[FlatLayer]) -> str | None:
 def engine_for(flat: FlatLoRA, backend: str):
     """The fast engine FlatLoRA(backend=...) uses, or None for the reference path.
     auto: the fast engine when the layers are on CUDA, Triton imports and the kernels read the weights' dtype
-    (else the reference path, with one log line when only the dtype stood in the way); cuda: it, or an error."""
+    (else the reference path; the trainer's log line "Flat-LoRA path: ..." says why); cuda: it, or an error."""
     if backend == "reference" or not flat.layers:
         return None
     on_cuda = all(lay.base.weight.is_cuda for lay in flat.layers)
@@ -491,8 +487,5 @@ def engine_for(flat: FlatLoRA, backend: str):
             raise RuntimeError(f"FlatLoRA(backend='cuda'): {unreadable}")
         return FastFlat(flat, kernels="triton")
     if on_cuda and triton_available():
-        if unreadable:
-            logger.info("Flat-LoRA: the reference path, not the fused one: %s", unreadable)
-            return None
-        return FastFlat(flat, kernels="triton")
+        return None if unreadable else FastFlat(flat, kernels="triton")
     return None

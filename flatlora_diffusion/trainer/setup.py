@@ -248,8 +248,11 @@ class SetupMixin:
         if flat.fast_engine() is not None:
             logger.info("Flat-LoRA path: fused (Triton kernels)")
         else:
-            why = ("--flat_backend reference" if cfg.flat_backend == "reference" else "the layers are not on a CUDA "
-                   "device" if acc.device.type != "cuda" else "Triton is not installed")
+            from ..flat.fused import unreadable_weights
+
+            why = ("--flat_backend reference" if cfg.flat_backend == "reference"
+                   else "the layers are not on a CUDA device" if acc.device.type != "cuda"
+                   else unreadable_weights(flat.layers) or "Triton is not installed")
             logger.info("Flat-LoRA path: reference (%s)", why)
         if acc.num_processes > 1:
             eps = flat.noise(flat.layers[0], 1).flatten()[:32]
