@@ -132,7 +132,7 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
     from ..config import make_config
     from ..sample import lora_loaded
     from ..train import train
-    from . import model_dir
+    from . import MODEL_NAME, model_dir
     from .recipe import dreambooth_settings, write_task_data
 
     folder = Path(folder)
@@ -148,9 +148,8 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
     result = {"base model": scores()}
     for label, sigma_run in (("LoRA", 0.0), (f"Flat-LoRA sigma={sigma:g}", sigma)):
         out = folder / ("lora" if sigma_run == 0 else "flat-lora")
-        settings = dreambooth_settings(out, instance, classes, flat_sigma=sigma_run, seed=train_seed)
-        if model:
-            settings["pretrained_model_name_or_path"] = model
+        settings = dreambooth_settings(out, instance, classes, flat_sigma=sigma_run, seed=train_seed,
+                                       model=model or MODEL_NAME)
         train(make_config({**settings, "overwrite": True}))
         AcceleratorState._reset_state(reset_partial_state=True)
         with lora_loaded(pipe, out / "pytorch_lora_weights.safetensors"):

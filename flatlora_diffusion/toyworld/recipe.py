@@ -27,10 +27,11 @@ def write_task_data(folder, seed: int = 0, varied_class: bool = False) -> tuple[
 
 
 def dreambooth_settings(output_dir, instance_dir, class_dir, *, flat_sigma: float, seed: int = 0,
-                        steps: int = 100) -> dict:
-    """TrainConfig settings of one run of the task (a dict for config.make_config)."""
+                        steps: int = 100, model: str = MODEL_NAME) -> dict:
+    """TrainConfig settings of one run of the task (a dict for config.make_config); `model`: another world's
+    pipeline folder (a pretraining trial) instead of the shipped one."""
     return {
-        "pretrained_model_name_or_path": MODEL_NAME,
+        "pretrained_model_name_or_path": model,
         "instance_data_dir": str(instance_dir),
         "instance_prompt": SUBJECT_PROMPT,
         "with_prior_preservation": True,

@@ -11,7 +11,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .world import PATTERNS, SUBJECT_RGB, Scene
+from .world import PATTERNS, SHAPES, SUBJECT_RGB, Scene, random_scene
 
 IMAGE_SIZE = 64
 _SUPERSAMPLE = 4
@@ -21,10 +21,6 @@ COLOUR_RGB = {
     "yellow": (245, 215, 35), "purple": (145, 55, 200), "pink": (250, 135, 195),
 }
 _OUTLINE = (25, 25, 30)
-# The subject's own look: a teal toy with big white eyes. Teal is no vocabulary colour, and no pretraining toy
-# has those eyes. (Subjects tried first: teal-and-orange chequers, then a yellow-headed, blue-and-yellow-banded
-# toy. Both came out of a 100-step attention LoRA as multicoloured mush: the UNet's 16 x 16 level, where fine
-# texture is decided, has no attention layers, so a LoRA can move colours and shapes but not draw new patterns.)
 
 
 def _jitter(rgb, rng: random.Random, amount: int = 8):
@@ -144,7 +140,7 @@ def _paint(size, base, pattern: str, object_size: float) -> Image.Image:
     return _pattern(size, "plain", base, base, 1)
 
 
-def _fill(size, scene: Scene, s: int) -> Image.Image:
+def _fill(size, scene: Scene) -> Image.Image:
     """The object's paint: its colour and pattern, or the subject's plain teal."""
     if scene.subject:
         return _paint(size, SUBJECT_RGB, "plain", scene.size)
@@ -178,7 +174,7 @@ def _compose(scene: Scene, size: int, paint=None, big_eyes: bool | None = None) 
     outline = mask.resize((big[0] // _SUPERSAMPLE, big[1] // _SUPERSAMPLE), Image.Resampling.BOX)
     outline = outline.point(lambda v: 255 if v > 0 else 0).resize(big, Image.Resampling.NEAREST)
     img.paste(Image.new("RGB", big, _OUTLINE), (0, 0), outline)
-    img.paste(paint(big) if paint else _fill(big, scene, _SUPERSAMPLE), (0, 0), mask)
+    img.paste(paint(big) if paint else _fill(big, scene), (0, 0), mask)
     _eyes(ImageDraw.Draw(img), scene, big[0], big[1], _SUPERSAMPLE, big_eyes)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
@@ -192,8 +188,6 @@ def render_lookalike(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """A near miss of the subject, for the judge's negatives: a teal toy with a toy's usual small eyes (what a
     LoRA that learnt the colour but not the eyes draws) in any pattern, another shape in teal, or a toy of a
     vocabulary colour with the subject's big white eyes."""
-    from .world import SHAPES, random_scene
-
     kind = rng.randrange(3)
     if kind == 2:
         return _compose(random_scene(rng, held_out=None, shape="toy"), size, big_eyes=True)
@@ -208,8 +202,6 @@ def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
 
     The VAE learns from these too, so that it is a general encoder of the world's pictures (as SD's VAE is of
     photos) and can encode a subject the base model never saw; the base model itself never sees them."""
-    from .world import random_scene
-
     scene = random_scene(rng, held_out=None)
     kind = rng.choice(("plain", "striped", "dotted", "chequered"))
     colour = tuple(rng.randrange(256) for _ in range(3))

@@ -34,7 +34,10 @@ HELD_OUT_PAIRS = frozenset({("circle", "yellow"), ("square", "purple"), ("triang
 
 _TEMPLATES = ("a photo of a {obj}", "a {obj}", "a picture of a {obj}")
 
-# The subject's look: a teal toy (no vocabulary colour) with big white eyes.
+# The subject's look: a teal toy (no vocabulary colour) with big white eyes (render.py draws it). Subjects tried
+# first: teal-and-orange chequers, then a yellow-headed, blue-and-yellow-banded toy; both came out of a 100-step
+# attention LoRA as multicoloured mush (the UNet's 16 x 16 level, where fine texture is decided, has no attention
+# layers, so a LoRA can move colours and shapes but not draw new patterns).
 SUBJECT_RGB = (0, 165, 165)
 # A varied toy of the class (random_class_toy) with big eyes is never painted within this fraction of the hue
 # circle around the subject's teal: the class covers teal toys and big-eyed toys, never the subject's look.
@@ -162,4 +165,5 @@ def vocabulary_corpus() -> str:
 
 __all__ = ["SHAPES", "COLOURS", "PATTERNS", "SCENES", "SCENE_PHRASES", "SUBJECT_TOKEN", "CLASS_WORD",
            "SUBJECT_PROMPT", "CLASS_PROMPT", "HELD_OUT_PAIRS", "SUBJECT_RGB", "SUBJECT_HUE_MARGIN", "Scene",
-           "is_held_out", "random_scene", "random_class_toy", "subject_scene", "object_words", "caption", "scene_prompt", "vocabulary_corpus"]
+           "is_held_out", "random_scene", "random_class_toy", "subject_scene", "object_words", "caption",
+           "scene_prompt", "vocabulary_corpus"]
