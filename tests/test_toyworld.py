@@ -170,6 +170,44 @@ def test_the_base_model_draws_what_it_is_told(world_pipe):
     assert seen["subject_seen"] == 0 and held_out["subject_seen"] == 0
 
 
+class _PoolingAutoencoder(torch.nn.Module):
+    """A stand-in VAE for the round-trip measure: encode averages `factor` x `factor` blocks, decode repeats them
+    (factor 1: the identity)."""
+
+    def __init__(self, factor: int):
+        super().__init__()
+        self.factor = factor
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # gives the module a dtype
+
+    def encode(self, x):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=torch.nn.functional.avg_pool2d(x, self.factor)))
+
+    def decode(self, z):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(sample=z.repeat_interleave(self.factor, 2).repeat_interleave(self.factor, 3))
+
+
+def test_the_round_trip_measure_sees_whether_a_vae_keeps_the_eyes():
+    """eye_mask finds the subject's eyes on its head, and vae_round_trip scores a lossless round trip 0 and
+    one that averages 4 x 4 blocks (what a 4x-downscaling VAE that keeps nothing finer does) far worse on the
+    eyes than on the whole picture."""
+    from flatlora_diffusion.toyworld.measure import vae_round_trip
+    from flatlora_diffusion.toyworld.render import eye_mask
+
+    scene = subject_scene(random.Random(0))
+    eyes = eye_mask(scene)
+    rows, cols = eyes.nonzero()
+    assert 6 <= eyes.sum() <= 60
+    assert rows.max() < scene.y * 64  # on the upper half of the toy: its head
+    assert abs(cols.mean() - scene.x * 64) < 2  # one eye each side of the middle
+    assert vae_round_trip(_PoolingAutoencoder(1), n=5) == {"eye_error": 0.0, "image_error": 0.0, "renders": 5}
+    blurred = vae_round_trip(_PoolingAutoencoder(4), n=5)
+    assert blurred["eye_error"] > 40 and blurred["eye_error"] > 4 * blurred["image_error"]
+
+
 def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
     """A few steps of every phase: the command writes a loadable pipeline, a judge and the record."""
     from diffusers import StableDiffusionPipeline
@@ -192,12 +230,23 @@ def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
     assert image.size == (64, 64)
     assert len(judge_images([image], load_judge(tmp_path / "judge"))) == 1
 
-    # The later stage that trains the UNet and text encoder again (here with top-level attention) keeps the
-    # VAE and judge bytes, rewrites the other two and records itself.
+    # The stage that trains the VAE again (8 latent channels, variety pictures, the edge loss) rewrites only
+    # the VAE and records how well it keeps the subject's eyes.
     vae_file = tmp_path / "model/vae/diffusion_pytorch_model.safetensors"
     unet_file = tmp_path / "model/unet/diffusion_pytorch_model.safetensors"
+    vae_before, unet_before = vae_file.read_bytes(), unet_file.read_bytes()
+    eight = tiny[-1][:-1] + ', "latent_channels": 8}'
+    assert main(["--out", str(tmp_path), "--retrain-vae", "--device", "cpu", "--set", *tiny[:-1], eight,
+                 "vae_variety=0.25", "vae_edge_weight=1.0"]) == 0
+    assert vae_file.read_bytes() != vae_before and unet_file.read_bytes() == unet_before
+    stage = json.loads((tmp_path / "pretrain.json").read_text())["stages"][-1]
+    assert stage["command"].endswith("--retrain-vae") and stage["steps_done"] == 2
+    assert stage["round_trip"]["eye_error"] > 0 and stage["config"]["vae_edge_weight"] == 1.0
+
+    # The later stage that trains the UNet and text encoder again (on the new VAE's 8 channels, with
+    # top-level attention) keeps the VAE and judge bytes, rewrites the other two and records itself.
     before = {f: f.read_bytes() for f in (vae_file, unet_file, tmp_path / "judge/judge.safetensors")}
-    top_attention = tiny[-1][:-1] + ', "unet_top_attention": true}'
+    top_attention = eight[:-1] + ', "unet_top_attention": true}'
     assert main(["--out", str(tmp_path), "--retrain-unet", "--device", "cpu", "--set", *tiny[:-1], top_attention]) == 0
     assert vae_file.read_bytes() == before[vae_file]
     assert (tmp_path / "judge/judge.safetensors").read_bytes() == before[tmp_path / "judge/judge.safetensors"]
@@ -207,6 +256,10 @@ def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
     assert record["sha256"]["model/unet/diffusion_pytorch_model.safetensors"] == hashlib.sha256(unet_file.read_bytes()).hexdigest()
     pipe = StableDiffusionPipeline.from_pretrained(str(tmp_path / "model"), dtype=torch.float32)
     assert pipe.unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels == 8
+    image = pipe("a photo of a toy", num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
 
     # The stage that refits only the judge's subject logit (renders, hard negatives and look-alikes) keeps the
     # model's bytes and records itself.

@@ -15,18 +15,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pretrain import _cosine_lr, _log, append_stage, render_dataset, to_model_range
-from .render import render_variety
+from .pretrain import _cosine_lr, _log, append_stage, render_dataset, render_variety_dataset, to_model_range
 
 
 @dataclass
@@ -38,20 +35,6 @@ class GeneralizeConfig:
     batch: int = 256  # half vocabulary pictures, half variety pictures
     lr: float = 3e-4
     latent_weight: float = 1.0  # keep the vocabulary's (scaled) latents where the UNet knows them
-
-
-def _variety_chunk(args):
-    seed, start, count = args
-    return np.stack([np.asarray(render_variety(random.Random(f"variety:{seed}:{i}")), dtype=np.uint8)
-                     for i in range(start, start + count)])
-
-
-def render_variety_dataset(seed: int, n: int) -> np.ndarray:
-    import multiprocessing as mp
-
-    jobs = [(seed, s, min(2000, n - s)) for s in range(0, n, 2000)]
-    with mp.get_context("fork").Pool() as pool:
-        return np.concatenate(pool.map(_variety_chunk, jobs))
 
 
 def generalize(vae, cfg: GeneralizeConfig, device, on_checkpoint=None):

@@ -18,7 +18,7 @@ from collections import Counter
 import torch
 
 from .judge import HEADS, Judge, judge_images, load_judge
-from .render import render
+from .render import eye_mask, render
 from .world import CLASS_PROMPT, SCENES, caption, random_scene, scene_prompt, subject_scene
 
 # Sampling settings every toy-world score uses (the demo and the tests too): scores of two runs compare only
@@ -67,6 +67,26 @@ def judge_accuracy(judge: Judge, n: int, seed: int = MEASURE_SEED) -> dict:
     result["subject"] = _rate(v.subject == s.subject for v, s in zip(verdicts, scenes))
     result["renders"] = n
     return result
+
+
+@torch.no_grad()
+def vae_round_trip(vae, n: int = 40, device="cpu", seed: int = MEASURE_SEED) -> dict:
+    """How much of the subject a VAE keeps: mean absolute error (0-255 levels) of encode-decode (latent mean)
+    on n subject renders in every scene, over the eye pixels (render.eye_mask) and over the whole picture.
+    The eyes are the subject's smallest defining feature; a VAE that smooths them away gives the LoRA
+    latents without them to learn from."""
+    import numpy as np
+
+    rng = random.Random(f"vae-round-trip:{seed}")
+    scenes = [subject_scene(rng, SCENES[i % len(SCENES)]) for i in range(n)]
+    pixels = torch.from_numpy(np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]))
+    x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    dtype = next(vae.parameters()).dtype
+    recon = vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
+    error = (recon - x).abs().mean(1).cpu() * 127.5  # (n, H, W) levels
+    eyes = torch.from_numpy(np.stack([eye_mask(s) for s in scenes]))
+    return {"eye_error": round(error[eyes].mean().item(), 2), "image_error": round(error.mean().item(), 2),
+            "renders": n}
 
 
 def prompt_following(pipe, judge: Judge, n: int, held_out: bool, seed: int = MEASURE_SEED) -> dict:
@@ -121,9 +141,10 @@ def measure_base(pipe, judge: Judge, per_split: int, judge_renders: int) -> dict
 
 def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples: int, sigma: float = 0.1,
                        train_seed: int = 0, model: str | None = None, device: str = "cpu",
-                       varied_class: bool = False) -> dict:
+                       varied_class: bool = False, recipe_changes: dict | None = None) -> dict:
     """Train the toy world's DreamBooth task (recipe.py) as LoRA and as Flat-LoRA with one training seed, and
-    score the base model and both LoRAs on the subject in every scene and on the class prompt."""
+    score the base model and both LoRAs on the subject in every scene and on the class prompt.
+    `recipe_changes`: training settings that replace the recipe's (a trial of another recipe)."""
     from pathlib import Path
 
     from accelerate.state import AcceleratorState
@@ -150,12 +171,12 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
         out = folder / ("lora" if sigma_run == 0 else "flat-lora")
         settings = dreambooth_settings(out, instance, classes, flat_sigma=sigma_run, seed=train_seed,
                                        model=model or MODEL_NAME)
-        train(make_config({**settings, "overwrite": True}))
+        train(make_config({**settings, **(recipe_changes or {}), "overwrite": True}))
         AcceleratorState._reset_state(reset_partial_state=True)
         with lora_loaded(pipe, out / "pytorch_lora_weights.safetensors"):
             result[label] = scores()
     result["settings"] = {"seeds_per_scene": seeds_per_scene, "class_samples": class_samples, "train_seed": train_seed,
-                          "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE}
+                          "sample_steps": SAMPLE_STEPS, "guidance": GUIDANCE, "recipe_changes": recipe_changes or {}}
     return result
 
 
@@ -174,11 +195,17 @@ def main(argv: list[str] | None = None) -> int:
                         "(--per-split pictures per scene of the subject prompt, as many of the class prompt).")
     p.add_argument("--varied-class", action="store_true",
                    help="With --dreambooth: class pictures of the class's own variety (world.random_class_toy).")
+    p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="With --dreambooth: training settings that replace the recipe's (JSON values), for trials.")
     args = p.parse_args(argv)
     if args.dreambooth:
+        changes = {}
+        for item in args.recipe:
+            key, _, value = item.partition("=")
+            changes[key] = json.loads(value)
         result = measure_dreambooth(args.dreambooth, load_judge(args.judge) if args.judge else load_judge(),
                                     args.per_split, args.per_split, model=args.model, device=args.device,
-                                    varied_class=args.varied_class)
+                                    varied_class=args.varied_class, recipe_changes=changes)
         return _emit(result, args.output)
     from diffusers import StableDiffusionPipeline
 
@@ -201,5 +228,5 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["SAMPLE_STEPS", "GUIDANCE", "generate_batch", "judge_accuracy", "prompt_following",
+__all__ = ["SAMPLE_STEPS", "GUIDANCE", "generate_batch", "judge_accuracy", "vae_round_trip", "prompt_following",
            "class_prompt_profile", "subject_scores", "measure_base", "measure_dreambooth"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .architecture import Architecture, build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
 from .judge import HEADS, JUDGE_WEIGHTS, Judge, save_judge
-from .render import render, render_lookalike
+from .render import render, render_lookalike, render_variety
 from .world import SCENES, caption, random_class_toy, random_scene, subject_scene
 
 
@@ -43,6 +43,13 @@ class PretrainConfig:
     vae_batch: int = 256
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    # This fraction of the VAE's pictures are render_variety pictures (any colours, patterns and scales, big or
+    # small eyes), so that it encodes what the base model never draws, a new subject, as SD's VAE encodes any
+    # photo. The base model never sees them.
+    vae_variety: float = 0.0
+    # Weight of an L1 loss on the pictures' horizontal and vertical pixel differences. A toy's eyes and ears are
+    # 2-4 pixels, almost nothing in a per-pixel loss: a VAE trained on that alone smooths them away.
+    vae_edge_weight: float = 0.0
     unet_steps: int = 2000
     unet_batch: int = 1024
     unet_lr: float = 6e-4
@@ -102,6 +109,23 @@ def render_dataset(seed: int, n: int, workers: int, subject_fraction: float = 0.
     return scenes, np.concatenate([p[1] for p in parts])
 
 
+def _variety_chunk(args):
+    seed, start, count = args
+    return np.stack([np.asarray(render_variety(random.Random(f"variety:{seed}:{i}")), dtype=np.uint8)
+                     for i in range(start, start + count)])
+
+
+def render_variety_dataset(seed: int, n: int, workers: int = 0) -> np.ndarray:
+    """n render_variety pictures of seed `seed` (picture i depends only on (seed, i)), uint8 (n, 64, 64, 3)."""
+    import multiprocessing as mp
+
+    jobs = [(seed, s, min(2000, n - s)) for s in range(0, n, 2000)]
+    if workers == 1 or len(jobs) == 1:
+        return np.concatenate([_variety_chunk(j) for j in jobs])
+    with mp.get_context("fork").Pool(workers or None) as pool:
+        return np.concatenate(pool.map(_variety_chunk, jobs))
+
+
 def to_model_range(pixels_u8: torch.Tensor) -> torch.Tensor:
     return pixels_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -135,8 +159,17 @@ class _Budget:
         return self.total
 
 
+def _edge_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L1 distance of the two pictures' horizontal and vertical pixel differences."""
+    return (F.l1_loss(a[..., 1:, :] - a[..., :-1, :], b[..., 1:, :] - b[..., :-1, :])
+            + F.l1_loss(a[..., :, 1:] - a[..., :, :-1], b[..., :, 1:] - b[..., :, :-1]))
+
+
 def train_vae(cfg: PretrainConfig, pixels: torch.Tensor, device, gen: torch.Generator):
     arch = Architecture(**cfg.architecture)
+    if cfg.vae_variety > 0:
+        extra = round(pixels.shape[0] * cfg.vae_variety / (1 - cfg.vae_variety))
+        pixels = torch.cat([pixels, torch.from_numpy(render_variety_dataset(cfg.seed + 7, extra, cfg.workers))])
     vae = build_vae(arch).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     budget, step = _Budget("vae", cfg.vae_steps, cfg.minutes.get("vae", 0)), 0
@@ -151,6 +184,8 @@ def train_vae(cfg: PretrainConfig, pixels: torch.Tensor, device, gen: torch.Gene
             recon = vae.decode(z).sample
         loss = F.mse_loss(recon.float(), x) + 0.5 * F.l1_loss(recon.float(), x) \
             + cfg.vae_kl_weight * posterior.kl().mean()
+        if cfg.vae_edge_weight:
+            loss = loss + cfg.vae_edge_weight * _edge_l1(recon.float(), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -158,6 +193,15 @@ def train_vae(cfg: PretrainConfig, pixels: torch.Tensor, device, gen: torch.Gene
             _log(f"vae {step}/{budget.total} loss {loss.item():.4f}")
         step += 1
     return vae.eval(), step
+
+
+def train_scaled_vae(cfg: PretrainConfig, pixels: torch.Tensor, device, gen: torch.Generator):
+    """train_vae, then the latent scale that gives the pretraining pictures' latents unit std (SD's
+    scaling_factor): (vae, steps done, latent means, latent stds), latents unscaled."""
+    vae, steps = train_vae(cfg, pixels, device, gen)
+    means, stds = encode_latents(vae, pixels, device)
+    vae.register_to_config(scaling_factor=1.0 / means.std().item())
+    return vae, steps, means, stds
 
 
 @torch.no_grad()
@@ -352,10 +396,8 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     _log(f"rendered {len(scenes)} pictures in {timings['render_s']} s")
 
     t0 = time.time()
-    vae, vae_steps = train_vae(cfg, pixels, dev, gen)
-    means, stds = encode_latents(vae, pixels, dev)
-    scaling = 1.0 / means.std().item()
-    vae.register_to_config(scaling_factor=scaling)
+    vae, vae_steps, means, stds = train_scaled_vae(cfg, pixels, dev, gen)
+    scaling = vae.config.scaling_factor
     timings["vae_s"] = round(time.time() - t0, 1)
     _log(f"vae done, scaling_factor {scaling:.4f}")
 
@@ -449,6 +491,33 @@ def append_stage(folder: Path, stage: dict, weights: list[str]) -> None:
     record_file.write_text(json.dumps(record, indent=1) + "\n")
 
 
+def retrain_vae(folder: Path, cfg: PretrainConfig, device: str) -> dict:
+    """Train the VAE of a world folder again from nothing (the configured architecture, variety and edge loss)
+    and record how well it keeps the subject's eyes. Its latent space is new: train the UNet again on it
+    afterwards (--retrain-unet with the same settings)."""
+    from .measure import vae_round_trip
+
+    dev = torch.device(device)
+    torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gen = torch.Generator().manual_seed(cfg.seed)
+    started = time.time()
+    _, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers, class_variety=cfg.class_variety)
+    vae, steps, _, _ = train_scaled_vae(cfg, torch.from_numpy(pixels_np), dev, gen)
+    vae = vae.float().eval()
+    fidelity = vae_round_trip(vae, device=dev)
+    vae.to("cpu", torch.float16).save_pretrained(folder / "model" / "vae", safe_serialization=True)
+    stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-vae", "device": device,
+             "config": {k: getattr(cfg, k) for k in ("seed", "images", "vae_steps", "vae_batch", "vae_lr",
+                                                     "vae_kl_weight", "vae_variety", "vae_edge_weight",
+                                                     "class_variety", "architecture")},
+             "steps_done": steps, "round_trip": fidelity, "seconds": round(time.time() - started, 1),
+             "torch": torch.__version__}
+    append_stage(folder, stage, ["model/vae/diffusion_pytorch_model.safetensors"])
+    return stage
+
+
 def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
     """Train the UNet and text encoder of a world folder again from nothing, on the latents of its (final) VAE,
     with the configured architecture; the VAE, tokenizer and judge stay. Used when the UNet's architecture
@@ -492,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="Only refit the judge's subject logit in --out (a world folder with model/ and judge/).")
     p.add_argument("--retrain-unet", action="store_true",
                    help="Only train the UNet and text encoder in --out again (its VAE, tokenizer and judge stay).")
+    p.add_argument("--retrain-vae", action="store_true",
+                   help="Only train the VAE in --out again (then --retrain-unet: the latent space is new).")
     args = p.parse_args(argv)
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     for item in args.set:
@@ -501,6 +572,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"error: unknown pretraining setting(s): {', '.join(sorted(unknown))}", file=sys.stderr)
         return 2
+    if args.retrain_vae:
+        print(json.dumps(retrain_vae(Path(args.out), PretrainConfig(**fields), args.device)))
+        return 0
     if args.retrain_unet:
         print(json.dumps(retrain_unet(Path(args.out), PretrainConfig(**fields), args.device)))
         return 0

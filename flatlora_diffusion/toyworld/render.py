@@ -184,6 +184,16 @@ def render(scene: Scene, size: int = IMAGE_SIZE) -> Image.Image:
     return _compose(scene, size)
 
 
+def eye_mask(scene: Scene, size: int = IMAGE_SIZE, threshold: int = 40):
+    """Where a toy's big eyes are: a bool (size, size) array of the pixels that drawing the toy with a toy's
+    usual small eyes instead changes by more than `threshold` levels in some channel."""
+    import numpy as np
+
+    with_big = np.asarray(_compose(scene, size, big_eyes=True), dtype=np.int16)
+    with_small = np.asarray(_compose(scene, size, big_eyes=False), dtype=np.int16)
+    return np.abs(with_big - with_small).max(axis=-1) > threshold
+
+
 def render_lookalike(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """A near miss of the subject, for the judge's negatives: a teal toy with a toy's usual small eyes (what a
     LoRA that learnt the colour but not the eyes draws) in any pattern, another shape in teal, or a toy of a
@@ -210,4 +220,4 @@ def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     return _compose(scene, size, paint=lambda big: _pattern(big, kind, colour, other, cell), big_eyes=rng.random() < 0.5)
 
 
-__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "render_lookalike", "render_variety"]
+__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "eye_mask", "render_lookalike", "render_variety"]
