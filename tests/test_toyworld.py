@@ -295,3 +295,22 @@ def test_instance_class_and_heldout_folders(tmp_path):
     assert all(v.subject and v.scene == "plain" for v in verdicts[:9])
     assert not any(v.subject for v in verdicts[9:]) and all(v.shape == "toy" for v in verdicts[9:])
     assert judge_dir().is_dir()
+
+
+def test_a_recipe_trial_trains_with_the_changed_settings(tmp_path):
+    """measure --dreambooth --recipe KEY=VALUE: both runs train with the changed settings (here 1 step at another
+    learning rate, from JSON values), the rest of the recipe stays, and the result records the change."""
+    import yaml
+
+    from flatlora_diffusion.toyworld.measure import main
+
+    out = tmp_path / "out.json"
+    assert main(["--dreambooth", str(tmp_path / "db"), "--per-split", "1", "--device", "cpu", "--output", str(out),
+                 "--recipe", "max_train_steps=1", "learning_rate=0.002"]) == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["recipe_changes"] == {"max_train_steps": 1, "learning_rate": 0.002}
+    assert {"base model", "LoRA", "Flat-LoRA sigma=0.1"} <= set(result)
+    for run in ("lora", "flat-lora"):
+        config = yaml.safe_load((tmp_path / "db" / run / "config.yaml").read_text())
+        assert config["max_train_steps"] == 1 and config["learning_rate"] == 0.002
+        assert config["rank"] == 4 and config["with_prior_preservation"]  # the recipe's own settings
