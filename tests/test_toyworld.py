@@ -297,6 +297,33 @@ def test_instance_class_and_heldout_folders(tmp_path):
     assert judge_dir().is_dir()
 
 
+def test_the_task_draws_its_class_pictures_as_the_world_learnt_the_class(tmp_path):
+    """recipe.has_class_variety reads the world's pretrain.json: the first pretraining's class_variety, replaced
+    by a later --retrain-unet's (a --retrain-vae's does not count: the VAE is no prior), and write_task_data then
+    writes class pictures of the class's own variety; the shipped world's are the vocabulary's plain toys."""
+    from flatlora_diffusion.toyworld.data import write_class_images
+    from flatlora_diffusion.toyworld.recipe import CLASS_IMAGES, has_class_variety, write_task_data
+
+    world = tmp_path / "world"
+    (world / "model").mkdir(parents=True)
+    record = {"config": {"seed": 0}, "stages": [
+        {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-vae", "config": {"class_variety": 0.2}}]}
+    (world / "pretrain.json").write_text(json.dumps(record))
+    assert not has_class_variety(str(world / "model"))
+    record["stages"].append({"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-unet",
+                             "config": {"class_variety": 0.2}})
+    (world / "pretrain.json").write_text(json.dumps(record))
+    assert has_class_variety(str(world / "model"))
+    assert not has_class_variety(MODEL_NAME)
+
+    _, varied = write_task_data(tmp_path / "a", model=str(world / "model"))
+    _, plain = write_task_data(tmp_path / "b")
+    read = lambda folder: sorted(p.read_bytes() for p in folder.iterdir())  # noqa: E731
+    assert read(varied) == sorted(p.read_bytes() for p in write_class_images(tmp_path / "v", CLASS_IMAGES, varied=True))
+    assert read(plain) == sorted(p.read_bytes() for p in write_class_images(tmp_path / "p", CLASS_IMAGES))
+    assert read(varied) != read(plain)
+
+
 def test_a_recipe_trial_trains_with_the_changed_settings(tmp_path):
     """measure --dreambooth --recipe KEY=VALUE: both runs train with the changed settings (here 1 step at another
     learning rate, from JSON values), the rest of the recipe stays, and the result records the change."""

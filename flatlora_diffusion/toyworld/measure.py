@@ -141,7 +141,7 @@ def measure_base(pipe, judge: Judge, per_split: int, judge_renders: int) -> dict
 
 def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples: int, sigma: float = 0.1,
                        train_seed: int = 0, model: str | None = None, device: str = "cpu",
-                       varied_class: bool = False, recipe_changes: dict | None = None) -> dict:
+                       recipe_changes: dict | None = None) -> dict:
     """Train the toy world's DreamBooth task (recipe.py) as LoRA and as Flat-LoRA with one training seed, and
     score the base model and both LoRAs on the subject in every scene and on the class prompt.
     `recipe_changes`: training settings that replace the recipe's (a trial of another recipe)."""
@@ -157,7 +157,7 @@ def measure_dreambooth(folder, judge: Judge, seeds_per_scene: int, class_samples
     from .recipe import dreambooth_settings, write_task_data
 
     folder = Path(folder)
-    instance, classes = write_task_data(folder / "data", seed=train_seed, varied_class=varied_class)
+    instance, classes = write_task_data(folder / "data", seed=train_seed, model=model or MODEL_NAME)
     pipe = StableDiffusionPipeline.from_pretrained(model or str(model_dir()), dtype=torch.float32, safety_checker=None,
                                                    requires_safety_checker=False).to(device)
     seeds = [MEASURE_SEED + i for i in range(seeds_per_scene)]
@@ -193,8 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dreambooth", metavar="DIR",
                    help="Instead: train the toy world's DreamBooth task as LoRA and Flat-LoRA in DIR and score them "
                         "(--per-split pictures per scene of the subject prompt, as many of the class prompt).")
-    p.add_argument("--varied-class", action="store_true",
-                   help="With --dreambooth: class pictures of the class's own variety (world.random_class_toy).")
     p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
                    help="With --dreambooth: training settings that replace the recipe's (JSON values), for trials.")
     args = p.parse_args(argv)
@@ -205,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             changes[key] = json.loads(value)
         result = measure_dreambooth(args.dreambooth, load_judge(args.judge) if args.judge else load_judge(),
                                     args.per_split, args.per_split, model=args.model, device=args.device,
-                                    varied_class=args.varied_class, recipe_changes=changes)
+                                    recipe_changes=changes)
         return _emit(result, args.output)
     from diffusers import StableDiffusionPipeline
 

@@ -8,9 +8,10 @@ text encoder's attention at learning rate 5e-3. Only `flat_sigma` differs betwee
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from . import MODEL_NAME
+from . import MODEL_NAME, resolve_model_name
 from .data import write_class_images, write_instance_images
 from .world import CLASS_PROMPT, SUBJECT_PROMPT
 
@@ -18,11 +19,25 @@ INSTANCE_IMAGES = 5
 CLASS_IMAGES = 20
 
 
-def write_task_data(folder, seed: int = 0, varied_class: bool = False) -> tuple[Path, Path]:
-    """(instance folder, class folder) of the task under `folder`."""
+def has_class_variety(model: str = MODEL_NAME) -> bool:
+    """Whether the world's base model learnt "a toy" with the class's own variety (pretrain --set
+    class_variety=F > 0): its prior-preservation pictures must then be that variety too. Read from the
+    pretrain.json beside the pipeline folder: the first pretraining's setting, or the last --retrain-unet's."""
+    record_file = Path(resolve_model_name(model)).parent / "pretrain.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {}
+    variety = record.get("config", {}).get("class_variety", 0.0)
+    for stage in record.get("stages", []):
+        if stage.get("command", "").endswith("--retrain-unet"):
+            variety = stage.get("config", {}).get("class_variety", 0.0)
+    return variety > 0
+
+
+def write_task_data(folder, seed: int = 0, model: str = MODEL_NAME) -> tuple[Path, Path]:
+    """(instance folder, class folder) of the task under `folder`, the class pictures as `model`'s world draws
+    the class (has_class_variety)."""
     folder = Path(folder)
     write_instance_images(folder / "subject", n=INSTANCE_IMAGES, seed=seed)
-    write_class_images(folder / "class", n=CLASS_IMAGES, seed=seed, varied=varied_class)
+    write_class_images(folder / "class", n=CLASS_IMAGES, seed=seed, varied=has_class_variety(model))
     return folder / "subject", folder / "class"
 
 
