@@ -324,9 +324,10 @@ def test_the_task_draws_its_class_pictures_as_the_world_learnt_the_class(tmp_pat
     assert read(varied) != read(plain)
 
 
-def test_a_recipe_trial_trains_with_the_changed_settings(tmp_path):
+def test_a_recipe_trial_trains_with_the_changed_settings(tmp_path, capsys):
     """measure --dreambooth --recipe KEY=VALUE: both runs train with the changed settings (here 1 step at another
-    learning rate, from JSON values), the rest of the recipe stays, and the result records the change."""
+    learning rate), the rest of the recipe stays, and the result records the change; an unknown setting is one
+    line and exit 2 before anything is written."""
     import yaml
 
     from flatlora_diffusion.toyworld.measure import main
@@ -335,9 +336,13 @@ def test_a_recipe_trial_trains_with_the_changed_settings(tmp_path):
     assert main(["--dreambooth", str(tmp_path / "db"), "--per-split", "1", "--device", "cpu", "--output", str(out),
                  "--recipe", "max_train_steps=1", "learning_rate=0.002"]) == 0
     result = json.loads(out.read_text())
-    assert result["settings"]["recipe_changes"] == {"max_train_steps": 1, "learning_rate": 0.002}
+    assert result["settings"]["recipe_changes"] == {"max_train_steps": "1", "learning_rate": "0.002"}
     assert {"base model", "LoRA", "Flat-LoRA sigma=0.1"} <= set(result)
     for run in ("lora", "flat-lora"):
         config = yaml.safe_load((tmp_path / "db" / run / "config.yaml").read_text())
         assert config["max_train_steps"] == 1 and config["learning_rate"] == 0.002
         assert config["rank"] == 4 and config["with_prior_preservation"]  # the recipe's own settings
+
+    assert main(["--dreambooth", str(tmp_path / "db2"), "--recipe", "learnig_rate=1"]) == 2
+    assert "unknown setting 'learnig_rate'; did you mean 'learning_rate'?" in capsys.readouterr().err
+    assert not (tmp_path / "db2").exists()

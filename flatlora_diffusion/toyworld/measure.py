@@ -194,16 +194,19 @@ def main(argv: list[str] | None = None) -> int:
                    help="Instead: train the toy world's DreamBooth task as LoRA and Flat-LoRA in DIR and score them "
                         "(--per-split pictures per scene of the subject prompt, as many of the class prompt).")
     p.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="With --dreambooth: training settings that replace the recipe's (JSON values), for trials.")
+                   help="With --dreambooth: training settings that replace the recipe's, for trials.")
     args = p.parse_args(argv)
     if args.dreambooth:
-        changes = {}
-        for item in args.recipe:
-            key, _, value = item.partition("=")
-            changes[key] = json.loads(value)
-        result = measure_dreambooth(args.dreambooth, load_judge(args.judge) if args.judge else load_judge(),
-                                    args.per_split, args.per_split, model=args.model, device=args.device,
-                                    recipe_changes=changes)
+        from ..config import ConfigError
+
+        try:
+            changes = _recipe_changes(args.recipe)
+            result = measure_dreambooth(args.dreambooth, load_judge(args.judge) if args.judge else load_judge(),
+                                        args.per_split, args.per_split, model=args.model, device=args.device,
+                                        recipe_changes=changes)
+        except ConfigError as e:
+            print(f"error: --recipe: {e}", file=sys.stderr)
+            return 2
         return _emit(result, args.output)
     from diffusers import StableDiffusionPipeline
 
@@ -211,6 +214,23 @@ def main(argv: list[str] | None = None) -> int:
                                                    safety_checker=None, requires_safety_checker=False).to(args.device)
     judge = load_judge(args.judge) if args.judge else load_judge()
     return _emit(measure_base(pipe, judge, args.per_split, args.judge_renders), args.output)
+
+
+def _recipe_changes(items: list[str]) -> dict:
+    """--recipe KEY=VALUE items as training settings (values as on the train command line; make_config
+    converts them). Unknown names are refused here, before any model loads."""
+    from ..config import ConfigError, TrainConfig, closest_key
+
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item!r} is not KEY=VALUE")
+        if key not in TrainConfig.field_names():
+            hint = closest_key(key)
+            raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+        changes[key] = value
+    return changes
 
 
 def _emit(result: dict, output: str | None) -> int:
