@@ -311,6 +311,24 @@ def test_resume_with_another_rank_is_refused_in_one_line(tiny, tmp_path, capsys)
     assert "cannot resume from" in err and "size mismatch" in err
 
 
+def test_a_resume_goes_on_with_the_lr_schedule_of_a_checkpoint_from_another_number_of_processes(tiny, tmp_path):
+    """accelerate ticks the scheduler once per process per step, so checkpoint-2 of a 2-process run holds tick 4
+    (emulated here by editing its scheduler state). Resumed on one process, the learning rates of steps 3 and 4
+    are those of an uninterrupted one-process run, not the ones two steps further down the cosine."""
+    out = tmp_path / "run"
+    schedule = {"lr_scheduler": "cosine", "lr_warmup_steps": 1, "checkpointing_steps": 2}
+    run(tiny, out, **schedule)
+    uninterrupted = [m["lr"] for m in metrics(out)]
+    assert len(set(uninterrupted)) == 4  # every step's rate differs: a shift would show
+    state_file = out / "checkpoints" / "checkpoint-2" / "scheduler.bin"
+    state = torch.load(state_file, weights_only=False)
+    assert state["last_epoch"] == 2
+    state["last_epoch"], state["_step_count"] = 4, 5
+    torch.save(state, state_file)
+    run(tiny, out, resume_from_checkpoint="checkpoint-2", **schedule)
+    assert [m["lr"] for m in metrics(out)] == uninterrupted
+
+
 def test_one_trainer_per_run_folder(tiny, tmp_path, capsys):
     from flatlora_diffusion.run_dir import TrainerLock, lock_holder
 

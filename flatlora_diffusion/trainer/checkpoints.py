@@ -132,7 +132,25 @@ class CheckpointsMixin:
                     continue
                 raise ConfigError(f"cannot resume from {path} ({reason[:300]})") from None
         self.global_step = json.loads((path / "training_state.json").read_text())["global_step"]
+        self._align_lr_schedule()
         self.first_epoch = self.global_step // self.steps_per_epoch
         if main:
             self.run_dir.truncate_metrics_after(self.global_step)
         logger.info("resumed from %s at step %d", path, self.global_step)
+
+    def _align_lr_schedule(self) -> None:
+        """The scheduler ticks num_processes times per optimizer step (diffusers' count), so a checkpoint written
+        by another number of processes holds another tick count: put the schedule where this run's count is at
+        global_step, so that the learning rate goes on from the step reached, not from a shifted point of the
+        warm-up or decay. (Same number of processes: nothing changes.)"""
+        schedule = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper, or the bare one
+        ticks = self.global_step * self.acc.num_processes
+        if schedule.last_epoch == ticks or not hasattr(schedule, "lr_lambdas"):
+            return
+        logger.info("the checkpoint's learning-rate schedule was counted for another number of processes: "
+                    "moved from tick %d to %d", schedule.last_epoch, ticks)
+        schedule.last_epoch = ticks
+        lrs = [base * rule(ticks) for base, rule in zip(schedule.base_lrs, schedule.lr_lambdas)]
+        for group, lr in zip(schedule.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        schedule._last_lr = lrs
