@@ -633,12 +633,16 @@ def config_from_args(argv: list[str] | None) -> TrainConfig:
     return make_config(values)
 
 
+def check_setting_name(key: str) -> None:
+    """A ConfigError naming the closest setting unless `key` is one of TrainConfig's."""
+    if key not in TrainConfig.field_names():
+        hint = closest_key(key)
+        raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+
+
 def make_config(values: dict[str, Any]) -> TrainConfig:
-    known = set(TrainConfig.field_names())
     for key in values:
-        if key not in known:
-            hint = closest_key(key)
-            raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+        check_setting_name(key)
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:

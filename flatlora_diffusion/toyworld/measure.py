@@ -77,10 +77,12 @@ def vae_round_trip(vae, n: int = 40, device="cpu", seed: int = MEASURE_SEED) -> 
     latents without them to learn from."""
     import numpy as np
 
+    from .pretrain import to_model_range
+
     rng = random.Random(f"vae-round-trip:{seed}")
     scenes = [subject_scene(rng, SCENES[i % len(SCENES)]) for i in range(n)]
     pixels = torch.from_numpy(np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]))
-    x = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    x = to_model_range(pixels).to(device)
     dtype = next(vae.parameters()).dtype
     recon = vae.decode(vae.encode(x.to(dtype)).latent_dist.mean).sample.float().clamp(-1, 1)
     error = (recon - x).abs().mean(1).cpu() * 127.5  # (n, H, W) levels
@@ -219,16 +221,14 @@ def main(argv: list[str] | None = None) -> int:
 def _recipe_changes(items: list[str]) -> dict:
     """--recipe KEY=VALUE items as training settings (values as on the train command line; make_config
     converts them). Unknown names are refused here, before any model loads."""
-    from ..config import ConfigError, TrainConfig, closest_key
+    from ..config import ConfigError, check_setting_name
 
     changes = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"{item!r} is not KEY=VALUE")
-        if key not in TrainConfig.field_names():
-            hint = closest_key(key)
-            raise ConfigError(f"unknown setting {key!r}" + (f"; did you mean {hint!r}?" if hint else ""))
+        check_setting_name(key)
         changes[key] = value
     return changes
 

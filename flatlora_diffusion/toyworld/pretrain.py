@@ -379,14 +379,20 @@ def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer_dir: Path) -> No
     config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
+def _seeded_device(cfg: PretrainConfig, device: str):
+    """(torch device, data generator) for a pretraining phase or stage: seeded by cfg.seed, TF32 matmuls and
+    cuDNN autotuning on a GPU (the stages redo phases of the first pretraining, with its settings)."""
     dev = torch.device(device)
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    gen = torch.Generator().manual_seed(cfg.seed)
+    return dev, torch.Generator().manual_seed(cfg.seed)
+
+
+def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
+    dev, gen = _seeded_device(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.time()
@@ -497,15 +503,10 @@ def retrain_vae(folder: Path, cfg: PretrainConfig, device: str) -> dict:
     afterwards (--retrain-unet with the same settings)."""
     from .measure import vae_round_trip
 
-    dev = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev, gen = _seeded_device(cfg, device)
     started = time.time()
     _, pixels_np = render_dataset(cfg.seed, cfg.images, cfg.workers, class_variety=cfg.class_variety)
     vae, steps, _, _ = train_scaled_vae(cfg, torch.from_numpy(pixels_np), dev, gen)
-    vae = vae.float().eval()
     fidelity = vae_round_trip(vae, device=dev)
     vae.to("cpu", torch.float16).save_pretrained(folder / "model" / "vae", safe_serialization=True)
     stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-vae", "device": device,
@@ -525,12 +526,7 @@ def retrain_unet(folder: Path, cfg: PretrainConfig, device: str) -> dict:
     from diffusers import AutoencoderKL
     from transformers import CLIPTokenizer
 
-    dev = torch.device(device)
-    torch.manual_seed(cfg.seed)
-    if dev.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev, gen = _seeded_device(cfg, device)
     model_dir = folder / "model"
     started = time.time()
     vae = AutoencoderKL.from_pretrained(str(model_dir / "vae"), dtype=torch.float32).to(dev).eval()
