@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .pretrain import _cosine_lr, _log, append_stage, render_dataset, render_variety_dataset, to_model_range
+from .judge import to_model_range
+from .pretrain import _cosine_lr, _log, append_stage, render_dataset, render_variety_dataset
 
 
 @dataclass

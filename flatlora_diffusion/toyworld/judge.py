@@ -65,8 +65,12 @@ def images_to_tensor(images) -> torch.Tensor:
         if im.size != (64, 64):
             im = im.resize((64, 64), Image.Resampling.BILINEAR)
         arrays.append(np.asarray(im, dtype=np.uint8))
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float()
-    return x / 127.5 - 1.0
+    return to_model_range(torch.from_numpy(np.stack(arrays)))
+
+
+def to_model_range(pixels_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) pixels -> (B, 3, H, W) float in [-1, 1], the range the judge and the VAE read."""
+    return pixels_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def save_judge(judge: Judge, folder: Path, extra: dict | None = None) -> None:

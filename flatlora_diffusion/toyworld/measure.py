@@ -17,7 +17,7 @@ from collections import Counter
 
 import torch
 
-from .judge import HEADS, Judge, judge_images, load_judge
+from .judge import HEADS, Judge, judge_images, load_judge, to_model_range
 from .render import eye_mask, render
 from .world import CLASS_PROMPT, SCENES, caption, random_scene, scene_prompt, subject_scene
 
@@ -76,8 +76,6 @@ def vae_round_trip(vae, n: int = 40, device="cpu", seed: int = MEASURE_SEED) -> 
     The eyes are the subject's smallest defining feature; a VAE that smooths them away gives the LoRA
     latents without them to learn from."""
     import numpy as np
-
-    from .pretrain import to_model_range
 
     rng = random.Random(f"vae-round-trip:{seed}")
     scenes = [subject_scene(rng, SCENES[i % len(SCENES)]) for i in range(n)]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .architecture import Architecture, build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
-from .judge import HEADS, JUDGE_WEIGHTS, Judge, save_judge
+from .judge import HEADS, JUDGE_WEIGHTS, Judge, save_judge, to_model_range
 from .render import render, render_lookalike, render_variety
 from .world import SCENES, caption, random_class_toy, random_scene, subject_scene
 
@@ -124,10 +124,6 @@ def render_variety_dataset(seed: int, n: int, workers: int = 0) -> np.ndarray:
         return np.concatenate([_variety_chunk(j) for j in jobs])
     with mp.get_context("fork").Pool(workers or None) as pool:
         return np.concatenate(pool.map(_variety_chunk, jobs))
-
-
-def to_model_range(pixels_u8: torch.Tensor) -> torch.Tensor:
-    return pixels_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # --------------------------------------------------------------------------------------------------- phases
