@@ -44,12 +44,26 @@ def test_trained_file_reproduces_the_validation_image(tiny, tmp_path, init):
     assert meta["unet.r"] == (8 if init == "pissa" else 4)  # PiSSA ships [B, -B0] @ [A; A0]: rank 2r
 
 
-def test_validation_images_made_in_a_batch_are_each_seeds_own_image(tiny, tmp_path):
+def test_validation_images_made_in_a_batch_are_each_seeds_own_image(tiny, tmp_path, monkeypatch):
     """A prompt's seeds are sampled together (--sample_batch_size at a time): each image must still be the one its
-    seed gives alone, as a user regenerating "seed 5" from the LoRA file gets it."""
+    seed gives alone, as a user regenerating "seed 5" from the LoRA file gets it. The VAE decodes them one at a
+    time (its activations at full size are what a batch would multiply)."""
+    from diffusers import AutoencoderKL
+
+    decoded_batches = []
+    decode = AutoencoderKL._decode
+
+    def counting_decode(self, z, *args, **kwargs):
+        decoded_batches.append(z.shape[0])
+        return decode(self, z, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "_decode", counting_decode)
     out = tmp_path / "batched"
     run(tiny, out, max_train_steps=2, learning_rate=2e-2, validation_prompt=["a photo of sks toy"],
         validation_seeds=[3, 5, 7], validation_inference_steps=4, sample_batch_size=2)  # batches [3, 5] and [7]
+    assert decoded_batches and set(decoded_batches) == {1}
+    assert len(decoded_batches) == 3 * 2  # three images at step 0 and at step 2
+    monkeypatch.undo()
     images = {s: np.asarray(Image.open(out / "samples" / "step_000002" / f"0_{s}.png"), dtype=np.float32)
               for s in (3, 5, 7)}
     for seed, image in images.items():

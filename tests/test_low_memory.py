@@ -183,6 +183,25 @@ def test_low_memory_run_trains_fp32_lora_on_fp8_weights_and_writes_a_loadable_fi
     assert loaded and any(p.abs().sum() > 0 for p in loaded.values())
 
 
+def test_low_memory_unet_reaches_the_device_already_in_float8(tiny, tmp_path, monkeypatch):
+    """The bf16 UNet must never be moved to the training device: SDXL's would hold 5.1 GB there while converting,
+    the peak this mode exists to avoid. Every move of the UNet to a device happens with its weights in float8."""
+    from diffusers import UNet2DConditionModel
+
+    moves = []
+    original_to = UNet2DConditionModel.to
+
+    def to(self, *args, **kwargs):
+        device = kwargs.get("device", args[0] if args else None)
+        if device is not None and not isinstance(device, torch.dtype):
+            moves.append(any(p.dtype == STORAGE_DTYPE for p in self.parameters()))
+        return original_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "to", to)
+    run(tiny, tmp_path / "low", low_memory=True, max_train_steps=1)
+    assert moves and all(moves)
+
+
 # --- the settings ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("over, fragment", [
     ({"train_text_encoder": True}, "--train_text_encoder"),

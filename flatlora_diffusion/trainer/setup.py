@@ -77,7 +77,10 @@ class SetupMixin:
         # The SDXL VAE overflows in fp16; it encodes in fp32 (cheap next to the UNet).
         vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
         c.vae.to(acc.device, dtype=vae_dtype)
-        c.unet.to(acc.device, dtype=self.weight_dtype)
+        # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below). Moved there in
+        # bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders while converting, and the allocator kept that
+        # peak through the latent cache: 8.6 GB on an H100 (benchmarks/results/sdxl_low_memory_h100.json).
+        c.unet.to(None if cfg.low_memory else acc.device, dtype=self.weight_dtype)
         for te in c.text_encoders:
             te.to(acc.device, dtype=self.weight_dtype)
         if cfg.enable_xformers_memory_efficient_attention:
@@ -103,9 +106,7 @@ class SetupMixin:
             from ..fp8_storage import STORAGE_DTYPE, store_frozen_weights_in_fp8
 
             stored = store_frozen_weights_in_fp8(c.unet, self.weight_dtype)
-            # validation images at full size: the VAE decodes one image at a time (SDXL's fp32 VAE at 1024 px
-            # would otherwise hold --sample_batch_size images' activations at once)
-            c.vae.enable_slicing()
+            c.unet.to(acc.device)  # no dtype: the float8 storage stays
             logger.info("--low_memory: %.1f M UNet weights stored in %s", stored / 1e6, str(STORAGE_DTYPE).split(".")[-1])
         if cfg.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
