@@ -71,23 +71,33 @@ def _sample_rows(run: Path, prompts: dict[str, str]) -> list[tuple[str, str]]:
     return [(p, s) for p in sorted(prompts, key=int) for s in seeds]
 
 
-def comparison_image(runs: list[tuple[str, Path]], out_file: Path) -> Path:
-    """Validation images of the runs side by side: a baseline column (step 0), then each run's final step."""
-    from PIL import Image
+def comparison_image(runs: list[tuple[str, Path]], out_file: Path, instance_images: Path | None = None) -> Path:
+    """Validation images of the runs side by side: the training pictures of the subject (when given: without
+    them a viewer cannot tell what the runs should draw), a baseline column (step 0), then each run's final step."""
+    from PIL import Image, ImageOps
 
+    from .data.records import readable_images_in
     from .sample import comparison_grid
 
     first = runs[0][1]
     final_step, prompts = _final_samples(first)
     rows = _sample_rows(first, prompts)
+    size = Image.open(first / "samples" / "step_000000" / f"{rows[0][0]}_{rows[0][1]}.png").width
+    # Demo images are 64 px: show them at least 160 px wide so the labels fit.
+    shown = size * max(1, -(-160 // size))
+
+    def enlarged(images):
+        return [im.resize((shown, shown), Image.Resampling.NEAREST) for im in images]
 
     def column(run: Path, step: int):
-        images = [Image.open(run / "samples" / f"step_{step:06d}" / f"{p}_{s}.png").convert("RGB") for p, s in rows]
-        # Demo images are 64 px: show them at least 160 px wide so the labels fit.
-        factor = max(1, -(-160 // images[0].width))
-        return [im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in images]
+        return enlarged(Image.open(run / "samples" / f"step_{step:06d}" / f"{p}_{s}.png").convert("RGB") for p, s in rows)
 
-    columns = [("base model (step 0)", column(first, 0))]
+    columns = []
+    if instance_images is not None:  # about as the trainer sees them: centre crop at the training size
+        pictures = [ImageOps.fit(Image.open(f).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+                    for f in readable_images_in(instance_images)[:len(rows)]]
+        columns.append(("training pictures", enlarged(pictures)))
+    columns += [("base model (step 0)", column(first, 0))]
     columns += [(f"{label} (step {final_step})", column(path, final_step)) for label, path in runs]
     grid = comparison_grid(columns, row_labels=[f"{prompts[p]} | seed {s}" for p, s in rows])
     tmp = out_file.with_name(out_file.name + ".tmp.png")
@@ -179,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== training {label} -> {path}", file=sys.stderr)
         train(make_config(run_config(model, images, path, sigma, args, class_images)))
         AcceleratorState._reset_state(reset_partial_state=True)  # the next run builds its own Accelerator
-    grid = comparison_image([(label, path) for label, path, _ in runs], out / "comparison.png")
+    grid = comparison_image([(label, path) for label, path, _ in runs], out / "comparison.png", images)
     print(f"done in {time.time() - started:.0f} s")
     for label, path, _ in runs:
         print(f"  {label}: final loss {_last_loss(path):.4f}")

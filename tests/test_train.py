@@ -182,7 +182,7 @@ def test_demo_produces_what_it_promises(tmp_path):
     final = [sorted((p / "samples" / "step_000004").glob("*.png")) for p in runs.values()]
     assert any(Image.open(a).tobytes() != Image.open(b).tobytes() for a, b in zip(*final))
     grid = Image.open(out / "comparison.png")
-    assert grid.width > 3 * 160 and grid.height > 10 * 160  # 3 columns (base, LoRA, Flat-LoRA) x 10 rows
+    assert grid.width > 4 * 160 and grid.height > 10 * 160  # 4 columns (training pictures, base, LoRA, Flat-LoRA) x 10 rows
 
 
 def test_two_processes_share_the_work_through_accelerate(tiny, tmp_path):
