@@ -183,6 +183,12 @@ def test_demo_produces_what_it_promises(tmp_path):
     assert any(Image.open(a).tobytes() != Image.open(b).tobytes() for a, b in zip(*final))
     grid = Image.open(out / "comparison.png")
     assert grid.width > 4 * 160 and grid.height > 10 * 160  # 4 columns (training pictures, base, LoRA, Flat-LoRA) x 10 rows
+    # the first column shows the subject's training pictures: the same grid without them is one column narrower
+    from flatlora_diffusion.demo import comparison_image
+
+    plain = Image.open(comparison_image([("LoRA", runs["lora"]), ("Flat-LoRA sigma=0.1", runs["flat-lora"])],
+                                        tmp_path / "plain.png"))
+    assert plain.height == grid.height and grid.width - plain.width >= 160
 
 
 def test_two_processes_share_the_work_through_accelerate(tiny, tmp_path):
