@@ -77,11 +77,17 @@ def generate_class_images(
     return done
 
 
+# zlib level 1 for the PNGs the trainer writes (class and validation images): a 1024 px picture took 0.34 s at
+# PIL's default level 6 and 0.08 s at level 1 on one CPU core, for a file 17 % larger; the pixels are the same.
+# SDXL prior preservation writes hundreds of them while the GPU waits.
+FAST_PNG = {"format": "PNG", "compress_level": 1}
+
+
 def _atomic_save_png(image: Image.Image, final: Path) -> None:
     tmp = final.with_name(f".{final.name}{_TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
-            image.save(f, format="PNG")
+            image.save(f, **FAST_PNG)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .. import faults
+from ..data.class_images import FAST_PNG
 from .errors import Cancelled
 
 
@@ -109,7 +110,7 @@ class ImagesMixin:
                                   generator=[torch.Generator(device="cpu").manual_seed(s) for s in chunk],
                                   height=size, width=size, callback_on_step_end=stop_if_cancelled).images
                 for seed, image in zip(chunk, images):
-                    image.save(tmp / f"{p}_{seed}.png")
+                    image.save(tmp / f"{p}_{seed}.png", **FAST_PNG)
                     bar.update(1)
                     faults.hit("validation")
                 if self.cancelled["flag"]:
