@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--job-validation-steps", type=int, default=100)
     ap.add_argument("--job-checkpointing-steps", type=int, default=100)
     ap.add_argument("--job-sigma", type=float, default=0.1, help="Our trainer's --flat_sigma in the job (its default).")
+    ap.add_argument("--job-trainers", default="now,diffusers",
+                    help="Which trainers run the job (diffusers' only with --diffusers-script): a 500-step job of "
+                         "both takes longer than one device call, so each can have its own.")
     ap.add_argument("--tiny", action="store_true", help="Smoke test of this script: the tiny model, 64 px, any device.")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -146,7 +149,8 @@ def main(argv=None) -> int:
             save()
     if args.job:
         results["job"] = job_settings(args)
-        for trainer in ["now", *(["diffusers"] if args.diffusers_script else [])]:
+        wanted = args.job_trainers.split(",")
+        for trainer in [t for t in ("now", "diffusers") if t in wanted and (t == "now" or args.diffusers_script)]:
             results["job"]["runs"].append(run_job(args, model, images, trainer))
             save()
     if args.bare_step:
