@@ -15,11 +15,14 @@ from tests.training_helpers import run
 
 def _regenerate(run_dir: Path, with_lora: bool, seed: int | None = None) -> np.ndarray:
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    pipe = StableDiffusionPipeline.from_pretrained(cfg["pretrained_model_name_or_path"], safety_checker=None,
-                                                   requires_safety_checker=False)
+    model = cfg["pretrained_model_name_or_path"]
+    if json.loads((Path(model) / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline":
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(model)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if with_lora:
         pipe.load_lora_weights(str(run_dir / "pytorch_lora_weights.safetensors"))
@@ -42,6 +45,18 @@ def test_trained_file_reproduces_the_validation_image(tiny, tmp_path, init):
     meta = json.loads(__import__("safetensors").safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt")
                       .metadata()["lora_adapter_metadata"])
     assert meta["unet.r"] == (8 if init == "pissa" else 4)  # PiSSA ships [B, -B0] @ [A; A0]: rank 2r
+
+
+def test_sdxl_validation_images_from_cached_prompt_embeddings_are_the_pipelines_own(tiny, tmp_path):
+    """SDXL's frozen text encoders: validation samples from embeddings encoded once (four of them: prompt, pooled,
+    and their unconditional twins); a user's plain StableDiffusionXLPipeline call with the LoRA file gets the same
+    pictures."""
+    out = tmp_path / "sdxl"
+    run(tiny, out, arch="sdxl", max_train_steps=2, learning_rate=2e-2, validation_prompt=["a photo of sks toy"],
+        validation_seeds=[3, 5], validation_inference_steps=4, sample_batch_size=2)
+    for seed in (3, 5):
+        image = np.asarray(Image.open(out / "samples" / "step_000002" / f"0_{seed}.png"), dtype=np.float32)
+        assert np.abs(_regenerate(out, with_lora=True, seed=seed) - image).max() <= 2
 
 
 def test_validation_images_made_in_a_batch_are_each_seeds_own_image(tiny, tmp_path, monkeypatch):

@@ -303,21 +303,31 @@ def test_latent_and_text_embedding_caches_encode_once_and_train_the_same(tiny, t
 
 def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(tiny, tmp_path, monkeypatch):
     """With cached latents and frozen text encoders, the VAE and the encoders leave the GPU after every training
-    prompt is encoded, come back for each set of validation images, and leave again; training and sampling
-    are those of an unparked run. (On this CPU the moves are recorded: _can_park says yes, the target is the CPU.)"""
+    prompt and every validation prompt is encoded; the VAE comes back for each set of validation images and leaves
+    again, the encoders stay parked (they do not run while sampling); training and sampling are those of an
+    unparked run. (On this CPU the moves are recorded: _can_park says yes, the target is the CPU.)"""
+    from transformers import CLIPTextModel
+
     from flatlora_diffusion.trainer.parking import ParkingMixin
 
-    events, embedded_before_training = [], []
+    events, embedded_before_training, encoder_calls = [], [], [0]
     original_move, original_sample = ParkingMixin._move, train_module._Trainer._sample_validation_images
     original_build = train_module._Trainer._build_optimizer
+    original_encoder_forward = CLIPTextModel.forward
 
     def move(self, names, device):  # parking passes "cpu"; the way back passes the accelerator's torch.device
         events.append(("park" if device == "cpu" else "unpark", tuple(names)))
         return original_move(self, names, device)
 
     def sample(self, out):
-        events.append(("sample",))
-        return original_sample(self, out)
+        before = encoder_calls[0]
+        result = original_sample(self, out)
+        events.append(("sample", encoder_calls[0] - before))
+        return result
+
+    def encoder_forward(self, *args, **kwargs):
+        encoder_calls[0] += 1
+        return original_encoder_forward(self, *args, **kwargs)
 
     def build_optimizer(self):  # right after parking: every prompt a step will see is already encoded
         embedded_before_training.append(sorted(self.embedding_cache))
@@ -327,6 +337,7 @@ def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(ti
     monkeypatch.setattr(ParkingMixin, "_move", move)
     monkeypatch.setattr(train_module._Trainer, "_sample_validation_images", sample)
     monkeypatch.setattr(train_module._Trainer, "_build_optimizer", build_optimizer)
+    monkeypatch.setattr(CLIPTextModel, "forward", encoder_forward)
     make_subject_images(tmp_path / "class", n=2)
     common = dict(max_train_steps=2, validation_prompt=["a toy"], validation_seeds=[0], validation_steps=1,
                   validation_inference_steps=2, with_prior_preservation=True, class_data_dir=str(tmp_path / "class"),
@@ -334,7 +345,8 @@ def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(ti
     parked = run(tiny, tmp_path / "parked", **common, cache_latents=True)
     both = ("text_encoder", "vae")
     assert embedded_before_training == [["a photo of a toy", "a photo of sks toy"]]
-    assert events == [("park", both)] + [("unpark", both), ("sample",), ("park", both)] * 3  # steps 0, 1, 2
+    # steps 0, 1, 2: only the VAE comes back, and the text encoders never run while sampling
+    assert events == [("park", both)] + [("unpark", ("vae",)), ("sample", 0), ("park", ("vae",))] * 3
     assert (parked.path / "samples" / "step_000002" / "0_0.png").exists()
 
     events.clear()
@@ -342,6 +354,7 @@ def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(ti
     run(tiny, tmp_path / "te", **common, cache_latents=True, train_text_encoder=True)
     assert events[0] == ("park", ("vae",))  # trained text encoders stay; nothing to pre-encode
     assert embedded_before_training == [[]]
+    assert events[2][0] == "sample" and events[2][1] > 0  # their prompts are encoded at every validation
     events.clear()
     run(tiny, tmp_path / "pixels", **common)  # the VAE encodes every step: it stays
     assert events[0] == ("park", ("text_encoder",))
@@ -351,6 +364,9 @@ def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(ti
     unparked = run(tiny, tmp_path / "unparked", **common, cache_latents=True)
     assert_weights_close(lora_weights(parked.path), lora_weights(unparked.path), rtol=0, atol=0)
     assert losses(parked.path) == losses(unparked.path)
+    for step in ("step_000000", "step_000002"):  # the same pictures
+        assert ((parked.path / "samples" / step / "0_0.png").read_bytes()
+                == (unparked.path / "samples" / step / "0_0.png").read_bytes())
 
 
 def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monkeypatch):

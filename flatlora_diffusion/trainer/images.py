@@ -72,13 +72,42 @@ class ImagesMixin:
             self._make_validation_images(out)
         acc.wait_for_everyone()
 
+    @torch.no_grad()
+    def _encode_validation_prompts(self) -> None:
+        """Frozen text encoders: each validation prompt's embeddings (and its unconditional ones), made once, by the
+        pipeline's own encode_prompt under the same autocast as sampling, while the encoders are still on the device.
+        Validation then leaves them parked: SDXL's 1.9 GB of encoders no longer travel to the GPU and back for every
+        set of images, nor add to the peak while the UNet samples (what --low_memory's budget cannot afford)."""
+        cfg = self.cfg
+        self.validation_embeds = {}
+        if not cfg.validation_prompt or not self.acc.is_main_process:
+            return
+        pipe = self._sampling_pipeline()
+        guided = cfg.validation_guidance_scale > 1  # the pipelines' own test for classifier-free guidance
+        names = (["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+                 if self.is_sdxl else ["prompt_embeds", "negative_prompt_embeds"])
+        with self.acc.autocast():
+            for prompt in dict.fromkeys(cfg.validation_prompt):
+                encoded = pipe.encode_prompt(prompt, device=self.acc.device, num_images_per_prompt=1,
+                                             do_classifier_free_guidance=guided)
+                self.validation_embeds[prompt] = {n: e for n, e in zip(names, encoded) if e is not None}
+
+    def _validation_inputs(self, prompt: str, n: int) -> dict:
+        """The pipeline's prompt arguments for n images of one prompt: cached embeddings when there are some."""
+        cached = getattr(self, "validation_embeds", {}).get(prompt)
+        if cached is None:
+            return {"prompt": [prompt] * n}
+        return {name: e.expand(n, *e.shape[1:]) for name, e in cached.items()}
+
     def _make_validation_images(self, out: Path) -> None:
         self._status(f"validation images at step {self.global_step}")
         models = [self.components.unet, *self.components.text_encoders]
         modes = [m.training for m in models]
         for m in models:
             m.eval()
-        with self._parked_models_on_device():
+        # with every validation prompt encoded, the text encoders can stay where they are parked
+        needed = ["vae"] if getattr(self, "validation_embeds", None) else None
+        with self._parked_models_on_device(needed):
             self._sample_validation_images(out)
         for m, mode in zip(models, modes):
             m.train(mode)
@@ -105,7 +134,8 @@ class ImagesMixin:
             for start in range(0, len(seeds), cfg.sample_batch_size):
                 chunk = seeds[start:start + cfg.sample_batch_size]
                 with acc.autocast():
-                    images = pipe([prompt] * len(chunk), num_inference_steps=cfg.validation_inference_steps,
+                    images = pipe(**self._validation_inputs(prompt, len(chunk)),
+                                  num_inference_steps=cfg.validation_inference_steps,
                                   guidance_scale=cfg.validation_guidance_scale,
                                   generator=[torch.Generator(device="cpu").manual_seed(s) for s in chunk],
                                   height=size, width=size, callback_on_step_end=stop_if_cancelled).images

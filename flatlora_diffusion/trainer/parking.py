@@ -1,9 +1,10 @@
 """Frozen models off the GPU while they have nothing to do.
 
 With --cache_latents the VAE is needed again only to decode validation images, and frozen text encoders (with
---cache_text_embeddings, the default) only to encode the training prompts once: after that they hold memory the
-UNet's step could use (SDXL: ~1.6 GB of text encoders and a 0.3 GB fp32 VAE). diffusers' scripts delete them;
-we move them to the CPU ("park" them) once the caches are full and bring them back around validation images.
+--cache_text_embeddings, the default) only to encode the training and validation prompts once: after that they
+hold memory the UNet's step could use (SDXL: ~1.6 GB of text encoders and a 0.3 GB fp32 VAE). diffusers' scripts
+delete them; we move them to the CPU ("park" them) once the caches are full and bring the VAE back around
+validation images (the encoders only for a prompt not yet encoded).
 The weights do not change on the way, so a parked run trains and samples exactly as an unparked one.
 """
 
@@ -49,15 +50,17 @@ class ParkingMixin:
             prompts = self.training_prompts
             for start in range(0, len(prompts), _EMBED_CHUNK):
                 self._text_inputs(prompts[start:start + _EMBED_CHUNK])
+            self._encode_validation_prompts()
         self.parked = sorted(idle) if self._can_park() else []
         if self.parked:
             self._move(self.parked, "cpu")
             logger.info("moved %s to the CPU until validation (their work is cached)", ", ".join(self.parked))
 
     @contextlib.contextmanager
-    def _parked_models_on_device(self):
-        """The parked models on the training device for the block (validation images), then back."""
-        parked = getattr(self, "parked", [])
+    def _parked_models_on_device(self, names: list[str] | None = None):
+        """The parked models (those of `names` only, when given) on the training device for the block (validation
+        images), then back."""
+        parked = [n for n in getattr(self, "parked", []) if names is None or n in names]
         if parked:
             self._move(parked, self.acc.device)
         try:
