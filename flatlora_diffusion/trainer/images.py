@@ -32,11 +32,6 @@ class ImagesMixin:
         scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
         pipe = c.pipeline(scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)  # one bar per image set (ours), not one per image
-        # The UNet samples --sample_batch_size images at once, but the VAE decodes them one at a time: SDXL's fp32
-        # VAE at 1024 px holds ~3 GB of activations per image, and a batch of 4 raised a 100-step job's peak from
-        # 19.9 to 31.8 GB on an H100 (benchmarks/results/sdxl_job_batched_validation_h100.json). Decoding is a small
-        # share of sampling, so slicing costs little time.
-        c.vae.enable_slicing()
         return pipe
 
     def _generate_class_images(self) -> None:
@@ -97,7 +92,7 @@ class ImagesMixin:
         cached = getattr(self, "validation_embeds", {}).get(prompt)
         if cached is None:
             return {"prompt": [prompt] * n}
-        return {name: e.expand(n, *e.shape[1:]) for name, e in cached.items()}
+        return {name: e.repeat(n, *[1] * (e.dim() - 1)) for name, e in cached.items()}
 
     def _make_validation_images(self, out: Path) -> None:
         self._status(f"validation images at step {self.global_step}")

@@ -77,6 +77,11 @@ class SetupMixin:
         # The SDXL VAE overflows in fp16; it encodes in fp32 (cheap next to the UNet).
         vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
         c.vae.to(acc.device, dtype=vae_dtype)
+        # The VAE encodes and decodes one picture at a time, whatever the batch: SDXL's fp32 VAE at 1024 px holds ~3 GB
+        # of activations per picture, and decoding 4 validation images at once raised a 100-step job's peak from 19.9
+        # to 31.8 GB on an H100 (benchmarks/results/sdxl_job_batched_validation_h100.json). Always on, so that a run
+        # encodes its pictures the same way with or without validation images; the time is about the same.
+        c.vae.enable_slicing()
         # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below). Moved there in
         # bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders while converting, and the allocator kept that
         # peak through the latent cache: 8.6 GB on an H100 (benchmarks/results/sdxl_low_memory_h100.json).
