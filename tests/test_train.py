@@ -158,14 +158,21 @@ def test_diffusers_readme_command_line_runs_unchanged(tiny, tmp_path):
     assert json.loads((out / "status.json").read_text())["state"] == "completed"
 
 
-def test_demo_produces_what_it_promises(tmp_path):
+def test_demo_produces_what_it_promises(tmp_path, monkeypatch):
+    """As a user runs it (no OMP_NUM_THREADS, two cores or more): the two runs train side by side in two
+    processes, the second one's console in flat-lora.log. (test_demo.py runs them one after the other.)"""
+    import os
+
     from PIL import Image
 
     from flatlora_diffusion.demo import main
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = tmp_path / "demo"
     assert main(["--output", str(out), "--steps", "4"]) == 0
     runs = {name: out / name for name in ("lora", "flat-lora")}
+    if (os.cpu_count() or 1) >= 2:
+        assert "Steps" in (out / "flat-lora.log").read_text()  # the Flat-LoRA run's own progress, beside
     import yaml
 
     cfgs = {n: yaml.safe_load((p / "config.yaml").read_text()) for n, p in runs.items()}
