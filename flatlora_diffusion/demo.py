@@ -188,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     model, images, class_images = _prepare_data(out, args)
     runs = [("LoRA", out / "lora", 0.0), (f"Flat-LoRA sigma={args.sigma:g}", out / "flat-lora", args.sigma)]
     settings = [run_config(model, images, path, sigma, args, class_images) for _, path, sigma in runs]
-    if one_thread and (os.cpu_count() or 1) >= 2 and not torch.cuda.is_available():
+    # the cores this process may use (a container's CPU set, not the host's count)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if one_thread and cores >= 2 and not torch.cuda.is_available():
         _train_side_by_side(runs, settings, out / "flat-lora.log")
     else:
         for (label, path, _), cfg in zip(runs, settings):
