@@ -74,7 +74,6 @@ class ImagesMixin:
         Validation then leaves them parked: SDXL's 1.9 GB of encoders no longer travel to the GPU and back for every
         set of images, nor add to the peak while the UNet samples (what --low_memory's budget cannot afford)."""
         cfg = self.cfg
-        self.validation_embeds = {}
         if not cfg.validation_prompt or not self.acc.is_main_process:
             return
         pipe = self._sampling_pipeline()
@@ -89,7 +88,7 @@ class ImagesMixin:
 
     def _validation_inputs(self, prompt: str, n: int) -> dict:
         """The pipeline's prompt arguments for n images of one prompt: cached embeddings when there are some."""
-        cached = getattr(self, "validation_embeds", {}).get(prompt)
+        cached = self.validation_embeds.get(prompt)
         if cached is None:
             return {"prompt": [prompt] * n}
         return {name: e.repeat(n, *[1] * (e.dim() - 1)) for name, e in cached.items()}
@@ -101,7 +100,7 @@ class ImagesMixin:
         for m in models:
             m.eval()
         # with every validation prompt encoded, the text encoders can stay where they are parked
-        needed = ["vae"] if getattr(self, "validation_embeds", None) else None
+        needed = ["vae"] if self.validation_embeds else None
         with self._parked_models_on_device(needed):
             self._sample_validation_images(out)
         for m, mode in zip(models, modes):

@@ -46,6 +46,7 @@ class ParkingMixin:
     def _park_idle_models(self) -> None:
         """After the latent cache: encode every training prompt now, then move the idle models to the CPU."""
         idle = self._idle_models()
+        self.validation_embeds = {}  # by prompt; empty: validation encodes its prompts itself
         if any(name.startswith("text_encoder") for name in idle):
             prompts = self.training_prompts
             for start in range(0, len(prompts), _EMBED_CHUNK):
