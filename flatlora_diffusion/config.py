@@ -154,7 +154,9 @@ class TrainConfig:
                         choices=["AdamW", "prodigy"], case_insensitive=True, label="Optimizer")
     use_8bit_adam: bool = _f(False, "Use 8-bit AdamW from bitsandbytes.", "optim", label="8-bit AdamW")
     learning_rate: float | None = _f(None, "Learning rate (default 5e-4 for SD 1.x, 1e-4 for SDXL).", "optim", gt=0, le=10, label="Learning rate")
-    text_encoder_lr: float = _f(5e-6, "Learning rate of the text-encoder LoRA.", "optim", gt=0, le=10, label="Text-encoder learning rate")
+    text_encoder_lr: float | None = _f(
+        None, "Learning rate of the text-encoder LoRA (default: the learning rate for SD 1.x, 5e-6 for SDXL).", "optim",
+        gt=0, le=10, label="Text-encoder learning rate")
     scale_lr: bool = _f(False, "Scale the lr by GPUs x accumulation x batch size.", "optim", label="Scale the learning rate")
     adam_beta1: float = _f(0.9, "Adam beta1.", "optim", ge=0, lt=1, label="Adam beta1")
     adam_beta2: float = _f(0.999, "Adam beta2.", "optim", ge=0, lt=1, label="Adam beta2")
@@ -369,6 +371,10 @@ class TrainConfig:
             self.resolution = 1024 if arch == "sdxl" else 512
         if self.learning_rate is None:
             self.learning_rate = 1e-4 if arch == "sdxl" else 5e-4
+        if self.text_encoder_lr is None:
+            # As diffusers' scripts: train_dreambooth_lora.py trains the text encoder at --learning_rate (it has
+            # no --text_encoder_lr); train_dreambooth_lora_sdxl.py at --text_encoder_lr, whose default is 5e-6.
+            self.text_encoder_lr = 5e-6 if arch == "sdxl" else self.learning_rate
         if self.adam_weight_decay is None:
             self.adam_weight_decay = 1e-4 if arch == "sdxl" else 1e-2
         if self.lora_alpha is None:

@@ -57,7 +57,7 @@ DIFFUSERS_FLAGS = {
     "gradient_accumulation_steps": ("2", 1),
     "gradient_checkpointing": ("", False),
     "learning_rate": ("1e-4", None),  # 5e-4 SD / 1e-4 SDXL
-    "text_encoder_lr": ("5e-6", 5e-6),
+    "text_encoder_lr": ("5e-6", None),  # the learning rate SD / 5e-6 SDXL
     "scale_lr": ("", False),
     "lr_scheduler": ("cosine", "constant"),
     "snr_gamma": ("5.0", None),
@@ -146,9 +146,12 @@ def test_defaults_are_diffusers_defaults():
             assert ours == []  # a list here (several prompts); none by default, as diffusers
         else:
             assert ours == expected, (name, ours, expected)
-    for arch, (resolution, lr, wd) in {"sd15": (512, 5e-4, 1e-2), "sdxl": (1024, 1e-4, 1e-4)}.items():
+    for arch, (resolution, lr, te_lr, wd) in {"sd15": (512, 5e-4, 5e-4, 1e-2), "sdxl": (1024, 1e-4, 5e-6, 1e-4)}.items():
         cfg = TrainConfig().resolve_arch_defaults(arch)
-        assert (cfg.resolution, cfg.learning_rate, cfg.adam_weight_decay) == (resolution, lr, wd)
+        assert (cfg.resolution, cfg.learning_rate, cfg.text_encoder_lr, cfg.adam_weight_decay) == (resolution, lr, te_lr, wd)
+    # SD 1.x: the text encoder follows a given --learning_rate, as train_dreambooth_lora.py's does
+    assert TrainConfig(learning_rate=3e-3).resolve_arch_defaults("sd15").text_encoder_lr == 3e-3
+    assert TrainConfig(learning_rate=3e-3, text_encoder_lr=1e-5).resolve_arch_defaults("sd15").text_encoder_lr == 1e-5
 
 
 @pytest.mark.parametrize("spelling,value", [("--center_crop=True", True), ("--center_crop=False", False),
