@@ -2,10 +2,9 @@
 
 It must show the product working: after 100 steps the judge finds the subject in some of the subject prompts'
 pictures of both runs (and in none of the base model's), in the scenes asked for, including scenes the subject
-was never shown in. The bounds are below what the shipped world gives today (3 of 8 for LoRA, 4 of 8 for
-Flat-LoRA with the judge that no longer takes a teal toy without the eyes for the subject, 8 of 8 scenes, none
-for the base model) and far below the issue's 80 % target, which the world does not meet (README, "The toy
-world"). Slow for a unit test (about a minute), and the one that matters most.
+was never shown in. The bounds are below what the shipped world gives today (4 of 8 for LoRA and for Flat-LoRA,
+6 of 8 scenes, none for the base model) and far below the issue's 80 % target, which the world does not meet
+(README, "The toy world"). Slow for a unit test (about a minute), and the one that matters most.
 """
 
 import json

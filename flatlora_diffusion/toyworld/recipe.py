@@ -58,6 +58,9 @@ def dreambooth_settings(output_dir, instance_dir, class_dir, *, flat_sigma: floa
         "train_batch_size": 1,
         "max_train_steps": steps,
         "learning_rate": 5e-3,
+        # Said, not left to the default: at 5e-6 (SDXL's default) the text-encoder LoRA does not learn "sks" at all,
+        # and the LoRA can only move every toy, the class prompt's too (benchmarks/HISTORY.md, session 7).
+        "text_encoder_lr": 5e-3,
         "lr_scheduler": "constant",
         "lr_warmup_steps": 0,
         "rank": 4,
