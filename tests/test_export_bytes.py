@@ -6,7 +6,8 @@ whatever the machine), and the settings and times are fixed. The trainer's write
 save_kohya_lora) write the run's own files, and the `export` command turns the run, a checkpoint of it and its
 files into every format and dtype it offers. The sha256 of each file (see _file_digest) is compared with the digests taken on the
 code before export.py was split into a package (commit e3546ee); a new version number or a deliberate change of
-a file format changes them, and then this table, on purpose.
+a file format changes them, and then this table, on purpose (the SD 1.x files last when ss_text_encoder_lr became
+the learning rate, as the SD 1.x text encoder's default now is).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _write_run(tiny, run: Path, arch: str, use_dora: bool) -> dict:
     run.mkdir()
     cfg = make_config(run_settings(tiny, run, arch, train_text_encoder=True, use_dora=use_dora, rank=4,
                                    lora_alpha=8.0, output_name="sks_toy", max_train_steps=4))
+    cfg.resolve_arch_defaults(arch)  # as train() does before it writes config.yaml
     save_yaml(cfg, run / "config.yaml")
     (run / "status.json").write_text(json.dumps(
         {"state": "completed", "step": 4, "total": 4, "started_at": STARTED, "finished_at": FINISHED}))
@@ -127,23 +129,23 @@ def _digests(root: Path) -> dict[str, str]:
 EXPECTED = {
     "sd15": {
         "out/diffusers_to_kohya.safetensors":
-            "98fc9df10fcc0762501845162c986ede3a8d41a8b0c439c0d3c5100de4a298da",
+            "9f74f41c71b9ae2c8d1018f6ad69bb80c2429024d4ce490447d160a45b45e42f",
         "out/kohya_to_diffusers.safetensors":
-            "81ddbde3e507a4279ab4398f4cc039b5a7bb5b549509349400255ecbb06dac18",
+            "794197a1c7c014801926f9c0055f5d4a3b7fbc40dba0ee4bb554544a03514006",
         "out/run_bf16.safetensors":
-            "ffe97ff69a7644283435409e31d41d9857237e16109cb17677def25e80399b4d",
+            "deff8adaf7b69f29f7e6915bab32f2e58f8f25f2300794b5d7d92aff8e72100d",
         "out/run_fp32.safetensors":
-            "c328869dfbdcca8e3dea4475d92d74f5a19be135bd9e09304b1f93946c1f37ac",
+            "1384fe80135cfcc4e65ee42fe17fc2164cfcd7becb1c4771d3f3837d46224990",
         "run/checkpoints/checkpoint-2/pytorch_lora_weights.safetensors":
-            "5d7782e1e6f1f9227a23c51d28d717777a2a5a6aabc562a2f9f7281f6a47216d",
+            "b86ba0e68a62a46a81f6d9a7a3138e8d291355709584e1d16356888576862ee3",
         "run/pytorch_lora_weights.safetensors":
-            "71e54bd6a651a9f597086b330924f1a9387313bb0a49cef3b2b5a549bb9d7bba",
+            "80a0c325121594859a9401ff15a2c9d421a6fe58a3be0ada8c4e2226a5d63b5d",
         "run/sks_toy-step00000002.safetensors":
-            "7d920a318fb1663f5ded8b8b68447aa567ea98341d43005bcdd72a90a2662ec7",
+            "4844f0bfc04519c9fab218d562dbd8e63be3ed22dedfe90580d6f845b229fc5d",
         "run/sks_toy.safetensors":
-            "98fc9df10fcc0762501845162c986ede3a8d41a8b0c439c0d3c5100de4a298da",
+            "9f74f41c71b9ae2c8d1018f6ad69bb80c2429024d4ce490447d160a45b45e42f",
         "run/sks_toy_diffusers.safetensors":
-            "f1aa95ee7e1c00cb5e6173c9344102d2668b287bcf6c6ed69dae3fd441701b36",
+            "172a85d9ac850eb53ac92026f61e4b510362fc2a1939b0a5579fc352c3260738",
     },
     "sdxl-dora": {
         "out/diffusers_to_kohya.safetensors":
