@@ -50,10 +50,11 @@ class ImagesMixin:
                 bars[0].update(done - bars[0].n)
 
             try:
-                generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
-                                      cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
-                                      progress=progress,
-                                      pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
+                with self._unet_on_device_for_sampling():
+                    generate_class_images(self._sampling_pipeline(), cfg.class_data_dir, cfg.class_prompt,
+                                          cfg.num_class_images, cfg.sample_batch_size, seed=cfg.seed,
+                                          progress=progress,
+                                          pipeline_kwargs={"num_inference_steps": cfg.validation_inference_steps})
             finally:
                 for bar in bars:
                     bar.close()

@@ -3,6 +3,7 @@ epoch counts), Flat-LoRA, accelerate's wrapping and the training step, with or w
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -82,9 +83,9 @@ class SetupMixin:
         # to 31.8 GB on an H100 (benchmarks/results/sdxl_job_batched_validation_h100.json). Always on, so that a run
         # encodes its pictures the same way with or without validation images; the time is about the same.
         c.vae.enable_slicing()
-        # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below). Moved there in
-        # bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders while converting, and the allocator kept that
-        # peak through the latent cache: 8.6 GB on an H100 (benchmarks/results/sdxl_low_memory_h100.json).
+        # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below) and the latent
+        # cache is full (_unet_to_device). Moved there in bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders
+        # while converting: 8.6 GB on an H100 (benchmarks/results/sdxl_low_memory_h100.json).
         c.unet.to(None if cfg.low_memory else acc.device, dtype=self.weight_dtype)
         for te in c.text_encoders:
             te.to(acc.device, dtype=self.weight_dtype)
@@ -110,8 +111,7 @@ class SetupMixin:
         if cfg.low_memory:
             from ..fp8_storage import STORAGE_DTYPE, store_frozen_weights_in_fp8
 
-            stored = store_frozen_weights_in_fp8(c.unet, self.weight_dtype)
-            c.unet.to(acc.device)  # no dtype: the float8 storage stays
+            stored = store_frozen_weights_in_fp8(c.unet, self.weight_dtype)  # still on the CPU: see _unet_to_device
             logger.info("--low_memory: %.1f M UNet weights stored in %s", stored / 1e6, str(STORAGE_DTYPE).split(".")[-1])
         if cfg.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -119,6 +119,31 @@ class SetupMixin:
                 for te in c.text_encoders:
                     te.gradient_checkpointing_enable()
         self.trained_models = trained
+
+    def _unet_to_device(self) -> None:
+        """--low_memory: the float8 UNet joins the training device only now, after the latent cache and the parking
+        of the idle models. Beside the text encoders and the fp32 VAE encoding a 1024 px picture it made the run's
+        peak: 7.4 GiB allocated while caching against 3.5 GiB in a step, 8,379 MiB on nvidia-smi (SDXL, H100,
+        benchmarks/results/trainer_memory_low_memory_h100.json). Other runs load it there directly."""
+        if self.cfg.low_memory:
+            self.components.unet.to(self.acc.device)  # no dtype: the float8 storage stays
+
+    @contextlib.contextmanager
+    def _unet_on_device_for_sampling(self):
+        """The UNet on the training device for the block (class images made before the latent cache), then back
+        where it was: under --low_memory that is the CPU, until _unet_to_device."""
+        unet = self.components.unet
+        home = next(unet.parameters()).device
+        if home == self.acc.device:
+            yield
+            return
+        unet.to(self.acc.device)
+        try:
+            yield
+        finally:
+            unet.to(home)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _build_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler

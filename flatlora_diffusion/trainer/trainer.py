@@ -53,6 +53,7 @@ class Trainer(SetupMixin, BatchesMixin, ParkingMixin, ImagesMixin, LoopMixin, Ch
         self._load_models()
         self._prepare_data()
         self._park_idle_models()
+        self._unet_to_device()
         self._build_optimizer()
         self._build_flat()
         self._prepare_accelerate()
