@@ -206,8 +206,41 @@ def load_pipeline(
             sub = "vae" if (vp / "vae").is_dir() else None
             pipe.vae = AutoencoderKL.from_pretrained(vae_path, subfolder=sub, revision=revision, cache_dir=cache_dir,
                                                      dtype=dtype)
+    for part in pipe.components.values():
+        if isinstance(part, nn.Module):
+            _realign_mapped_weights(part)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# torch's CPU allocator gives every tensor 64-byte aligned memory.
+_ALIGNMENT = 64
+
+
+def _realign_mapped_weights(module: nn.Module) -> None:
+    """Give every CPU weight that sits at a misaligned address a copy in memory of its own.
+
+    A .safetensors file stored in the dtype it is loaded in comes back without a copy: each weight is a view
+    into the memory-mapped file, at whatever address that file's layout puts it (the tiny SD single file's UNet:
+    12 bytes past a 16-byte boundary, behind the text encoder's odd-sized biases; its folder's unet/: 16 past a
+    64-byte one). MKL's float32 GEMM/GEMV on the CPU (conditional numerical reproducibility off, torch's default)
+    rounds differently with the weight's address mod 16, so the same weights read from a single file and from a
+    pipeline folder gave losses 1 ulp apart and, after 4 steps, LoRA weights beyond rtol 1e-5 (measured: torch
+    2.13.0+cpu, MKL 2024.2, AMD EPYC, AVX2; MKL_CBWR=AUTO makes them equal too). Realigned, a model computes
+    the same whichever file it came from. Dtype-converting loads already made copies; the trainer's .to() of the
+    frozen models to the GPU or to fp16/bf16 makes new ones anyway.
+    """
+
+    def misaligned(t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" and t.numel() > 0 and t.data_ptr() % _ALIGNMENT != 0
+
+    for p in module.parameters():  # Parameter objects stay (tied weights stay tied)
+        if misaligned(p):
+            p.data = p.data.clone()
+    for m in module.modules():
+        for name, b in list(m.named_buffers(recurse=False)):
+            if misaligned(b):
+                setattr(m, name, b.clone())
 
 
 def load_components(
