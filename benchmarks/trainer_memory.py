@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     from flatlora_diffusion.trainer.trainer import Trainer
 
     log = PhaseLog()
-    for name in ("_load_models", "_prepare_data", "_park_idle_models", "_build_optimizer", "_build_flat",
-                 "_prepare_accelerate"):
+    for name in ("_load_models", "_prepare_data", "_park_idle_models", "_unet_to_device", "_build_optimizer",
+                 "_build_flat", "_prepare_accelerate"):
         log.wrap(Trainer, name)
     log.wrap(graphed.GraphedTrainStep, "_body", "graph warm-up pass")
     log.wrap(graphed.GraphedTrainStep, "_capture", "graph captured")

@@ -85,7 +85,7 @@ class SetupMixin:
         c.vae.enable_slicing()
         # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below) and the latent
         # cache is full (_unet_to_device). Moved there in bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders
-        # while converting: 8.6 GB on an H100 (benchmarks/results/sdxl_low_memory_h100.json).
+        # while converting: 8.6 GB on an H100 (PERFORMANCE.md).
         c.unet.to(None if cfg.low_memory else acc.device, dtype=self.weight_dtype)
         for te in c.text_encoders:
             te.to(acc.device, dtype=self.weight_dtype)
