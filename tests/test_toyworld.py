@@ -261,6 +261,15 @@ def test_pretraining_runs_end_to_end_on_the_cpu(tmp_path):
                  generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
 
+    # The stage that trains the UNet and text encoder further (on another class_variety) starts from the folder's
+    # own weights: at learning rate 0 they come back byte for byte (a new UNet would not), and it records itself.
+    before = unet_file.read_bytes()
+    assert main(["--out", str(tmp_path), "--finetune-unet", "--device", "cpu", "--set", *tiny[:-1], top_attention,
+                 "unet_lr=0", "class_variety=0.5"]) == 0
+    assert unet_file.read_bytes() == before
+    stage = json.loads((tmp_path / "pretrain.json").read_text())["stages"][-1]
+    assert stage["command"].endswith("--finetune-unet") and stage["config"]["class_variety"] == 0.5
+
     # The stage that refits only the judge's subject logit (renders, hard negatives and look-alikes) keeps the
     # model's bytes and records itself.
     judge_file = tmp_path / "judge/judge.safetensors"
@@ -299,8 +308,9 @@ def test_instance_class_and_heldout_folders(tmp_path):
 
 def test_the_task_draws_its_class_pictures_as_the_world_learnt_the_class(tmp_path):
     """recipe.has_class_variety reads the world's pretrain.json: the first pretraining's class_variety, replaced
-    by a later --retrain-unet's (a --retrain-vae's does not count: the VAE is no prior), and write_task_data then
-    writes class pictures of the class's own variety; the shipped world's are the vocabulary's plain toys."""
+    by the last --retrain-unet's or --finetune-unet's (a --retrain-vae's does not count: the VAE is no prior), and
+    write_task_data then writes class pictures of the class's own variety; the shipped world's are the
+    vocabulary's plain toys."""
     from flatlora_diffusion.toyworld.data import write_class_images
     from flatlora_diffusion.toyworld.recipe import CLASS_IMAGES, has_class_variety, write_task_data
 
@@ -315,6 +325,13 @@ def test_the_task_draws_its_class_pictures_as_the_world_learnt_the_class(tmp_pat
     (world / "pretrain.json").write_text(json.dumps(record))
     assert has_class_variety(str(world / "model"))
     assert not has_class_variety(MODEL_NAME)
+    record["stages"].append({"command": "python -m flatlora_diffusion.toyworld.pretrain --finetune-unet",
+                             "config": {"class_variety": 0.0}})
+    (world / "pretrain.json").write_text(json.dumps(record))
+    assert not has_class_variety(str(world / "model"))  # the last stage that trained the UNet decides
+    record["stages"][-1]["config"]["class_variety"] = 0.2
+    (world / "pretrain.json").write_text(json.dumps(record))
+    assert has_class_variety(str(world / "model"))
 
     _, varied = write_task_data(tmp_path / "a", model=str(world / "model"))
     _, plain = write_task_data(tmp_path / "b")

@@ -22,12 +22,13 @@ CLASS_IMAGES = 20
 def has_class_variety(model: str = MODEL_NAME) -> bool:
     """Whether the world's base model learnt "a toy" with the class's own variety (pretrain --set
     class_variety=F > 0): its prior-preservation pictures must then be that variety too. Read from the
-    pretrain.json beside the pipeline folder: the first pretraining's setting, or the last --retrain-unet's."""
+    pretrain.json beside the pipeline folder: the first pretraining's setting, or the last --retrain-unet's or
+    --finetune-unet's."""
     record_file = Path(resolve_model_name(model)).parent / "pretrain.json"
     record = json.loads(record_file.read_text()) if record_file.exists() else {}
     variety = record.get("config", {}).get("class_variety", 0.0)
     for stage in record.get("stages", []):
-        if stage.get("command", "").endswith("--retrain-unet"):
+        if stage.get("command", "").endswith(("--retrain-unet", "--finetune-unet")):
             variety = stage.get("config", {}).get("class_variety", 0.0)
     return variety > 0
 
