@@ -97,7 +97,8 @@ def comparison_image(runs: list[tuple[str, Path]], out_file: Path, instance_imag
     if instance_images is not None:  # about as the trainer sees them: centre crop at the training size
         pictures = [ImageOps.fit(Image.open(f).convert("RGB"), (size, size), Image.Resampling.BICUBIC)
                     for f in readable_images_in(instance_images)[:len(rows)]]
-        columns.append(("training pictures", enlarged(pictures)))
+        # "all N": the column is the whole training set from the top, not one picture per row's prompt.
+        columns.append((f"all {len(pictures)} training pictures", enlarged(pictures)))
     columns += [("base model (step 0)", column(first, 0))]
     columns += [(f"{label} (step {final_step})", column(path, final_step)) for label, path in runs]
     grid = comparison_grid(columns, row_labels=[f"{prompts[p]} | seed {s}" for p, s in rows])
