@@ -184,50 +184,48 @@ def test_low_memory_run_trains_fp32_lora_on_fp8_weights_and_writes_a_loadable_fi
     assert loaded and any(p.abs().sum() > 0 for p in loaded.values())
 
 
-def test_low_memory_unet_reaches_the_device_already_in_float8(tiny, tmp_path, monkeypatch):
-    """The bf16 UNet must never be moved to the training device: SDXL's would hold 5.1 GB there while converting,
-    the peak this mode exists to avoid. Every move of the UNet to a device happens with its weights in float8."""
+@pytest.fixture
+def unet_moves(monkeypatch):
+    """A list that gets ("unet", device, weights in float8?) for every move of a UNet to a device."""
     from diffusers import UNet2DConditionModel
 
-    moves = []
+    events = []
     original_to = UNet2DConditionModel.to
 
     def to(self, *args, **kwargs):
         device = kwargs.get("device", args[0] if args else None)
         if device is not None and not isinstance(device, torch.dtype):
-            moves.append(any(p.dtype == STORAGE_DTYPE for p in self.parameters()))
+            events.append(("unet", str(device), any(p.dtype == STORAGE_DTYPE for p in self.parameters())))
         return original_to(self, *args, **kwargs)
 
     monkeypatch.setattr(UNet2DConditionModel, "to", to)
+    return events
+
+
+def test_low_memory_unet_reaches_the_device_already_in_float8(tiny, tmp_path, unet_moves):
+    """The bf16 UNet must never be moved to the training device: SDXL's would hold 5.1 GB there while converting,
+    the peak this mode exists to avoid. Every move of the UNet to a device happens with its weights in float8."""
     run(tiny, tmp_path / "low", low_memory=True, max_train_steps=1)
-    assert moves and all(moves)
+    assert unet_moves and all(in_float8 for _, _, in_float8 in unet_moves)
 
 
-def test_low_memory_unet_reaches_the_device_after_the_latent_cache(tiny, tmp_path, monkeypatch):
+def test_low_memory_unet_reaches_the_device_after_the_latent_cache(tiny, tmp_path, monkeypatch, unet_moves):
     """The float8 UNet waits on the CPU while the VAE fills the latent cache: beside the text encoders and the
     fp32 VAE at 1024 px it made SDXL's peak (7.4 GiB allocated while caching, 3.5 GiB in a step, on an H100)."""
-    from diffusers import UNet2DConditionModel
-
     from flatlora_diffusion.trainer.batches import BatchesMixin
 
-    events = []
-    original_to, original_encode = UNet2DConditionModel.to, BatchesMixin._encode_pixels
-
-    def to(self, *args, **kwargs):
-        device = kwargs.get("device", args[0] if args else None)
-        if device is not None and not isinstance(device, torch.dtype):
-            events.append("unet to " + str(device))
-        return original_to(self, *args, **kwargs)
+    events = unet_moves  # the VAE's encodes go into the same list, in order
+    original_encode = BatchesMixin._encode_pixels
 
     def encode(self, pixel_values):
-        events.append("encode")
+        events.append(("encode",))
         return original_encode(self, pixel_values)
 
-    monkeypatch.setattr(UNet2DConditionModel, "to", to)
     monkeypatch.setattr(BatchesMixin, "_encode_pixels", encode)
     run(tiny, tmp_path / "low", low_memory=True, max_train_steps=1)
-    assert "encode" in events and "unet to cpu" in events
-    assert max(i for i, e in enumerate(events) if e == "encode") < events.index("unet to cpu"), events
+    moves = [i for i, e in enumerate(events) if e[:2] == ("unet", "cpu")]
+    encodes = [i for i, e in enumerate(events) if e == ("encode",)]
+    assert encodes and moves and max(encodes) < min(moves), events
 
 
 # --- the settings ---------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@ epoch counts), Flat-LoRA, accelerate's wrapping and the training step, with or w
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -84,7 +83,7 @@ class SetupMixin:
         # encodes its pictures the same way with or without validation images; the time is about the same.
         c.vae.enable_slicing()
         # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below) and the latent
-        # cache is full (_unet_to_device). Moved there in bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders
+        # cache is full (parking.py's _unet_to_device). Moved there in bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders
         # while converting: 8.6 GB on an H100 (PERFORMANCE.md).
         c.unet.to(None if cfg.low_memory else acc.device, dtype=self.weight_dtype)
         for te in c.text_encoders:
@@ -119,31 +118,6 @@ class SetupMixin:
                 for te in c.text_encoders:
                     te.gradient_checkpointing_enable()
         self.trained_models = trained
-
-    def _unet_to_device(self) -> None:
-        """--low_memory: the float8 UNet joins the training device only now, after the latent cache and the parking
-        of the idle models. Beside the text encoders and the fp32 VAE encoding a 1024 px picture it made the run's
-        peak: 7.4 GiB allocated while caching against 3.5 GiB in a step, 8,379 MiB on nvidia-smi (SDXL, H100,
-        benchmarks/results/trainer_memory_low_memory_h100.json). Other runs load it there directly."""
-        if self.cfg.low_memory:
-            self.components.unet.to(self.acc.device)  # no dtype: the float8 storage stays
-
-    @contextlib.contextmanager
-    def _unet_on_device_for_sampling(self):
-        """The UNet on the training device for the block (class images made before the latent cache), then back
-        where it was: under --low_memory that is the CPU, until _unet_to_device."""
-        unet = self.components.unet
-        home = next(unet.parameters()).device
-        if home == self.acc.device:
-            yield
-            return
-        unet.to(self.acc.device)
-        try:
-            yield
-        finally:
-            unet.to(home)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
 
     def _build_optimizer(self) -> None:
         from diffusers.optimization import get_scheduler
