@@ -74,7 +74,10 @@ def job_summary(out: Path, run: dict, times: list[float], events: list[dict]) ->
                "tensorboard_event_files": len(list(out.glob("logs/**/events.out.tfevents*"))),
                "checkpoints": [p.name for p in checkpoints],
                "lora_files": sorted(p.name for p in out.glob("*.safetensors")),
-               "after_last_step_s": round(run["end"] - times[-1], 1) if times else None}
+               "after_last_step_s": round(run["end"] - times[-1], 1) if times else None,
+               # Start-up: process start to the first optimizer step (imports, loading, caches, warm-up, step 0's
+               # validation round for ours: validation_s_step0 says how much of it that round was).
+               "before_first_step_s": round(times[0] - run["start"], 1) if times else None}
     if windows:
         total = sum(e["end"] - e["start"] for e in windows)
         summary["validation_s"] = round(total, 1)
