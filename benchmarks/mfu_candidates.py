@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""MFU of the LoRA training step and what each candidate change buys (issue 20, part 3).
+
+    python benchmarks/mfu_candidates.py --out DIR [--arch sdxl] [--batches 1,4] [--n 10] [--warm 3]
+        [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,compile] [--time-limit 480]
+    python benchmarks/mfu_candidates.py --tiny --device cpu --out /tmp/m   # smoke test of this script
+
+Times bench_flat.py's step (`step.TrainStep`: noise, UNet, loss, backward, clipping, AdamW; bf16 autocast, frozen
+weights bf16, rank-16 attention LoRA in fp32, prompt embeddings given) without Flat-LoRA, since MFU is defined on
+the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from a CUDA graph as the trainer does
+(`graphed_step.GraphedTrainStep`). One change a variant against the baseline (the trainer as it is):
+
+- sdpa_flash / sdpa_cudnn / sdpa_efficient: attention held to one SDPA backend (torch.nn.attention.sdpa_kernel)
+  while the step is warmed up, captured and replayed;
+- channels_last: the UNet's weights and the latents in channels-last memory format;
+- compile: the UNet's forward through torch.compile (inductor, without CUDA graphs of its own: the step's graph
+  captures its kernels), compiled during the graph's warm-up steps.
+
+Per variant and batch: median step ms over --n steps (CUDA events), MFU = FLOPs of the step (torch.utils.
+flop_counter on the eager baseline step, once per batch) / (median time x 989.4 TFLOP/s, H100/H200 dense bf16),
+GPU time per kernel class (e2e_profile.KERNEL_CLASSES; LoRA's small matmuls count as "gemm") of one replay, and
+peak memory. A variant that fails is recorded with its error; one not started before --time-limit seconds is
+recorded as skipped. The frozen weights are checked bitwise unchanged at the end (exit status 1 if not).
+Writes DIR/results.json and prints one line per (variant, batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, build, check_frozen, frozen_snapshot,  # noqa: E402
+                        kernel_times_us, make_batch, step_flops)
+from e2e_profile import kernel_class  # noqa: E402
+
+VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "compile"]
+
+
+@contextlib.contextmanager
+def applied(variant: str, unet, batch):
+    """The variant's change in force inside the block (and undone after it)."""
+    if variant.startswith("sdpa_"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
+                   "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION}[variant]
+        with sdpa_kernel([backend]):
+            yield
+    elif variant == "channels_last":
+        latents = batch.latents
+        unet.to(memory_format=torch.channels_last)
+        batch.latents = latents.contiguous(memory_format=torch.channels_last)
+        try:
+            yield
+        finally:
+            unet.to(memory_format=torch.contiguous_format)
+            batch.latents = latents
+    elif variant == "compile":
+        unet.forward = torch.compile(unet.forward, dynamic=False)  # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            del unet.forward
+    else:
+        yield
+
+
+def kernel_classes_ms(times_us: dict) -> dict:
+    out: dict[str, float] = {}
+    for name, (_, us) in times_us.items():
+        cls = kernel_class(name)
+        out[cls] = out.get(cls, 0.0) + us / 1e3
+    return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def time_steps(fn, n: int, warm: int, cuda: bool) -> list[float]:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(n):
+        if cuda:
+            torch.cuda.synchronize()
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            torch.cuda.synchronize()
+            times.append(e0.elapsed_time(e1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def lora_step(arch, unet, sched, acc, device, tiny, bs):
+    """(the trainer's LoRA step on the UNet alone, a batch for it, its optimizer): fused AdamW on a GPU, as the
+    trainer."""
+    from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
+
+    batch = make_batch(arch, bs, device, tiny, with_te=False)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = acc.prepare_optimizer(torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda"))
+    step = TrainStep(StepModels(unet=unet, text_encoders=[], noise_scheduler=sched, arch=arch), optimizer, params, acc,
+                     StepOptions(seed=0, max_grad_norm=1.0, train_text_encoder=False), flat=None)
+    return step, batch, optimizer
+
+
+def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flops) -> dict:
+    from flatlora_diffusion.graphed_step import GraphedTrainStep
+
+    cuda = device.type == "cuda"
+    step, batch, optimizer = lora_step(arch, unet, sched, acc, device, tiny, bs)
+    row = {"variant": variant, "batch": bs}
+    with applied(variant, unet, batch):
+        runner = GraphedTrainStep(step) if cuda else step
+        counter = [0]
+
+        def fn():
+            counter[0] += 1
+            return runner(batch, counter[0])
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        fn()  # warm-up and capture (and compilation)
+        if cuda:
+            torch.cuda.synchronize()
+        row["first_step_s"] = round(time.perf_counter() - t0, 1)
+        ms = time_steps(fn, n, warm, cuda)
+        row["median_ms"] = round(statistics.median(ms), 2)
+        row["spread_ms"] = [round(min(ms), 2), round(max(ms), 2)]
+        if flops:
+            row["mfu"] = round(flops / (row["median_ms"] / 1e3) / (PEAK_BF16_TFLOPS * 1e12), 4)
+        if cuda:
+            row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            times = kernel_times_us(fn)
+            row["kernel_ms"] = round(sum(us for _, us in times.values()) / 1e3, 2)
+            row["kernel_classes_ms"] = kernel_classes_ms(times)
+    optimizer.zero_grad(set_to_none=True)
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--arch", default="sdxl", choices=["sdxl", "sd15"])
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--n", type=int, default=10)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--time-limit", type=float, default=480.0, help="Start no variant after this many seconds.")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    args = ap.parse_args(argv)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        print(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    from accelerate import Accelerator
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    started = time.perf_counter()
+    record = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+              "arch": args.arch, "argv": sys.argv[1:], "peak_tflops": PEAK_BF16_TFLOPS, "rows": []}
+    unet, tes, sched = build(args.arch, device, args.tiny)
+    del tes
+    snapshot = frozen_snapshot([unet])
+    for bs in [int(b) for b in args.batches.split(",")]:
+        eager, batch, _ = lora_step(args.arch, unet, sched, acc, device, args.tiny, bs)
+        flops = step_flops(lambda: eager(batch, 1)) if cuda else None
+        record.setdefault("flops", {})[str(bs)] = flops
+        for variant in variants:
+            if time.perf_counter() - started > args.time_limit:
+                row = {"variant": variant, "batch": bs, "skipped": "time limit"}
+            else:
+                try:
+                    row = run_variant(variant, args.arch, unet, sched, acc, device, args.tiny, bs, args.n, args.warm,
+                                      flops)
+                except Exception as exc:  # one failing candidate must not lose the others' figures
+                    traceback.print_exc()
+                    row = {"variant": variant, "batch": bs, "error": repr(exc)[:1500]}
+                if cuda:
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+            record["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            record["elapsed_s"] = round(time.perf_counter() - started, 1)
+            (out / "results.json").write_text(json.dumps(record, indent=1))
+    check_frozen(args.arch, [unet], snapshot)
+    frozen_ok = CHECKS[-1]["ok"]
+    record["frozen_weights_unchanged"] = frozen_ok
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    return 0 if frozen_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
