@@ -110,7 +110,7 @@ class TrainConfig:
     class_data_dir: str | None = _f(None, "Folder of class images (missing ones are generated).", "prior", label="Class image folder")
     class_prompt: str | None = _f(None, "Prompt of the class images, e.g. 'a photo of a dog'.", "prior", label="Class prompt")
     num_class_images: int = _f(100, "Number of class images; fewer existing ones are topped up by generation.", "prior", ge=1, le=1_000_000, label="Number of class images")
-    sample_batch_size: int = _f(4, "Batch size for generating class images (and validation images: a prompt's seeds at once).",
+    sample_batch_size: int = _f(4, "Batch size for generating class images (and validation images, across prompts).",
                                 "prior", ge=1, le=1024, label="Class-image generation batch size")
     prior_generation_precision: str | None = _f(
         None, "Precision for generating class images (default fp16 on GPU, fp32 on CPU).", "prior",

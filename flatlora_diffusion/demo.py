@@ -46,8 +46,10 @@ def run_config(model, images: Path, out: Path, sigma: float, args, class_images:
         from .toyworld.recipe import dreambooth_settings
 
         cfg = dreambooth_settings(out, images, class_images, flat_sigma=sigma, seed=args.seed, steps=args.steps)
-        cfg.update(validation_prompt=TOYWORLD_PROMPTS, validation_seeds=[0, 1], validation_steps=args.steps,
-                   validation_inference_steps=SAMPLE_STEPS, validation_guidance_scale=GUIDANCE)
+        seeds = [0, 1]
+        cfg.update(validation_prompt=TOYWORLD_PROMPTS, validation_seeds=seeds, validation_steps=args.steps,
+                   validation_inference_steps=SAMPLE_STEPS, validation_guidance_scale=GUIDANCE,
+                   sample_batch_size=len(TOYWORLD_PROMPTS) * len(seeds))  # a round's pictures in one batch
     else:  # the tiny random model
         cfg = {
             "pretrained_model_name_or_path": str(model), "instance_data_dir": str(images),

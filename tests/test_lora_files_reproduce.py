@@ -13,7 +13,7 @@ from PIL import Image
 from tests.training_helpers import run
 
 
-def _regenerate(run_dir: Path, with_lora: bool, seed: int | None = None) -> np.ndarray:
+def _regenerate(run_dir: Path, with_lora: bool, seed: int | None = None, prompt: int = 0) -> np.ndarray:
     import torch
     from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
@@ -26,7 +26,7 @@ def _regenerate(run_dir: Path, with_lora: bool, seed: int | None = None) -> np.n
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     if with_lora:
         pipe.load_lora_weights(str(run_dir / "pytorch_lora_weights.safetensors"))
-    image = pipe(cfg["validation_prompt"][0], num_inference_steps=cfg["validation_inference_steps"],
+    image = pipe(cfg["validation_prompt"][prompt], num_inference_steps=cfg["validation_inference_steps"],
                  guidance_scale=cfg["validation_guidance_scale"], height=64, width=64,
                  generator=torch.Generator().manual_seed(cfg["validation_seeds"][0] if seed is None else seed)).images[0]
     return np.asarray(image, dtype=np.float32)
@@ -93,3 +93,20 @@ def test_validation_images_made_in_a_batch_are_each_seeds_own_image(tiny, tmp_pa
     again = io.BytesIO()
     Image.open(io.BytesIO(written)).save(again, **FAST_PNG)
     assert again.getvalue() == written
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_validation_batches_across_prompts_give_each_prompt_and_seed_its_own_image(tiny, tmp_path, arch):
+    """Validation fills its --sample_batch_size batches across prompts (two prompts x two seeds in one batch of
+    four here; SDXL through its cached prompt embeddings): each picture must still be the one its prompt and seed
+    give alone."""
+    out = tmp_path / arch
+    prompts = ["a photo of sks toy", "a photo of sks toy on the beach"]
+    run(tiny, out, arch=arch, max_train_steps=2, learning_rate=2e-2, validation_prompt=prompts,
+        validation_seeds=[3, 5], validation_inference_steps=4, sample_batch_size=4)
+    images = {(p, s): np.asarray(Image.open(out / "samples" / "step_000002" / f"{p}_{s}.png"), dtype=np.float32)
+              for p in (0, 1) for s in (3, 5)}
+    for (p, seed), image in images.items():
+        assert np.abs(_regenerate(out, with_lora=True, seed=seed, prompt=p) - image).max() <= 2, (p, seed)
+    # the two prompts' pictures of one seed differ by more than the tolerance above: a mix-up would be caught
+    assert np.abs(images[0, 3] - images[1, 3]).max() > 2

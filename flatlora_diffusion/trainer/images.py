@@ -87,12 +87,13 @@ class ImagesMixin:
                                              do_classifier_free_guidance=guided)
                 self.validation_embeds[prompt] = {n: e for n, e in zip(names, encoded) if e is not None}
 
-    def _validation_inputs(self, prompt: str, n: int) -> dict:
-        """The pipeline's prompt arguments for n images of one prompt: cached embeddings when there are some."""
-        cached = self.validation_embeds.get(prompt)
-        if cached is None:
-            return {"prompt": [prompt] * n}
-        return {name: e.repeat(n, *[1] * (e.dim() - 1)) for name, e in cached.items()}
+    def _validation_inputs(self, prompts: list[str]) -> dict:
+        """The pipeline's prompt arguments for one image per entry of `prompts`: cached embeddings when every one
+        of them has some."""
+        cached = [self.validation_embeds.get(prompt) for prompt in prompts]
+        if any(c is None for c in cached):
+            return {"prompt": list(prompts)}
+        return {name: torch.cat([c[name] for c in cached]) for name in cached[0]}
 
     def _make_validation_images(self, out: Path) -> None:
         self._status(f"validation images at step {self.global_step}")
@@ -123,24 +124,25 @@ class ImagesMixin:
 
         bar = _bar(len(cfg.validation_prompt) * len(cfg.validation_seeds), f"Validation images (step {self.global_step})")
         seeds = [int(s) for s in cfg.validation_seeds]
-        for p, prompt in enumerate(cfg.validation_prompt):
-            # A prompt's seeds in batches of --sample_batch_size: one generator per image, so each image starts
-            # from its seed's noise as if it were made alone, at a fraction of the launches.
-            for start in range(0, len(seeds), cfg.sample_batch_size):
-                chunk = seeds[start:start + cfg.sample_batch_size]
-                with acc.autocast():
-                    images = pipe(**self._validation_inputs(prompt, len(chunk)),
-                                  num_inference_steps=cfg.validation_inference_steps,
-                                  guidance_scale=cfg.validation_guidance_scale,
-                                  generator=[torch.Generator(device="cpu").manual_seed(s) for s in chunk],
-                                  height=size, width=size, callback_on_step_end=stop_if_cancelled).images
-                for seed, image in zip(chunk, images):
-                    image.save(tmp / f"{p}_{seed}.png", **FAST_PNG)
-                    bar.update(1)
-                    faults.hit("validation")
-                if self.cancelled["flag"]:
-                    bar.close()
-                    raise Cancelled()
+        # Every (prompt, seed) image, --sample_batch_size at a time across prompts: one generator per image, so each
+        # image starts from its seed's noise as if it were made alone, at a fraction of the launches (on a CPU the
+        # demo's ten 64 px pictures take 0.7x the time in one batch that they take in five batches of two).
+        images_to_make = [(p, prompt, seed) for p, prompt in enumerate(cfg.validation_prompt) for seed in seeds]
+        for start in range(0, len(images_to_make), cfg.sample_batch_size):
+            chunk = images_to_make[start:start + cfg.sample_batch_size]
+            with acc.autocast():
+                images = pipe(**self._validation_inputs([prompt for _, prompt, _ in chunk]),
+                              num_inference_steps=cfg.validation_inference_steps,
+                              guidance_scale=cfg.validation_guidance_scale,
+                              generator=[torch.Generator(device="cpu").manual_seed(seed) for _, _, seed in chunk],
+                              height=size, width=size, callback_on_step_end=stop_if_cancelled).images
+            for (p, _, seed), image in zip(chunk, images):
+                image.save(tmp / f"{p}_{seed}.png", **FAST_PNG)
+                bar.update(1)
+                faults.hit("validation")
+            if self.cancelled["flag"]:
+                bar.close()
+                raise Cancelled()
         bar.close()
         (tmp / ".complete").write_text("")
         shutil.rmtree(out, ignore_errors=True)
