@@ -23,7 +23,7 @@ KERNEL_CLASSES = [  # first match wins; names of Hopper cuBLAS/cuDNN/flash kerne
     ("convolution", r"conv|fprop|dgrad|wgrad|implicit_gemm|cudnn"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|matmul|sm90"),
     ("norm", r"norm"),
-    ("copy", r"copy|memcpy|memset|cast"),
+    ("copy", r"copy|memcpy|memset|(?<!no)cast"),  # not gpu_kernel_impl_nocast<...>: elementwise kernels
 ]
 
 

@@ -2,7 +2,8 @@
 """MFU of the LoRA training step and what each candidate change buys (issue 20, part 3).
 
     python benchmarks/mfu_candidates.py --out DIR [--arch sdxl] [--batches 1,4] [--n 10] [--warm 3]
-        [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,compile] [--time-limit 480]
+        [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,no_input_cast,compile]
+        [--time-limit 480]
     python benchmarks/mfu_candidates.py --tiny --device cpu --out /tmp/m   # smoke test of this script
 
 Times bench_flat.py's step (`step.TrainStep`: noise, UNet, loss, backward, clipping, AdamW; bf16 autocast, frozen
@@ -13,6 +14,8 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
 - sdpa_flash / sdpa_cudnn / sdpa_efficient: attention held to one SDPA backend (torch.nn.attention.sdpa_kernel)
   while the step is warmed up, captured and replayed;
 - channels_last: the UNet's weights and the latents in channels-last memory format;
+- no_input_cast: peft's LoRA layers leave their input in bf16 instead of casting it to the fp32 LoRA weights'
+  dtype (peft.helpers.disable_input_dtype_casting); autocast runs the LoRA matmuls in bf16 either way;
 - compile: the UNet's forward through torch.compile (inductor, without CUDA graphs of its own: the step's graph
   captures its kernels), compiled during the graph's warm-up steps.
 
@@ -44,7 +47,7 @@ from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, build, check_frozen, frozen_sn
                         kernel_times_us, make_batch, step_flops)
 from e2e_profile import kernel_class  # noqa: E402
 
-VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "compile"]
+VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile"]
 
 
 @contextlib.contextmanager
@@ -66,6 +69,11 @@ def applied(variant: str, unet, batch):
         finally:
             unet.to(memory_format=torch.contiguous_format)
             batch.latents = latents
+    elif variant == "no_input_cast":
+        from peft.helpers import disable_input_dtype_casting
+
+        with disable_input_dtype_casting(unet):  # bf16 activations into the fp32 LoRA matrices, autocast does the rest
+            yield
     elif variant == "compile":
         unet.forward = torch.compile(unet.forward, dynamic=False)  # an instance attribute shadows the method
         try:

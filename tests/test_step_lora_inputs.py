@@ -1,0 +1,46 @@
+"""The training step leaves peft LoRA layers' inputs in the autocast dtype (step.TrainStep's
+_lora_inputs_left_in_compute_dtype): the same loss and gradients bit for bit, without the cast copies."""
+
+import contextlib
+
+import torch
+
+from tests.flat_helpers import tiny_unet
+
+
+def _one_step(skip_cast: bool, lora_input_dtypes: list):
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from flatlora_diffusion.step import StepBatch, StepModels, StepOptions, TrainStep
+
+    unet = tiny_unet()
+    for name, p in unet.named_parameters():
+        p.data = p.data.float() if "lora_" in name else p.data.to(torch.bfloat16)  # as the trainer: frozen bf16
+    acc = Accelerator(mixed_precision="bf16", cpu=True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    step = TrainStep(StepModels(unet, [], DDPMScheduler(num_train_timesteps=1000), "sd15"),
+                     torch.optim.SGD(params, lr=0.0), params, acc, StepOptions(seed=0, max_grad_norm=None))
+    if not skip_cast:
+        step._lora_inputs_left_in_compute_dtype = contextlib.nullcontext
+    first_lora_a = next(m for n, m in unet.named_modules() if n.endswith("lora_A.default"))
+    first_lora_a.register_forward_pre_hook(lambda module, args: lora_input_dtypes.append(args[0].dtype))
+    gen = torch.Generator().manual_seed(0)
+    batch = StepBatch(latents=torch.randn(2, 4, 8, 8, generator=gen).to(torch.bfloat16),
+                      prompt_embeds=torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16))
+    with acc.autocast():
+        loss = step._loss(batch, torch.Generator().manual_seed(1))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in params]
+
+
+def test_lora_inputs_stay_bf16_and_the_step_is_bitwise_unchanged():
+    seen_skipped, seen_cast = [], []
+    loss_skipped, grads_skipped = _one_step(True, seen_skipped)
+    loss_cast, grads_cast = _one_step(False, seen_cast)
+    assert seen_skipped and set(seen_skipped) == {torch.bfloat16}  # the up-cast copy is skipped
+    assert set(seen_cast) == {torch.float32}  # peft's own behaviour, which the step changes
+    assert torch.equal(loss_skipped, loss_cast)
+    assert len(grads_skipped) == len(grads_cast) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads_skipped, grads_cast))
+    assert any(g.abs().sum() > 0 for g in grads_skipped)  # gradients that are compared really flow
