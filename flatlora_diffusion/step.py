@@ -148,11 +148,13 @@ class StepBatch:
     n_class: int = 0
 
 
-def _has_dropout(layer: nn.Module) -> bool:
-    """Whether a peft LoRA layer drops inputs out (then its input's dtype changes the rounding of the scaled
-    survivors, and the layer keeps peft's cast)."""
+def _input_dtype_matters(layer: nn.Module) -> bool:
+    """Whether a peft LoRA layer computes on its input outside autocast's matmuls: dropout (the input's dtype
+    changes the rounding of the scaled survivors) or DoRA (its elementwise magnitude terms). Such a layer keeps
+    peft's cast."""
     dropouts = getattr(layer, "lora_dropout", {})
-    return any(isinstance(d, nn.Dropout) and d.p > 0 for d in dropouts.values())
+    return (any(isinstance(d, nn.Dropout) and d.p > 0 for d in dropouts.values())
+            or any(getattr(layer, "use_dora", {}).values()))
 
 
 class TrainStep:
@@ -219,7 +221,7 @@ class TrainStep:
     @contextlib.contextmanager
     def _lora_inputs_left_in_compute_dtype(self):
         """Under bf16 / fp16 autocast, peft's LoRA layers skip casting their input up to the fp32 LoRA weights'
-        dtype: autocast casts it straight back down for the matmul, so without dropout the result and the
+        dtype: autocast casts it straight back down for the matmul, so (without dropout or DoRA) the result and the
         gradients are bit for bit the same, less two activation-sized copies per layer (SDXL on an H100: -2.9 %
         step time at batch 1 and 4, -1.5 GiB at batch 4; benchmarks/results/mfu_candidates_sdxl_h100.json)."""
         if self.accelerator.mixed_precision not in ("bf16", "fp16"):
@@ -230,7 +232,7 @@ class TrainStep:
 
             models = [self.models.unet, *self.models.text_encoders]
             self._lora_layers = [m for model in models for m in model.modules()
-                                 if isinstance(m, BaseTunerLayer) and not _has_dropout(m)]
+                                 if isinstance(m, BaseTunerLayer) and not _input_dtype_matters(m)]
         before = [layer.cast_input_dtype_enabled for layer in self._lora_layers]
         for layer in self._lora_layers:
             layer.cast_input_dtype_enabled = False
