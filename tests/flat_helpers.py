@@ -123,7 +123,7 @@ def train(model, flat, steps, dtype, tensor_step=False):
     return model
 
 
-def tiny_unet(attention_at_both_widths: bool = False):
+def tiny_unet(attention_at_both_widths: bool = False, dora: bool = False):
     """A tiny SD-like UNet with LoRA on its attention layers: transformer blocks 64 wide (down, mid, up), and
     with attention_at_both_widths also 32 wide (blocks of two sizes in the down and up paths)."""
     from diffusers import UNet2DConditionModel
@@ -141,7 +141,8 @@ def tiny_unet(attention_at_both_widths: bool = False):
     )
     unet.requires_grad_(False)
     unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                   use_dora=dora)
     )
     randomise_lora(unet, 0)
     return unet

@@ -8,13 +8,13 @@ import torch
 from tests.flat_helpers import tiny_unet
 
 
-def _one_step(skip_cast: bool, lora_input_dtypes: list):
+def _one_step(skip_cast: bool, lora_input_dtypes: list, dora: bool = False):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     from flatlora_diffusion.step import StepBatch, StepModels, StepOptions, TrainStep
 
-    unet = tiny_unet()
+    unet = tiny_unet(dora=dora)
     for name, p in unet.named_parameters():
         p.data = p.data.float() if "lora_" in name else p.data.to(torch.bfloat16)  # as the trainer: frozen bf16
     acc = Accelerator(mixed_precision="bf16", cpu=True)
@@ -44,3 +44,10 @@ def test_lora_inputs_stay_bf16_and_the_step_is_bitwise_unchanged():
     assert len(grads_skipped) == len(grads_cast) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads_skipped, grads_cast))
     assert any(g.abs().sum() > 0 for g in grads_skipped)  # gradients that are compared really flow
+
+
+def test_dora_layers_keep_peft_s_cast():
+    """DoRA's magnitude terms compute on the input outside autocast's matmuls: those layers keep the fp32 cast."""
+    seen = []
+    _one_step(True, seen, dora=True)
+    assert seen and set(seen) == {torch.float32}
