@@ -16,8 +16,8 @@ from .step import step_generator
 
 
 class GraphedTrainStep:
-    """`step.TrainStep` with its forward + backward (the project's own `TrainStep._loss` and the accelerator's
-    backward, Flat-LoRA inside) captured in a CUDA graph per batch shape and replayed; clipping, the optimizer
+    """`step.TrainStep` with its forward + backward (the project's own `TrainStep.loss_and_backward`, Flat-LoRA
+    inside) captured in a CUDA graph per batch shape and replayed; clipping, the optimizer
     and the LR schedule run eagerly after the replay, as in TrainStep.__call__. Same call, same result:
 
         step = GraphedTrainStep(TrainStep(...))
@@ -58,12 +58,11 @@ class GraphedTrainStep:
         return tuple((n, tuple(t.shape), t.dtype) for n, t in self._tensors(batch)) + (batch.n_class,)
 
     def _body(self, static_batch):
-        ts, acc = self.ts, self.ts.accelerator
+        ts = self.ts
         torch._foreach_zero_([p.grad for p in ts.params])
         ctx = self.flat.perturb(self.step_t, self.micro_t) if self.flat is not None else contextlib.nullcontext()
         with ctx:
-            loss = ts._loss(static_batch, self.gen)
-            acc.backward(loss)
+            loss = ts.loss_and_backward(static_batch, self.gen)
         return loss.detach()
 
     def _capture(self, batch):

@@ -197,8 +197,7 @@ class TrainStep:
         flat_ctx = self.flat.perturb(global_step, micro) if self.flat is not None else contextlib.nullcontext(0.0)
         with acc.accumulate(*self._trained_models()):
             with flat_ctx as sigma_t:
-                loss = self._loss(batch, gen)
-                acc.backward(loss)
+                loss = self.loss_and_backward(batch, gen)
             self.update()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.detach(), float(sigma_t or 0.0)
@@ -242,8 +241,17 @@ class TrainStep:
             for layer, value in zip(self._lora_layers, before):
                 layer.cast_input_dtype_enabled = value
 
+    def loss_and_backward(self, batch: StepBatch, gen: torch.Generator) -> torch.Tensor:
+        """The loss of one micro-batch and its backward (the eager step's and the CUDA graph's body). The LoRA
+        layers' input setting holds through the backward too: gradient checkpointing recomputes the forward there,
+        and its recomputed tensors must match the first forward's."""
+        with self._lora_inputs_left_in_compute_dtype():
+            loss = self._loss(batch, gen)
+            self.accelerator.backward(loss)
+        return loss
+
     def _loss(self, batch: StepBatch, gen: torch.Generator) -> torch.Tensor:
-        with self.accelerator.autocast(), self._lora_inputs_left_in_compute_dtype():
+        with self.accelerator.autocast():
             if batch.prompt_embeds is not None:
                 embeds, pooled = batch.prompt_embeds, batch.pooled_prompt_embeds
             else:

@@ -3,18 +3,21 @@ _lora_inputs_left_in_compute_dtype): the same loss and gradients bit for bit, wi
 
 import contextlib
 
+import pytest
 import torch
 
 from tests.flat_helpers import tiny_unet
 
 
-def _one_step(skip_cast: bool, lora_input_dtypes: list, dora: bool = False):
+def _one_step(skip_cast: bool, lora_input_dtypes: list, dora: bool = False, checkpointing: bool = False):
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     from flatlora_diffusion.step import StepBatch, StepModels, StepOptions, TrainStep
 
     unet = tiny_unet(dora=dora)
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
     for name, p in unet.named_parameters():
         p.data = p.data.float() if "lora_" in name else p.data.to(torch.bfloat16)  # as the trainer: frozen bf16
     acc = Accelerator(mixed_precision="bf16", cpu=True)
@@ -28,16 +31,17 @@ def _one_step(skip_cast: bool, lora_input_dtypes: list, dora: bool = False):
     gen = torch.Generator().manual_seed(0)
     batch = StepBatch(latents=torch.randn(2, 4, 8, 8, generator=gen).to(torch.bfloat16),
                       prompt_embeds=torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16))
-    with acc.autocast():
-        loss = step._loss(batch, torch.Generator().manual_seed(1))
-    loss.backward()
+    loss = step.loss_and_backward(batch, torch.Generator().manual_seed(1))
     return loss.detach(), [p.grad.clone() for p in params]
 
 
-def test_lora_inputs_stay_bf16_and_the_step_is_bitwise_unchanged():
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lora_inputs_stay_bf16_and_the_step_is_bitwise_unchanged(checkpointing):
+    """With gradient checkpointing the backward recomputes the forward: it must see the same setting (else torch's
+    checkpoint finds recomputed tensors of another dtype)."""
     seen_skipped, seen_cast = [], []
-    loss_skipped, grads_skipped = _one_step(True, seen_skipped)
-    loss_cast, grads_cast = _one_step(False, seen_cast)
+    loss_skipped, grads_skipped = _one_step(True, seen_skipped, checkpointing=checkpointing)
+    loss_cast, grads_cast = _one_step(False, seen_cast, checkpointing=checkpointing)
     assert seen_skipped and set(seen_skipped) == {torch.bfloat16}  # the up-cast copy is skipped
     assert set(seen_cast) == {torch.float32}  # peft's own behaviour, which the step changes
     assert torch.equal(loss_skipped, loss_cast)
