@@ -137,10 +137,10 @@ def _validation_every(values: dict[str, Any], total: int | None) -> int | None:
 
 
 def validation_schedule(total: int, every_steps: int | None, every_epochs: int | None,
-                        per_epoch: int | None) -> list[int]:
-    """The steps that get validation images, as the trainer makes them: step 0, every N steps, after every N
-    epochs (when the epoch ends before the run does), and the last step."""
-    at = {0, total}
+                        per_epoch: int | None, at_start: bool = True) -> list[int]:
+    """The steps that get validation images, as the trainer makes them: step 0 (unless `at_start` is off), every
+    N steps, after every N epochs (when the epoch ends before the run does), and the last step."""
+    at = {0, total} if at_start else {total}
     if every_steps:
         at.update(range(every_steps, total + 1, every_steps))
     if every_epochs and per_epoch:
@@ -174,8 +174,9 @@ def make_plan(values: dict[str, Any], images: int | None, runs: int = 1, runs_di
         batch=int(values.get("train_batch_size") or 1) * int(values.get("gradient_accumulation_steps") or 1),
         steps_per_epoch=per_epoch, total_steps=total, steps_rule=rule,
         epochs=math.ceil(total / per_epoch) if per_epoch and total else None,
-        validation_at=[] if total is None else validation_schedule(total, resolved.get("validation_steps"), values.get("validation_epochs"),
-                                          per_epoch) if prompts else [],
+        validation_at=validation_schedule(total, resolved.get("validation_steps"), values.get("validation_epochs"),
+                                          per_epoch, values.get("validate_at_start", True) is not False)
+        if total is not None and prompts else [],
         validation_prompts=prompts, images_per_validation=len(prompts) * (len(seeds) or
                                                                           int(values.get("num_validation_images") or 4)),
         runs=runs,

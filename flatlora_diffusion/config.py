@@ -226,7 +226,7 @@ class TrainConfig:
     num_validation_images: int = _f(4, "Validation images per prompt (one per seed).", "validation", ge=1, le=1000, label="Validation images per prompt")
     validation_seeds: list[int] = _f([], "Seeds of the validation images (default: 0..N-1).", "validation", ge=-(2**63), le=2**64 - 1, label="Validation seeds")
     validation_steps: int | None = _f(
-        None, "Validate every N steps (and at step 0 and the end).", "validation", ge=1, le=10**12,
+        None, "Validate every N steps (and at the end, and at step 0 unless --validate_at_start is off).", "validation", ge=1, le=10**12,
         label="Validate every N steps",
         form_note="Empty, with Validate every N epochs empty too: a quarter of the run (5 validations in all).",
     )
@@ -234,6 +234,12 @@ class TrainConfig:
         50, "Validate every N completed epochs (diffusers' flag and default).", "validation", ge=1, le=1_000_000,
         label="Validate every N epochs",
         form_default=None,  # a 5-image run at batch 4 validates every 100 steps otherwise: steps decide in the form
+    )
+    validate_at_start: bool = _f(
+        True, "Also validate the untrained model at step 0: the base model's pictures, the baseline the trained steps "
+        "are compared with. Off: a run that shares its base model, prompts and seeds with another run can leave them to "
+        "that run (the app's comparison takes the baseline from any such run).", "validation",
+        label="Validate at step 0 (the base model)",
     )
     validation_inference_steps: int = _f(25, "Denoising steps of validation images.", "validation", ge=1, le=1000, label="Validation denoising steps")
     validation_guidance_scale: float = _f(7.0, "Guidance scale of validation images.", "validation", ge=0, le=100, label="Validation guidance scale")

@@ -69,8 +69,9 @@ def _final_samples(run: Path) -> tuple[int, dict[str, str]]:
     return steps[-1], prompts
 
 
-def _sample_rows(run: Path, prompts: dict[str, str]) -> list[tuple[str, str]]:
-    seeds = sorted({p.stem.split("_", 1)[1] for p in (run / "samples" / "step_000000").glob("*.png")}, key=int)
+def _sample_rows(run: Path, prompts: dict[str, str], step: int) -> list[tuple[str, str]]:
+    """(prompt index, seed) of each picture of `step`, prompt by prompt."""
+    seeds = sorted({p.stem.split("_", 1)[1] for p in (run / "samples" / f"step_{step:06d}").glob("*.png")}, key=int)
     return [(p, s) for p in sorted(prompts, key=int) for s in seeds]
 
 
@@ -84,7 +85,7 @@ def comparison_image(runs: list[tuple[str, Path]], out_file: Path, instance_imag
 
     first = runs[0][1]
     final_step, prompts = _final_samples(first)
-    rows = _sample_rows(first, prompts)
+    rows = _sample_rows(first, prompts, 0)
     size = Image.open(first / "samples" / "step_000000" / f"{rows[0][0]}_{rows[0][1]}.png").width
     # Demo images are 64 px: show them at least 160 px wide so the labels fit.
     shown = size * max(1, -(-160 // size))
@@ -119,7 +120,7 @@ def judge_samples(run: Path, step: int) -> dict:
     from .toyworld.world import SCENE_PHRASES
 
     prompts = json.loads((run / "samples" / "prompts.json").read_text())
-    rows = _sample_rows(run, prompts)
+    rows = _sample_rows(run, prompts, step)
     images = [Image.open(run / "samples" / f"step_{step:06d}" / f"{p}_{s}.png") for p, s in rows]
     verdicts = judge_images(images)
     phrase_to_scene = {phrase: scene for scene, phrase in SCENE_PHRASES.items()}
@@ -171,31 +172,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import os
 
-    import torch
-    from accelerate.state import AcceleratorState
-
+    started = time.time()
     one_thread = "OMP_NUM_THREADS" not in os.environ
+    # the cores this process may use (a container's CPU set, not the host's count)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = _start_worker_server() if one_thread and cores >= 2 else None
+
+    import torch
+
     if one_thread:
         # Small 64 px models gain nothing from more threads, and torch's spinning OpenMP threads made the demo
         # 5-60x slower whenever another process was busy on a 2-core machine (measured: 93 s vs 20 s).
         torch.set_num_threads(1)
 
-    from .config import make_config
-    from .console import setup_logging
-    from .train import train
-
-    setup_logging()
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     model, images, class_images = _prepare_data(out, args)
     runs = [("LoRA", out / "lora", 0.0), (f"Flat-LoRA sigma={args.sigma:g}", out / "flat-lora", args.sigma)]
     settings = [run_config(model, images, path, sigma, args, class_images) for _, path, sigma in runs]
-    # the cores this process may use (a container's CPU set, not the host's count)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if one_thread and cores >= 2 and not torch.cuda.is_available():
-        _train_side_by_side(runs, settings, out / "flat-lora.log")
+    if workers is not None and not torch.cuda.is_available():
+        # Same base model, prompts and seeds: the step-0 (base model) pictures would be the same bytes in both runs
+        # (test_train.py: leaving them out changes nothing else), so only the first run makes them, and the second,
+        # the slower one on a CPU, finishes sooner. comparison.png and the app take the baseline from the first.
+        settings[1]["validate_at_start"] = False
+        _train_side_by_side(workers, runs, settings, out / "flat-lora.log")
     else:
+        from accelerate.state import AcceleratorState
+
+        from .config import make_config
+        from .console import setup_logging
+        from .train import train
+
+        setup_logging()  # the runs' own processes set theirs up (setting it up here imports diffusers: 3 s)
+
         for (label, path, _), cfg in zip(runs, settings):
             print(f"== training {label} -> {path}", file=sys.stderr)
             train(make_config(cfg))
@@ -214,17 +223,46 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _train_side_by_side(runs, settings: list[dict], quiet_log: Path) -> None:
+# What a run's process imports before its first step (about 5 s of a demo's minute on one core): a fork server
+# imports it once, while this process is still starting, and both runs are forked from it ready to go.
+_WORKER_PRELOAD = ["flatlora_diffusion.train", "flatlora_diffusion.trainer.trainer",
+                   "diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion", "peft"]
+
+
+def _start_worker_server():
+    """The multiprocessing context the runs start from: a fork server, started now so that it imports
+    _WORKER_PRELOAD on the second core while this process imports torch and renders the data. (A fork server, not
+    a fork of this process: it forks from a single-threaded process that has run no torch work.)"""
+    import multiprocessing
+    import os
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_WORKER_PRELOAD)
+    # The server imports before any of our logging setup runs: its environment keeps transformers' import-time
+    # notes (a missing torchvision) off the console, as setup_logging does for the runs.
+    saved = os.environ.get("TRANSFORMERS_VERBOSITY")
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["TRANSFORMERS_VERBOSITY"]
+        else:
+            os.environ["TRANSFORMERS_VERBOSITY"] = saved
+    return context
+
+
+def _train_side_by_side(context, runs, settings: list[dict], quiet_log: Path) -> None:
     """Both runs at once, each in its own process on its own core (the demo's models use one thread each): on
     two cores the demo takes little more than one run instead of two. The second run's console goes to
     `quiet_log` so that one progress bar is shown; an error in either comes back here and is raised."""
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     (label, path, _), (other, other_path, _) = runs
     print(f"== training {label} -> {path}, and {other} -> {other_path} beside it (its console: {quiet_log})",
           file=sys.stderr)
-    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=2, mp_context=context) as pool:
         jobs = [pool.submit(_train_in_this_process, settings[0], None),
                 pool.submit(_train_in_this_process, settings[1], str(quiet_log))]
         for job in jobs:

@@ -309,6 +309,8 @@ def test_the_plan_counts_steps_validations_and_time(tmp_path):
     p = plan.make_plan(v, images=5, runs=2, runs_dir=tmp_path)
     assert (p.steps_per_epoch, p.total_steps, p.epochs) == (3, 500, 167)  # ceil(5 x 2 / 4) = 3 per epoch
     assert p.validation_at == [0, 125, 250, 375, 500] and p.images_per_validation == 2
+    no_start = plan.make_plan({**v, "validate_at_start": False}, images=5, runs=2, runs_dir=tmp_path)
+    assert no_start.validation_at == [125, 250, 375, 500]
     assert p.seconds_per_step is None and not p.warnings
     text = plan.plan_markdown(p)
     assert "3 steps per epoch" in text and "500 training steps" in text and "0, 125, 250, 375, 500" in text

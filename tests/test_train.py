@@ -101,6 +101,22 @@ def test_flat_sigma_zero_is_plain_lora_bitwise(tiny, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)  # and sigma > 0 does change training
 
 
+def test_leaving_out_the_step_0_validation_changes_nothing_else(tiny, tmp_path):
+    """--validate_at_start false (the demo's second run): no step-0 pictures, and the same training and final
+    pictures, bitwise: sampling the baseline draws nothing from the training's random streams."""
+    val = {"validation_prompt": ["a photo of sks toy"], "validation_seeds": [0], "validation_steps": 2,
+           "validation_inference_steps": 2, "train_text_encoder": True}
+    with_start = run(tiny, tmp_path / "with", **val)
+    without = run(tiny, tmp_path / "without", validate_at_start=False, **val)
+    steps = [sorted(int(p.name.split("_")[1]) for p in (r.path / "samples").glob("step_*")) for r in (with_start, without)]
+    assert steps == [[0, 2, 4], [2, 4]]
+    a, b = lora_weights(with_start.path), lora_weights(without.path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for step in ("step_000002", "step_000004"):
+        assert (with_start.path / "samples" / step / "0_0.png").read_bytes() == \
+            (without.path / "samples" / step / "0_0.png").read_bytes()
+
+
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny, tmp_path):
     full = tmp_path / "full"
     run(tiny, full, max_train_steps=6, checkpointing_steps=3, train_text_encoder=True, gradient_accumulation_steps=2)
@@ -181,13 +197,17 @@ def test_demo_produces_what_it_promises(tmp_path, monkeypatch):
     for p in runs.values():
         assert (p / "pytorch_lora_weights.safetensors").is_file()
         assert json.loads((p / "status.json").read_text())["state"] == "completed"
-    # identical seeds: the untrained baselines are the same images; training made them differ
-    base = [sorted((p / "samples" / "step_000000").glob("*.png")) for p in runs.values()]
-    assert [f.name for f in base[0]] == [f.name for f in base[1]] and len(base[0]) == 10  # 5 prompts x 2 seeds
-    for f0, f1 in zip(*base):
-        assert Image.open(f0).tobytes() == Image.open(f1).tobytes()
+    # the base model's pictures (step 0) once, in the first run: the second would make the same bytes
+    assert len(list((runs["lora"] / "samples" / "step_000000").glob("*.png"))) == 10  # 5 prompts x 2 seeds
+    assert cfgs["flat-lora"]["validate_at_start"] is False
+    assert not (runs["flat-lora"] / "samples" / "step_000000").exists()
+    # identical seeds and the same pictures asked for; training made them differ
     final = [sorted((p / "samples" / "step_000004").glob("*.png")) for p in runs.values()]
+    assert [f.name for f in final[0]] == [f.name for f in final[1]] and len(final[0]) == 10
     assert any(Image.open(a).tobytes() != Image.open(b).tobytes() for a, b in zip(*final))
+    # the judge read both runs' final pictures (8 subject prompts, 2 class prompts each)
+    scores = json.loads((out / "scores.json").read_text())
+    assert [s["subject"][1] + s["class_is_subject"][1] for s in scores.values()] == [10, 10, 10]
     grid = Image.open(out / "comparison.png")
     assert grid.width > 4 * 160 and grid.height > 10 * 160  # 4 columns (training pictures, base, LoRA, Flat-LoRA) x 10 rows
     # the first column shows the subject's training pictures: the same grid without them is one column narrower

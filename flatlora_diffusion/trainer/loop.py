@@ -29,7 +29,7 @@ class LoopMixin:
         if acc.is_main_process:
             run.write_prompts(cfg.validation_prompt)
         self._log_summary()
-        if self.global_step == 0:
+        if self.global_step == 0 and cfg.validate_at_start:
             self._validate()  # the untrained baseline, step 0
         bar = tqdm(total=total, initial=self.global_step, desc="Steps", disable=not acc.is_local_main_process,
                    file=sys.stderr, dynamic_ncols=True)
