@@ -237,6 +237,10 @@ def _start_worker_server():
     import os
     from multiprocessing import forkserver
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows: each run imports on its own
+        return multiprocessing.get_context("spawn")
+    # Started before this process knows whether torch sees a GPU (it would have to import torch first): with one,
+    # the runs go one after the other in this process and the server just waits until the demo ends.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(_WORKER_PRELOAD)
     # The server imports before any of our logging setup runs: its environment keeps transformers' import-time

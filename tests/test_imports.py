@@ -240,3 +240,16 @@ print("OK")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_the_command_line_and_the_demo_start_without_torch():
+    """`flatlora-diffusion --help`, a mistyped flag and the demo's start run before torch is imported (2 s): the demo
+    starts its fork server first, so that the runs' imports overlap the command's own; the package's public names
+    still resolve (lazily)."""
+    code = ("import sys; import flatlora_diffusion.cli, flatlora_diffusion.demo; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "from flatlora_diffusion import FlatLoRA, sigma_at; import flatlora_diffusion as f; "
+            "assert FlatLoRA.__name__ == 'FlatLoRA' and 'torch' in sys.modules; "
+            "assert not hasattr(f, 'no_such_name'); print('OK')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
