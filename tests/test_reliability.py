@@ -388,6 +388,37 @@ def _env(**extra):
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **extra}
 
 
+def test_ctrl_c_in_the_demo_saves_both_runs_and_says_so_in_one_line(tmp_path):
+    """Ctrl-C reaches the terminal's whole process group: the demo, its fork server and both runs. Each run saves
+    its step and the demo exits 130 with one line, not the runs' tracebacks passed up through the process pool."""
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}  # as a user runs it: side by side on 2+ cores
+    proc = subprocess.Popen([sys.executable, "-m", "flatlora_diffusion.cli", "demo", "--output", str(out),
+                             "--steps", "400"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        metrics = [out / "lora" / "metrics.jsonl", out / "flat-lora" / "metrics.jsonl"]
+        while not all(m.is_file() and len(m.read_text().splitlines()) >= 2 for m in metrics):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read()
+    assert "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("demo cancelled: ")
+    for run in ("lora", "flat-lora"):
+        status = json.loads((out / run / "status.json").read_text())
+        assert status["state"] == "cancelled" and 2 <= status["step"] < 400
+        assert (out / run / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
+
+
 def test_a_trainer_stuck_in_a_native_call_still_obeys_sigterm(tiny, tmp_path):
     import signal
     import time
