@@ -413,10 +413,10 @@ def test_ctrl_c_in_the_demo_saves_both_runs_and_says_so_in_one_line(tmp_path):
     err = proc.stderr.read()
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("demo cancelled: ")
-    for run in ("lora", "flat-lora"):
-        status = json.loads((out / run / "status.json").read_text())
+    for name in ("lora", "flat-lora"):
+        status = json.loads((out / name / "status.json").read_text())
         assert status["state"] == "cancelled" and 2 <= status["step"] < 400
-        assert (out / run / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
+        assert (out / name / "checkpoints" / f"checkpoint-{status['step']}").is_dir()
 
 
 def test_a_trainer_stuck_in_a_native_call_still_obeys_sigterm(tiny, tmp_path):
