@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 from flatlora_diffusion.run_dir import write_json_atomic
 
