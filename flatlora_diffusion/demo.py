@@ -191,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     model, images, class_images = _prepare_data(out, args)
     runs = [("LoRA", out / "lora", 0.0), (f"Flat-LoRA sigma={args.sigma:g}", out / "flat-lora", args.sigma)]
     settings = [run_config(model, images, path, sigma, args, class_images) for _, path, sigma in runs]
+    # Same base model, prompts and seeds: the step-0 (base model) pictures would be the same in both runs
+    # (test_train.py: leaving them out changes nothing else), so only the first run makes them, and the second,
+    # the slower one on a CPU, finishes sooner. comparison.png and the app take the baseline from the first.
+    settings[1]["validate_at_start"] = False
     if workers is not None and not torch.cuda.is_available():
-        # Same base model, prompts and seeds: the step-0 (base model) pictures would be the same bytes in both runs
-        # (test_train.py: leaving them out changes nothing else), so only the first run makes them, and the second,
-        # the slower one on a CPU, finishes sooner. comparison.png and the app take the baseline from the first.
-        settings[1]["validate_at_start"] = False
         train_side_by_side(workers, runs, settings, out / "flat-lora.log")
     else:
         from accelerate.state import AcceleratorState

@@ -57,7 +57,7 @@ def train_side_by_side(context, runs, settings: list[dict], quiet_log: Path) -> 
 
 
 def train_in_this_process(settings: dict, console_file: str | None) -> None:
-    """One demo run in a process of its own (spawned by _train_side_by_side)."""
+    """One demo run in a process of its own (started by train_side_by_side)."""
     import torch
 
     if console_file is not None:
