@@ -2,8 +2,8 @@
 train side by side, one per core).
 
 It takes the project's own pretrained toy-world model (a small SD 1.x pipeline that draws coloured shapes in
-scenes), renders five pictures of a subject it has never seen (a teal toy with big white eyes, "sks toy", always on
-the plain background), trains plain LoRA and Flat-LoRA with identical seeds (the same data order, diffusion noise and
+scenes), renders five pictures of a subject it has never seen (a green striped toy, "sks toy": no pretraining
+picture shows a green toy; always on the plain background), trains plain LoRA and Flat-LoRA with identical seeds (the same data order, diffusion noise and
 timesteps: only the weight perturbation differs), and writes both run folders, comparison.png (the training
 pictures, the base model, then each run, per prompt and seed) and scores.json: what the judge reads in the final validation
 pictures (is the subject there, is the requested scene there, does the class prompt turn into the subject).

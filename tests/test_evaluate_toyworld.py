@@ -19,8 +19,10 @@ SMALL = dict(samples=3, seeds=[0, 1, 2], draws=1, rhos=(0.1,), triples=4)
 
 
 def _v(colour="red", subject=False, scene="plain", shape="toy"):
-    return Verdict(shape=shape, colour=colour, pattern="plain", scene=scene, subject=subject,
-                   subject_probability=0.9 if subject else 0.1)
+    """A verdict; subject=True: the subject's look (a green striped toy), whatever colour is asked."""
+    if subject:
+        return Verdict(shape="toy", colour="green", pattern="striped", scene=scene)
+    return Verdict(shape=shape, colour=colour, pattern="plain", scene=scene)
 
 
 # --- arithmetic ---------------------------------------------------------------------------------------------
@@ -33,8 +35,9 @@ def test_class_collapse_and_colour_shift_on_synthetic_verdicts():
     # histograms: run {red .25, subject .5, green .25}, base {red .5, blue .25, green .25}
     assert s["class_colour_tv"] == pytest.approx(0.5 * (0.25 + 0.5 + 0.25))
     assert toyscores.class_scores(base, base) == {"class_collapse": 0.0, "class_toy": 1.0, "class_colour_tv": 0.0}
-    # a subject verdict is its own bin whatever colour the judge read for it
-    assert toyscores.colour_histogram([_v("red", subject=True)])["red"] == 0.0
+    # a subject verdict is its own bin, not its colour's
+    assert toyscores.colour_histogram([_v(subject=True)])["green"] == 0.0
+    assert toyscores.colour_histogram([_v("green")])["green"] == 1.0
 
 
 def test_prompt_scores_and_diversity():

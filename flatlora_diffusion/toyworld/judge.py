@@ -1,9 +1,9 @@
 """The judge: a small image classifier that reads a toy-world picture's attributes.
 
 It answers, for any 64 px RGB image (a render, a validation sample, a generated picture): which shape,
-which colour, which pattern, which scene, and whether the DreamBooth subject is in it. Trained on renders
-(pretrain.py) with noise, blur and VAE round-trips so that it reads generated pictures too; shipped as
-package data next to the base model.
+which colour, which pattern, which scene, and so whether the DreamBooth subject is in it (a green striped toy:
+world.has_subject_look). Trained on renders (pretrain.py) with noise, blur and VAE round-trips so that it reads
+generated pictures too; shipped as package data next to the base model.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .world import COLOURS, PATTERNS, SCENES, SHAPES
+from .world import COLOURS, PATTERNS, SCENES, SHAPES, has_subject_look
 
 HEADS = {"shape": SHAPES, "colour": COLOURS, "pattern": PATTERNS, "scene": SCENES}
 JUDGE_WEIGHTS = "judge.safetensors"
@@ -23,7 +23,7 @@ JUDGE_CONFIG = "judge.json"
 
 
 class Judge(nn.Module):
-    """Five strided conv stages, global pooling, one linear head per attribute plus a subject logit."""
+    """Five strided conv stages, global pooling, one linear head per attribute."""
 
     def __init__(self, width: int = 48):
         super().__init__()
@@ -33,15 +33,12 @@ class Judge(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, cout), nn.SiLU()]
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.heads = nn.ModuleDict({name: nn.Linear(chans[-1], len(values)) for name, values in HEADS.items()})
-        self.subject = nn.Linear(chans[-1], 1)
         self.width = width
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images: (B, 3, 64, 64) in [-1, 1]. Returns logits per head and 'subject' (B,)."""
+        """images: (B, 3, 64, 64) in [-1, 1]. Returns logits per head."""
         h = self.features(images)
-        out = {name: head(h) for name, head in self.heads.items()}
-        out["subject"] = self.subject(h).squeeze(1)
-        return out
+        return {name: head(h) for name, head in self.heads.items()}
 
 
 @dataclass(frozen=True)
@@ -50,8 +47,11 @@ class Verdict:
     colour: str
     pattern: str
     scene: str
-    subject: bool
-    subject_probability: float
+
+    @property
+    def subject(self) -> bool:
+        """The subject is read as its look, the judge has no head of its own for it."""
+        return has_subject_look(self.shape, self.colour, self.pattern)
 
 
 def images_to_tensor(images) -> torch.Tensor:
@@ -94,7 +94,10 @@ def load_judge(folder: Path | None = None) -> Judge:
     if config["heads"] != {k: list(v) for k, v in HEADS.items()}:
         raise ValueError(f"{folder} holds a judge for another vocabulary")
     judge = Judge(width=config["width"])
-    judge.load_state_dict({k: v.float() for k, v in load_file(str(folder / JUDGE_WEIGHTS)).items()})
+    # The shipped judge's file also holds a subject logit ("subject.*"), trained for an earlier subject that no
+    # vocabulary word described; it is not read since the subject became a vocabulary look (world.py).
+    weights = {k: v.float() for k, v in load_file(str(folder / JUDGE_WEIGHTS)).items() if not k.startswith("subject.")}
+    judge.load_state_dict(weights)
     return judge.eval()
 
 
@@ -108,8 +111,6 @@ def judge_images(images, judge: Judge | None = None, batch_size: int = 64) -> li
         x = images_to_tensor(images[start:start + batch_size])
         out = judge(x)
         picks = {name: out[name].argmax(1).tolist() for name in HEADS}
-        p_subject = torch.sigmoid(out["subject"]).tolist()
         for i in range(x.shape[0]):
-            verdicts.append(Verdict(**{name: HEADS[name][picks[name][i]] for name in HEADS},
-                                    subject=p_subject[i] > 0.5, subject_probability=round(p_subject[i], 4)))
+            verdicts.append(Verdict(**{name: HEADS[name][picks[name][i]] for name in HEADS}))
     return verdicts

@@ -19,7 +19,7 @@ import torch
 
 from .judge import HEADS, Judge, judge_images, load_judge, to_model_range
 from .render import eye_mask, render
-from .world import CLASS_PROMPT, SCENES, caption, random_scene, scene_prompt, subject_scene
+from .world import CLASS_PROMPT, SCENES, caption, has_subject_look, random_scene, scene_prompt, subject_scene
 
 # Sampling settings every toy-world score uses (the demo and the tests too): scores of two runs compare only
 # when their pictures are made the same way.
@@ -61,24 +61,26 @@ def judge_accuracy(judge: Judge, n: int, seed: int = MEASURE_SEED) -> dict:
     verdicts = judge_images([render(s) for s in scenes], judge)
     result = {}
     for name in HEADS:
-        pairs = [(getattr(v, name), getattr(s, name)) for v, s in zip(verdicts, scenes)
-                 if not (s.subject and name in ("colour", "pattern"))]
-        result[name] = _rate(a == b for a, b in pairs)
-    result["subject"] = _rate(v.subject == s.subject for v, s in zip(verdicts, scenes))
+        result[name] = _rate(getattr(v, name) == getattr(s, name) for v, s in zip(verdicts, scenes))
+    # A random scene can be a green striped toy too: the subject is what it looks like.
+    result["subject"] = _rate(v.subject == has_subject_look(s.shape, s.colour, s.pattern) for v, s in zip(verdicts, scenes))
     result["renders"] = n
     return result
 
 
 @torch.no_grad()
 def vae_round_trip(vae, n: int = 40, device="cpu", seed: int = MEASURE_SEED) -> dict:
-    """How much of the subject a VAE keeps: mean absolute error (0-255 levels) of encode-decode (latent mean)
-    on n subject renders in every scene, over the eye pixels (render.eye_mask) and over the whole picture.
-    The eyes are the subject's smallest defining feature; a VAE that smooths them away gives the LoRA
-    latents without them to learn from."""
+    """How much of a toy's small features a VAE keeps: mean absolute error (0-255 levels) of encode-decode (latent
+    mean) on n renders of the subject's toy with big eyes, in every scene, over the eye pixels (render.eye_mask)
+    and over the whole picture. Eyes of a few pixels are the smallest thing a toy has (they defined the world's
+    first subject); a VAE that smooths them away gives a LoRA latents without them to learn from."""
+    import dataclasses
+
     import numpy as np
 
     rng = random.Random(f"vae-round-trip:{seed}")
-    scenes = [subject_scene(rng, SCENES[i % len(SCENES)]) for i in range(n)]
+    scenes = [dataclasses.replace(subject_scene(rng, SCENES[i % len(SCENES)]), subject=False, big_eyes=True)
+              for i in range(n)]
     pixels = torch.from_numpy(np.stack([np.asarray(render(s), dtype=np.uint8) for s in scenes]))
     x = to_model_range(pixels).to(device)
     dtype = next(vae.parameters()).dtype
@@ -99,7 +101,10 @@ def prompt_following(pipe, judge: Judge, n: int, held_out: bool, seed: int = MEA
     result = {name: _rate(getattr(v, name) == getattr(s, name) for v, s in zip(verdicts, scenes)) for name in HEADS}
     result["all_three"] = _rate(v.shape == s.shape and v.colour == s.colour and v.scene == s.scene
                                 for v, s in zip(verdicts, scenes))
-    result["subject_seen"] = _rate(v.subject for v in verdicts)
+    # How often the subject's look is drawn when the prompt asked for something else (a held-out prompt for a
+    # green striped toy asks for that look, and gets it when the base model composes well).
+    result["subject_seen"] = _rate(v.subject for v, s in zip(verdicts, scenes)
+                                   if not has_subject_look(s.shape, s.colour, s.pattern))
     result["samples"] = n
     return result
 

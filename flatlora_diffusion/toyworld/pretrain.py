@@ -9,7 +9,8 @@ command with the defaults below, on one H100 in 7 minutes (torch 2.11, CUDA 13).
 bitwise deterministic, so a rerun gives an equally good model, not the same bytes; the recorded sha256 say
 which bytes ship.
 
-No subject picture is ever shown to the base model: the subject exists only in the judge's data.
+No subject picture is ever shown to the base model (no green toy at all: a held-out pair); the judge's data
+has the subject's look among its toys.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .architecture import Architecture, build_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae
-from .judge import HEADS, JUDGE_WEIGHTS, Judge, save_judge, to_model_range
-from .render import render, render_lookalike, render_variety
+from .judge import HEADS, Judge, save_judge, to_model_range
+from .render import render, render_variety
 from .world import SCENES, caption, random_class_toy, random_scene, subject_scene
 
 
@@ -319,15 +320,11 @@ def _augment(x: torch.Tensor, gen: torch.Generator, vae=None) -> torch.Tensor:
 
 
 def judge_labels(scenes) -> dict[str, torch.Tensor]:
-    """Targets per head; -100 (ignored) for the subject's colour and pattern, which are its own, and for the
-    colour of the class's varied toys, which is none of the vocabulary's."""
-    labels = {}
-    for name, values in HEADS.items():
-        labels[name] = torch.tensor([
-            -100 if (s.subject and name in ("colour", "pattern")) or (s.paint is not None and name == "colour")
-            else values.index(getattr(s, name)) for s in scenes])
-    labels["subject"] = torch.tensor([float(s.subject) for s in scenes])
-    return labels
+    """Targets per head; -100 (ignored) for the colour of the class's varied toys, which is none of the
+    vocabulary's. The subject is labelled as what it looks like (a green striped toy)."""
+    return {name: torch.tensor([-100 if (s.paint is not None and name == "colour") else values.index(getattr(s, name))
+                                for s in scenes])
+            for name, values in HEADS.items()}
 
 
 def train_judge(cfg: PretrainConfig, scenes, pixels: torch.Tensor, device, gen: torch.Generator, vae=None):
@@ -345,7 +342,6 @@ def train_judge(cfg: PretrainConfig, scenes, pixels: torch.Tensor, device, gen: 
         out = judge(x)
         idx_d = idx.to(device)
         loss = sum(F.cross_entropy(out[n], labels[n][idx_d], ignore_index=-100) for n in HEADS)
-        loss = loss + F.binary_cross_entropy_with_logits(out["subject"], labels["subject"][idx_d])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -441,60 +437,6 @@ def pretrain(cfg: PretrainConfig, out: Path, device: str = "cpu") -> dict:
     return record
 
 
-def retrain_subject_head(judge: Judge, pixels: torch.Tensor, is_subject: torch.Tensor, steps: int,
-                         gen: torch.Generator) -> Judge:
-    """Fit only the judge's subject logit on its frozen features (augmented renders, features computed once):
-    after a change of the subject's look the shape, colour, pattern and scene heads stay as they were."""
-    judge.eval()
-    with torch.no_grad():
-        feats = torch.cat([judge.features(_augment(to_model_range(pixels[i:i + 256]), gen))
-                           for i in range(0, pixels.shape[0], 256)])
-    opt = torch.optim.Adam(judge.subject.parameters(), lr=1e-2)
-    for step in range(steps):
-        loss = F.binary_cross_entropy_with_logits(judge.subject(feats).squeeze(1), is_subject)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            _log(f"subject head {step}/{steps} loss {loss.item():.4f}")
-    return judge.eval()
-
-
-def subject_negatives(seed: int, n: int, class_variety: float = 0.0) -> np.ndarray:
-    """The subject's nearest neighbours, none of them the subject: toys of every colour and pattern (n),
-    look-alikes in the subject's teal (n / 2: another pattern, or another shape with its dots) and, in a world
-    with class variety, the class's varied toys (n: big-eyed ones in every hue outside teal's neighbourhood)."""
-    rng = random.Random(f"toy-negatives:{seed}")
-    toys = [render(random_scene(rng, held_out=None, shape="toy")) for _ in range(n)]
-    lookalikes = [render_lookalike(rng) for _ in range(n // 2)]
-    varied = [render(random_class_toy(rng)) for _ in range(n if class_variety else 0)]
-    return np.stack([np.asarray(im, dtype=np.uint8) for im in toys + lookalikes + varied])
-
-
-def retrain_judge(folder: Path, cfg: PretrainConfig) -> dict:
-    """Refit the subject logit of an existing world folder's judge (model/, judge/) on the current renderer:
-    after a change of the subject's look, the base model is unchanged and only the judge has to learn it again."""
-    from .judge import load_judge
-
-    gen = torch.Generator().manual_seed(cfg.seed + 2)
-    started = time.time()
-    judge = load_judge(folder / "judge")
-    scenes, pixels = render_dataset(cfg.seed + 3, cfg.judge_images, cfg.workers, cfg.judge_subject_fraction,
-                                    cfg.class_variety)
-    negatives = subject_negatives(cfg.seed, cfg.judge_images // 4, cfg.class_variety)
-    pixels = np.concatenate([pixels, negatives])
-    is_subject = torch.tensor([float(s.subject) for s in scenes] + [0.0] * len(negatives))
-    judge = retrain_subject_head(judge, torch.from_numpy(pixels), is_subject, cfg.judge_steps, gen)
-    steps = cfg.judge_steps
-    save_judge(judge.float().cpu(), folder / "judge")
-    stage = {"command": "python -m flatlora_diffusion.toyworld.pretrain --retrain-judge", "device": "cpu",
-             "config": {k: getattr(cfg, k) for k in ("seed", "judge_images", "judge_subject_fraction", "judge_steps",
-                                                     "class_variety")},
-             "steps_done": steps, "seconds": round(time.time() - started, 1), "torch": torch.__version__}
-    append_stage(folder, stage, [f"judge/{JUDGE_WEIGHTS}"])
-    return stage
-
-
 def append_stage(folder: Path, stage: dict, weights: list[str]) -> None:
     """Record a later stage and the new sha256 of the weight files it rewrote in folder/pretrain.json."""
     record_file = folder / "pretrain.json"
@@ -507,7 +449,7 @@ def append_stage(folder: Path, stage: dict, weights: list[str]) -> None:
 
 def retrain_vae(folder: Path, cfg: PretrainConfig, device: str) -> dict:
     """Train the VAE of a world folder again from nothing (the configured architecture, variety and edge loss)
-    and record how well it keeps the subject's eyes. Its latent space is new: train the UNet again on it
+    and record how well it keeps a toy's eyes. Its latent space is new: train the UNet again on it
     afterwards (--retrain-unet with the same settings)."""
     from .measure import vae_round_trip
 
@@ -569,8 +511,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--config", help="JSON file of PretrainConfig fields (others keep their defaults).")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override single config fields.")
-    p.add_argument("--retrain-judge", action="store_true",
-                   help="Only refit the judge's subject logit in --out (a world folder with model/ and judge/).")
     p.add_argument("--retrain-unet", action="store_true",
                    help="Only train the UNet and text encoder in --out again (its VAE, tokenizer and judge stay).")
     p.add_argument("--finetune-unet", action="store_true",
@@ -591,9 +531,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.retrain_unet or args.finetune_unet:
         print(json.dumps(retrain_unet(Path(args.out), PretrainConfig(**fields), args.device, args.finetune_unet)))
-        return 0
-    if args.retrain_judge:
-        print(json.dumps(retrain_judge(Path(args.out), PretrainConfig(**fields))))
         return 0
     record = pretrain(PretrainConfig(**fields), Path(args.out), args.device)
     print(json.dumps({k: record[k] for k in ("steps_done", "timings")}))

@@ -11,15 +11,11 @@ import random
 
 from PIL import Image, ImageDraw
 
-from .world import PATTERNS, SHAPES, SUBJECT_RGB, Scene, random_scene
+from .world import COLOUR_RGB, Scene, random_scene
 
 IMAGE_SIZE = 64
 _SUPERSAMPLE = 4
 
-COLOUR_RGB = {
-    "red": (220, 40, 40), "green": (40, 190, 70), "blue": (40, 80, 225),
-    "yellow": (245, 215, 35), "purple": (145, 55, 200), "pink": (250, 135, 195),
-}
 _OUTLINE = (25, 25, 30)
 
 
@@ -141,9 +137,7 @@ def _paint(size, base, pattern: str, object_size: float) -> Image.Image:
 
 
 def _fill(size, scene: Scene) -> Image.Image:
-    """The object's paint: its colour and pattern, or the subject's plain teal."""
-    if scene.subject:
-        return _paint(size, SUBJECT_RGB, "plain", scene.size)
+    """The object's paint: its colour and pattern (the subject's are a vocabulary colour and pattern too)."""
     if scene.paint is not None:  # a varied toy of the class: its own colour, never turned
         return _paint(size, scene.paint, scene.pattern, scene.size)
     return _paint(size, COLOUR_RGB[scene.colour], scene.pattern, scene.size)
@@ -152,12 +146,12 @@ def _fill(size, scene: Scene) -> Image.Image:
 def _eyes(draw, scene: Scene, w, h, s, big: bool | None = None):
     if scene.shape != "toy":
         return
-    big = (scene.subject or scene.big_eyes) if big is None else big
+    big = scene.big_eyes if big is None else big
     cx, cy, r = scene.x * w, scene.y * h, scene.size * h / 2
     head_c, head_r, _, _ = _toy_parts(cx, cy, r)
     for dx in (-0.38, 0.38):
         ec = (head_c[0] + dx * head_r, head_c[1] - head_r * 0.05)
-        if big:  # big white eyes with black pupils (the subject's)
+        if big:  # big white eyes with black pupils (some of the class's varied toys)
             draw.ellipse(_circle_box(ec, head_r * 0.3), fill=(255, 255, 255))
             draw.ellipse(_circle_box(ec, head_r * 0.14), fill=(0, 0, 0))
         else:
@@ -194,18 +188,6 @@ def eye_mask(scene: Scene, size: int = IMAGE_SIZE, threshold: int = 40):
     return np.abs(with_big - with_small).max(axis=-1) > threshold
 
 
-def render_lookalike(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
-    """A near miss of the subject, for the judge's negatives: a teal toy with a toy's usual small eyes (what a
-    LoRA that learnt the colour but not the eyes draws) in any pattern, another shape in teal, or a toy of a
-    vocabulary colour with the subject's big white eyes."""
-    kind = rng.randrange(3)
-    if kind == 2:
-        return _compose(random_scene(rng, held_out=None, shape="toy"), size, big_eyes=True)
-    shape = "toy" if kind == 0 else rng.choice([s for s in SHAPES if s != "toy"])
-    scene, pattern = random_scene(rng, held_out=None, shape=shape), rng.choice(PATTERNS)
-    return _compose(scene, size, paint=lambda big: _paint(big, SUBJECT_RGB, pattern, scene.size))
-
-
 def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     """A picture outside the vocabulary: any shape in any scene, painted in two random colours with a random
     pattern (plain, stripes, dots, chequers) at a random scale, eyes big or small.
@@ -220,4 +202,4 @@ def render_variety(rng: random.Random, size: int = IMAGE_SIZE) -> Image.Image:
     return _compose(scene, size, paint=lambda big: _pattern(big, kind, colour, other, cell), big_eyes=rng.random() < 0.5)
 
 
-__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "eye_mask", "render_lookalike", "render_variety"]
+__all__ = ["IMAGE_SIZE", "COLOUR_RGB", "render", "eye_mask", "render_variety"]

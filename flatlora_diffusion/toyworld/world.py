@@ -1,9 +1,11 @@
 """The toy world's vocabulary and grammar: what can be in a picture and how a caption says it.
 
 A picture holds one object (a shape, a colour, a pattern, a size and a position) in one scene. The
-DreamBooth subject is a toy no pretraining picture ever shows: a teal toy (no vocabulary colour) with big
-white eyes, called "sks toy"; its class word "toy" is in the vocabulary (plain toys of every colour), so
-prior preservation and class collapse can be measured.
+DreamBooth subject is a toy no pretraining picture ever shows: a green striped toy, called "sks toy". Its parts
+are words the base model knows (green, stripes, toy), but "toy" and "green" are a held-out pair, so no
+pretraining picture shows a green toy of any pattern; as a dog in Stable Diffusion, the subject is a new member of
+a class the base model draws well, not a new kind of picture. Its class word "toy" is in the vocabulary (toys of
+every other colour), so prior preservation and class collapse can be measured.
 
 Nothing here draws; render.py turns a `Scene` into pixels.
 """
@@ -30,24 +32,34 @@ CLASS_PROMPT = f"a photo of a {CLASS_WORD}"
 # measure whether the base model composes words it has only seen apart. One pair per shape, a different
 # colour each, so every word is still seen often.
 HELD_OUT_PAIRS = frozenset({("circle", "yellow"), ("square", "purple"), ("triangle", "blue"),
-                            ("star", "red"), ("toy", "green")})
+                            ("star", "red"), ("toy", "green")})  # ("toy", "green"): the subject's colour too
 
 _TEMPLATES = ("a photo of a {obj}", "a {obj}", "a picture of a {obj}")
 
-# The subject's look: a teal toy (no vocabulary colour) with big white eyes (render.py draws it). Subjects tried
-# first: teal-and-orange chequers, then a yellow-headed, blue-and-yellow-banded toy; both came out of a 100-step
-# attention LoRA as multicoloured mush (the UNet's 16 x 16 level, where fine texture is decided, has no attention
-# layers, so a LoRA can move colours and shapes but not draw new patterns).
-SUBJECT_RGB = (0, 165, 165)
-# A varied toy of the class (random_class_toy) with big eyes is never painted within this fraction of the hue
-# circle around the subject's teal: the class covers teal toys and big-eyed toys, never the subject's look.
+# Each colour word's paint (render.py draws with it).
+COLOUR_RGB = {
+    "red": (220, 40, 40), "green": (40, 190, 70), "blue": (40, 80, 225),
+    "yellow": (245, 215, 35), "purple": (145, 55, 200), "pink": (250, 135, 195),
+}
+
+# The subject's look: a green striped toy with a toy's usual small eyes. Subjects tried before it, each outside
+# the vocabulary, and why they went: teal-and-orange chequers, then a yellow-headed, blue-and-yellow-banded toy (a
+# 100-step attention LoRA drew multicoloured mush); a teal toy with big white eyes (the LoRA drew an azure toy
+# without the eyes, judged the subject in 40-48 %); a dark brown striped toy (learnt only in 400 steps at a lower
+# learning rate, four times the demo's training; benchmarks/HISTORY.md, session 11). A 100-step LoRA learns a
+# look the base model can already draw from its words (benchmarks/HISTORY.md, session 12).
+SUBJECT_COLOUR = "green"
+SUBJECT_PATTERN = "striped"
+# A varied toy of the class (random_class_toy) is never striped within this fraction of the hue circle around
+# the subject's green: the class covers green toys and striped toys, never the subject's look.
 SUBJECT_HUE_MARGIN = 40 / 360
-_SUBJECT_HUE = colorsys.rgb_to_hsv(*(c / 255 for c in SUBJECT_RGB))[0]  # 0.5: no wrap-around to mind
+_SUBJECT_HUE = colorsys.rgb_to_hsv(*(c / 255 for c in COLOUR_RGB[SUBJECT_COLOUR]))[0]
 
 
 @dataclass(frozen=True)
 class Scene:
-    """Everything that decides a picture. `subject` replaces colour and pattern by the subject's own look."""
+    """Everything that decides a picture. `subject`: the DreamBooth subject (a toy in the subject's colour and
+    pattern, captioned "sks toy")."""
 
     shape: str
     colour: str
@@ -68,6 +80,8 @@ class Scene:
             raise ValueError(f"not a toy-world scene: {self}")
         if (self.subject or self.paint is not None or self.big_eyes) and self.shape != CLASS_WORD:
             raise ValueError("the subject and the class's varied toys are toys")
+        if self.subject and (self.colour, self.pattern) != (SUBJECT_COLOUR, SUBJECT_PATTERN):
+            raise ValueError("the subject has the subject's look")
 
 
 def is_held_out(scene: Scene) -> bool:
@@ -94,21 +108,28 @@ def random_scene(rng: random.Random, *, held_out: bool | None = False, shape: st
 
 def subject_scene(rng: random.Random, scene: str = "plain") -> Scene:
     """The DreamBooth subject at a random size and place in `scene`."""
-    return Scene(shape=CLASS_WORD, colour=COLOURS[0], pattern=PATTERNS[0], scene=scene, subject=True, **_placement(rng))
+    return Scene(shape=CLASS_WORD, colour=SUBJECT_COLOUR, pattern=SUBJECT_PATTERN, scene=scene, subject=True,
+                 **_placement(rng))
+
+
+def has_subject_look(shape: str, colour: str, pattern: str) -> bool:
+    """Whether an object of these attributes looks like the subject (how the judge reads a picture)."""
+    return (shape, colour, pattern) == (CLASS_WORD, SUBJECT_COLOUR, SUBJECT_PATTERN)
 
 
 def random_class_toy(rng: random.Random, scene: str | None = None) -> Scene:
     """A toy as the class word alone means it: any hue (saturation and brightness in the vocabulary's range),
     any pattern, big or small eyes; its caption names no colour. Pretraining on some of these makes "a toy" a
     family in which the subject is one member, as "a dog" is in Stable Diffusion (DreamBooth's premise), while
-    no picture shows the subject's own look: big eyes never come in teal's neighbourhood."""
-    big_eyes = rng.random() < 0.5
+    no picture shows the subject's own look: stripes never come in green's neighbourhood."""
+    big_eyes, pattern = rng.random() < 0.5, rng.choice(PATTERNS)
     while True:
         hue = rng.random()
-        if not big_eyes or abs(hue - _SUBJECT_HUE) > SUBJECT_HUE_MARGIN:
+        distance = min(abs(hue - _SUBJECT_HUE), 1 - abs(hue - _SUBJECT_HUE))  # around the hue circle
+        if pattern != SUBJECT_PATTERN or distance > SUBJECT_HUE_MARGIN:
             break
     rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.6, 0.97))
-    return Scene(shape=CLASS_WORD, colour=COLOURS[0], pattern=rng.choice(PATTERNS), scene=scene or rng.choice(SCENES),
+    return Scene(shape=CLASS_WORD, colour=COLOURS[0], pattern=pattern, scene=scene or rng.choice(SCENES),
                  paint=tuple(round(c * 255) for c in rgb), big_eyes=big_eyes, **_placement(rng))
 
 
@@ -164,6 +185,7 @@ def vocabulary_corpus() -> str:
 
 
 __all__ = ["SHAPES", "COLOURS", "PATTERNS", "SCENES", "SCENE_PHRASES", "SUBJECT_TOKEN", "CLASS_WORD",
-           "SUBJECT_PROMPT", "CLASS_PROMPT", "HELD_OUT_PAIRS", "SUBJECT_RGB", "SUBJECT_HUE_MARGIN", "Scene",
+           "SUBJECT_PROMPT", "CLASS_PROMPT", "HELD_OUT_PAIRS", "COLOUR_RGB", "SUBJECT_COLOUR", "SUBJECT_PATTERN",
+           "SUBJECT_HUE_MARGIN", "Scene", "has_subject_look",
            "is_held_out", "random_scene", "random_class_toy", "subject_scene", "object_words", "caption",
            "scene_prompt", "vocabulary_corpus"]
