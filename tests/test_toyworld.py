@@ -15,8 +15,7 @@ from flatlora_diffusion.toyworld import MODEL_NAME, judge_dir, model_dir
 from flatlora_diffusion.toyworld.render import render, render_variety
 from flatlora_diffusion.toyworld.world import (CLASS_PROMPT, COLOURS, HELD_OUT_PAIRS, SCENES, SHAPES,
                                                SUBJECT_PROMPT, Scene, caption, has_subject_look, is_held_out,
-                                               random_scene,
-                                               scene_prompt, subject_scene, vocabulary_corpus)
+                                               random_scene, scene_prompt, subject_scene, vocabulary_corpus)
 
 
 def _render_digest(scenes) -> str:
@@ -85,7 +84,7 @@ def test_held_out_pairs_are_never_drawn_for_pretraining_and_no_pretraining_pictu
     assert (subject.shape, subject.colour, subject.pattern) == ("toy", "green", "striped")
     assert ("toy", "green") in HELD_OUT_PAIRS
     assert render(subject).tobytes() == render(Scene(**{**subject.__dict__, "subject": False})).tobytes()
-    assert not any(has_subject_look(s.shape, s.colour, s.pattern) for s in pretraining)
+    assert not any(has_subject_look(s) for s in pretraining)
     with pytest.raises(ValueError):
         Scene("toy", "red", "striped", "plain", 0.5, 0.5, 0.5, subject=True)
 

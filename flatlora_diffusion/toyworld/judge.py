@@ -51,7 +51,7 @@ class Verdict:
     @property
     def subject(self) -> bool:
         """The subject is read as its look, the judge has no head of its own for it."""
-        return has_subject_look(self.shape, self.colour, self.pattern)
+        return has_subject_look(self)
 
 
 def images_to_tensor(images) -> torch.Tensor:

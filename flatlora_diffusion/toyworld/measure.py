@@ -59,11 +59,9 @@ def judge_accuracy(judge: Judge, n: int, seed: int = MEASURE_SEED) -> dict:
     scenes = [subject_scene(rng, rng.choice(SCENES)) if i % 5 == 0 else random_scene(rng, held_out=None)
               for i in range(n)]
     verdicts = judge_images([render(s) for s in scenes], judge)
-    result = {}
-    for name in HEADS:
-        result[name] = _rate(getattr(v, name) == getattr(s, name) for v, s in zip(verdicts, scenes))
+    result = {name: _rate(getattr(v, name) == getattr(s, name) for v, s in zip(verdicts, scenes)) for name in HEADS}
     # A random scene can be a green striped toy too: the subject is what it looks like.
-    result["subject"] = _rate(v.subject == has_subject_look(s.shape, s.colour, s.pattern) for v, s in zip(verdicts, scenes))
+    result["subject"] = _rate(v.subject == has_subject_look(s) for v, s in zip(verdicts, scenes))
     result["renders"] = n
     return result
 
@@ -103,8 +101,7 @@ def prompt_following(pipe, judge: Judge, n: int, held_out: bool, seed: int = MEA
                                 for v, s in zip(verdicts, scenes))
     # How often the subject's look is drawn when the prompt asked for something else (a held-out prompt for a
     # green striped toy asks for that look, and gets it when the base model composes well).
-    result["subject_seen"] = _rate(v.subject for v, s in zip(verdicts, scenes)
-                                   if not has_subject_look(s.shape, s.colour, s.pattern))
+    result["subject_seen"] = _rate(v.subject for v, s in zip(verdicts, scenes) if not has_subject_look(s))
     result["samples"] = n
     return result
 

@@ -80,7 +80,7 @@ class Scene:
             raise ValueError(f"not a toy-world scene: {self}")
         if (self.subject or self.paint is not None or self.big_eyes) and self.shape != CLASS_WORD:
             raise ValueError("the subject and the class's varied toys are toys")
-        if self.subject and (self.colour, self.pattern) != (SUBJECT_COLOUR, SUBJECT_PATTERN):
+        if self.subject and not has_subject_look(self):
             raise ValueError("the subject has the subject's look")
 
 
@@ -112,9 +112,9 @@ def subject_scene(rng: random.Random, scene: str = "plain") -> Scene:
                  **_placement(rng))
 
 
-def has_subject_look(shape: str, colour: str, pattern: str) -> bool:
-    """Whether an object of these attributes looks like the subject (how the judge reads a picture)."""
-    return (shape, colour, pattern) == (CLASS_WORD, SUBJECT_COLOUR, SUBJECT_PATTERN)
+def has_subject_look(thing) -> bool:
+    """Whether a Scene, or the judge's Verdict of a picture, has the subject's shape, colour and pattern."""
+    return (thing.shape, thing.colour, thing.pattern) == (CLASS_WORD, SUBJECT_COLOUR, SUBJECT_PATTERN)
 
 
 def random_class_toy(rng: random.Random, scene: str | None = None) -> Scene:
