@@ -4,7 +4,8 @@
 
 Task (the one the demo uses): 5 instance renders of the "sks toy" subject on the plain background, prompt
 "a photo of sks toy", prior preservation with 20 class renders ("a photo of a toy"), 64 px, batch 1,
-100 steps, lr 5e-3 constant, no warm-up, rank 4, text-encoder LoRA, random flips. Flat-LoRA with the
+100 steps, lr 5e-3 constant (text encoder 2e-3; the committed results were made at 5e-3 for both, before
+session 13), no warm-up, rank 4, text-encoder LoRA, random flips. Flat-LoRA with the
 trainer's default sigma schedule (cosine).
 
 Arms (every arm trained with the same training seeds 0..N-1, so each Flat run has a LoRA twin with the same
