@@ -2,8 +2,9 @@
 
 It must show the product working: after 100 steps the judge finds the subject in most of the subject prompts'
 pictures of both runs (and in none of the base model's), in the scenes asked for, including scenes the subject
-was never shown in. The shipped world gives 8 of 8 for LoRA and for Flat-LoRA, scenes 6 and 4 of 8 (night is the
-scene the runs lose: README, "The toy world"), none for the base model; the bounds leave a little room below that.
+was never shown in. The shipped world gives 6 and 7 of 8 for LoRA and Flat-LoRA (the judge misses the subject at
+night, drawn brighter and blurred), scenes 6 of 8 each (the beach of seed 0 comes out as grass: README, "The toy
+world"), none for the base model; the bounds leave one picture of room below that.
 Slow for a unit test (about a minute), and the one that matters most.
 """
 
@@ -24,8 +25,8 @@ def test_the_demo_teaches_the_subject_and_places_it_in_new_scenes(tmp_path, caps
 
     assert base["subject"][1] == 8 and rate(base["subject"]) <= 0.125
     for run in (lora, flat):
-        assert rate(run["subject"]) >= 0.75, scores
-        assert rate(run["scene"]) >= 0.375, scores
+        assert rate(run["subject"]) >= 5 / 8, scores
+        assert rate(run["scene"]) >= 5 / 8, scores
         assert rate(run["class_is_subject"]) == 0, scores
     printed = capsys.readouterr().out
     assert "subject" in printed and "class->subject" in printed and "LoRA (step 100)" in printed
