@@ -265,6 +265,40 @@ def test_gradient_checkpointing_sees_the_same_noise(make_flat):
     assert any(not torch.allclose(clean[n], plain[n], rtol=1e-4, atol=1e-6) for n in plain)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_cpu_reference_path_keeps_w_plus_eps_for_backward_and_trains_the_same(monkeypatch, checkpointing):
+    """On the CPU the reference path keeps each forward's W + eps for its backward instead of drawing it again:
+    one draw per layer per forward pass (recomputation included), and gradients bitwise those of drawing again."""
+    from flatlora_diffusion.flat import flat_lora, reference
+
+    unet = tiny_unet()
+    flat = FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4)
+    assert flat.fast_engine() is None
+    draws = []
+    original_draw = reference.standard_normal
+
+    def counted_draw(key, shape, device):
+        draws.append(key)
+        return original_draw(key, shape, device)
+
+    monkeypatch.setattr(reference, "standard_normal", counted_draw)
+    kept = unet_grads(unet, flat, 9, checkpointing=checkpointing)
+    passes = 2 if checkpointing else 1  # the forward, and its recomputation in backward
+    assert len(draws) == passes * len(flat.layers) and len(set(draws)) == len(flat.layers)
+
+    class DrawingAgain(reference.ReferenceNoise):
+        def __init__(self, weight, row_std, key, keep_for_backward=False):
+            super().__init__(weight, row_std, key, keep_for_backward=False)
+
+    monkeypatch.setattr(flat_lora, "ReferenceNoise", DrawingAgain)
+    draws.clear()
+    drawn_again = unet_grads(unet, flat, 9, checkpointing=checkpointing)
+    assert len(draws) > passes * len(flat.layers)  # backward drew W + eps again
+    assert kept.keys() == drawn_again.keys() and len(kept) == 2 * len(flat.layers)
+    for name in kept:
+        assert torch.equal(kept[name], drawn_again[name]), name
+
+
 def test_several_models_at_once_get_distinct_layers(make_flat):
     a = lora(nn.Sequential(nn.Linear(16, 16)), ["0"])
     b = lora(nn.Sequential(nn.Linear(16, 16)), ["0"])

@@ -150,7 +150,9 @@ class FlatLoRA:
                 for layer in self.layers:
                     std = self.row_std(layer, sigma_t)
                     key = self.key(layer, step, micro_step)
-                    patch(layer.base, noisy_forward(layer.base, ReferenceNoise(layer.base.weight, std, key)))
+                    weight = layer.base.weight
+                    source = ReferenceNoise(weight, std, key, keep_for_backward=weight.device.type == "cpu")
+                    patch(layer.base, noisy_forward(layer.base, source))
                 yield sigma_t
         finally:
             self.active = False

@@ -35,15 +35,32 @@ class ReferenceNoise:
     """Where a perturbed layer gets W + eps from, on the reference path: one layer's generator key and row std.
 
     The fused engine (fused.py) supplies the same two methods from its per-chunk buffers; the autograd
-    functions of perturbed_layers.py serve both."""
+    functions of perturbed_layers.py serve both.
 
-    __slots__ = ("weight_tensor", "row_std", "key")
+    keep_for_backward: a forward whose input needs a gradient keeps its W + eps until backward asks for it, instead
+    of drawing it again (the same tensor: every call of one step gives the same values). FlatLoRA turns it on for
+    weights in CPU memory, where the second draw cost a third of Flat-LoRA's time per step (the toy world's demo)
+    and the kept copies are small beside the models; on a GPU (--low_memory, backend "reference") memory is what
+    counts, so it stays off there."""
 
-    def __init__(self, weight: torch.Tensor, row_std: torch.Tensor, key: int):
+    __slots__ = ("weight_tensor", "row_std", "key", "keep_for_backward", "_keep_next", "_kept")
+
+    def __init__(self, weight: torch.Tensor, row_std: torch.Tensor, key: int, keep_for_backward: bool = False):
         self.weight_tensor, self.row_std, self.key = weight, row_std, key
+        self.keep_for_backward = keep_for_backward
+        self._keep_next = False  # the coming forward's W + eps is wanted again by its backward
+        self._kept: torch.Tensor | None = None
 
     def forward_seen(self, input_needs_grad: bool) -> None:
-        """Told at each forward whether backward will need W + eps again (the fused engine uses it)."""
+        """Told at each forward whether backward will need W + eps again."""
+        self._keep_next = self.keep_for_backward and input_needs_grad
 
     def weight(self, dtype: torch.dtype, backward: bool = False) -> torch.Tensor:
-        return _perturbed_weight(self.weight_tensor, self.row_std, self.key, dtype)
+        kept = self._kept
+        if backward and kept is not None and kept.dtype == dtype:
+            self._kept = None  # a layer used twice in one step draws again for its second backward
+            return kept
+        w = _perturbed_weight(self.weight_tensor, self.row_std, self.key, dtype)
+        if not backward and self._keep_next:
+            self._kept = w
+        return w
