@@ -300,6 +300,16 @@ def test_latent_and_text_embedding_caches_encode_once_and_train_the_same(tiny, t
     assert_weights_close(lora_weights(cached_flips.path), lora_weights(uncached_flips.path), rtol=1e-6, atol=1e-8)
     assert losses(cached_flips.path)[:5] != pytest.approx(losses(cached.path), rel=1e-6)  # and flips did happen
 
+    # a picture met again (--repeats 2: each instance picture twice per epoch) is encoded once, and trains the same
+    counts.update(vae=[], text=0)
+    repeated = dict(common, repeats=2, max_train_steps=6)
+    cached_repeats = run(tiny, tmp_path / "cached_repeats", **repeated, cache_latents=True)
+    assert counts["vae"] == [1, 1, 1]  # three pictures, six items
+    uncached_repeats = run(tiny, tmp_path / "uncached_repeats", **repeated)
+    assert len(losses(cached_repeats.path)) == 6
+    assert losses(cached_repeats.path) == pytest.approx(losses(uncached_repeats.path), rel=1e-6)
+    assert_weights_close(lora_weights(cached_repeats.path), lora_weights(uncached_repeats.path), rtol=1e-6, atol=1e-8)
+
 
 def test_idle_frozen_models_are_parked_off_the_device_and_back_for_validation(tiny, tmp_path, monkeypatch):
     """With cached latents and frozen text encoders, the VAE and the encoders leave the GPU after every training

@@ -17,11 +17,17 @@ class LatentCache(torch.utils.data.Dataset):
         self.dataset = dataset
         self.both_flips = bool(getattr(dataset, "random_flip", False))
         self.items = []  # per item: (examples as drawn) or (unflipped examples, flipped examples)
+        # Pixels seen before (an instance picture under --repeats, a class picture again when the instance
+        # pictures outnumber them) reuse their latents: `encode` gives the same latents for the same pixels.
+        encoded: dict[bytes, torch.Tensor] = {}
         for i in range(len(dataset)):
             views = [dataset.oriented(i, False), dataset.oriented(i, True)] if self.both_flips else [dataset[i]]
             for view in views:
                 for e in view:
-                    e.pixel_values = encode(e.pixel_values[None])[0].cpu()
+                    key = _pixels_key(e.pixel_values)
+                    if key not in encoded:
+                        encoded[key] = encode(e.pixel_values[None])[0].cpu()
+                    e.pixel_values = encoded[key]
             self.items.append(tuple(views))
 
     def __len__(self):
@@ -42,6 +48,15 @@ class LatentCache(torch.utils.data.Dataset):
     @property
     def epoch(self):
         return self.dataset.epoch
+
+
+def _pixels_key(pixels: torch.Tensor) -> bytes:
+    """A digest of a picture's pixel values, shape and dtype (equal pictures, equal keys)."""
+    import hashlib
+
+    digest = hashlib.blake2b(str((tuple(pixels.shape), pixels.dtype)).encode())
+    digest.update(pixels.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
 
 
 class BatchesMixin:
