@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -171,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.base == "toyworld" and args.arch == "sd15" and args.resolution != 64:
         print("error: the toy world is 64 px: leave --resolution out, or use --base tiny", file=sys.stderr)
         return 2
-    import os
 
     started = time.time()
     one_thread = "OMP_NUM_THREADS" not in os.environ
@@ -192,11 +193,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = [("LoRA", out / "lora", 0.0), (f"Flat-LoRA sigma={args.sigma:g}", out / "flat-lora", args.sigma)]
     settings = [run_config(model, images, path, sigma, args, class_images) for _, path, sigma in runs]
     # Same base model, prompts and seeds: the step-0 (base model) pictures would be the same in both runs
-    # (test_train.py: leaving them out changes nothing else), so only the first run makes them, and the second,
-    # the slower one on a CPU, finishes sooner. comparison.png and the app take the baseline from the first.
+    # (test_train.py: leaving them out changes nothing else), so only the first run has them. comparison.png and the
+    # app take the baseline from there.
     settings[1]["validate_at_start"] = False
     if workers is not None and not torch.cuda.is_available():
-        train_side_by_side(workers, runs, settings, out / "flat-lora.log")
+        # On two cores a third process draws them beside the runs, and they are filed as the first run's step 0.
+        settings[0]["validate_at_start"] = False
+        drawn = out / "base-model-pictures"
+        shutil.rmtree(drawn, ignore_errors=True)
+        train_side_by_side(workers, runs, settings, out / "flat-lora.log", drawn)
+        _file_as_step_zero(drawn, runs[0][1])
     else:
         from accelerate.state import AcceleratorState
 
@@ -222,6 +228,15 @@ def main(argv: list[str] | None = None) -> int:
         _print_scores(scores)
     print(f"runs: {', '.join(str(p) for _, p, _ in runs)}\ncomparison: {grid}")
     return 0
+
+
+def _file_as_step_zero(pictures: Path, run: Path) -> None:
+    """The base model's pictures drawn beside the runs (demo_workers.draw_base_model_pictures) become the run's
+    step-0 validation images, published whole as the trainer publishes its own (one rename, .complete inside)."""
+    step_zero = run / "samples" / "step_000000"
+    (pictures / ".complete").write_text("")
+    shutil.rmtree(step_zero, ignore_errors=True)
+    os.replace(pictures, step_zero)
 
 
 def _last_loss(run: Path, window: int = 10) -> float:

@@ -33,3 +33,35 @@ def test_the_demo_teaches_the_subject_and_places_it_in_new_scenes(tmp_path, caps
     assert (out / "comparison.png").is_file()
     # a second demo into the same folder replaces the first instead of refusing it
     assert main(["--output", str(out), "--steps", "2"]) == 0
+
+
+def test_side_by_side_demo_files_the_pictures_the_trainer_draws_at_step_zero(tmp_path, monkeypatch):
+    """On two cores (OMP_NUM_THREADS unset) the two runs train in processes of their own and a third draws the base
+    model's pictures (demo_workers.draw_base_model_pictures), filed as the first run's step 0. They must be the
+    pixels the trainer draws itself at step 0, as it does when the runs go one after the other (OMP_NUM_THREADS
+    set). The tiny random model: what is compared is the drawing, not what it shows."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from flatlora_diffusion import demo
+
+    out = tmp_path / "demo"
+    args = ["--output", str(out), "--base", "tiny", "--steps", "2"]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # two cores, even on one
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert demo.main(args) == 0
+    step_zero = out / "lora" / "samples" / "step_000000"
+    side_by_side = {f.name: np.asarray(Image.open(f)) for f in sorted(step_zero.glob("*.png"))}
+    assert (step_zero / ".complete").exists() and len(side_by_side) == 4  # 2 prompts x 2 seeds
+    assert not (out / "flat-lora" / "samples" / "step_000000").exists()
+    assert not (out / "base-model-pictures").exists()  # filed, not left beside the runs
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one after the other: the first run draws them itself
+    assert demo.main(args) == 0
+    by_trainer = {f.name: np.asarray(Image.open(f)) for f in sorted(step_zero.glob("*.png"))}
+    assert by_trainer.keys() == side_by_side.keys()
+    for name, pixels in by_trainer.items():
+        assert np.array_equal(pixels, side_by_side[name]), name
+    assert len({p.tobytes() for p in by_trainer.values()}) == 4  # four different pictures, not one repeated

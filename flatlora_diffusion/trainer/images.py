@@ -3,6 +3,7 @@ validation images during the run (samples/step_<N>/, published whole by one rena
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -22,17 +23,43 @@ def _bar(total: int, desc: str):
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
+def sampling_pipeline(components):
+    """The pipeline a run samples with (class images, validation images): its own models, DPM-Solver."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    scheduler = DPMSolverMultistepScheduler.from_config(components.noise_scheduler.config)
+    pipe = components.pipeline(scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)  # one bar per image set (ours), not one per image
+    return pipe
+
+
+def validation_images(pipe, cfg, pipeline_inputs=lambda prompts: {"prompt": list(prompts)},
+                      autocast=contextlib.nullcontext, on_step_end=None):
+    """Yields (prompt index, seed, image) for every validation (prompt, seed) of `cfg`, prompt by prompt.
+
+    --sample_batch_size images at a time across prompts, one generator per image, so each image starts from its
+    seed's noise as if it were made alone, at a fraction of the launches (on a CPU the demo's ten 64 px pictures
+    take 0.7x the time in one batch that they take in five batches of two). The one definition of a run's
+    validation images: the trainer's rounds, and the demo's base-model pictures drawn beside its runs."""
+    seeds = [int(s) for s in cfg.validation_seeds]
+    images_to_make = [(p, prompt, seed) for p, prompt in enumerate(cfg.validation_prompt) for seed in seeds]
+    for start in range(0, len(images_to_make), cfg.sample_batch_size):
+        chunk = images_to_make[start:start + cfg.sample_batch_size]
+        with autocast():
+            images = pipe(**pipeline_inputs([prompt for _, prompt, _ in chunk]),
+                          num_inference_steps=cfg.validation_inference_steps,
+                          guidance_scale=cfg.validation_guidance_scale,
+                          generator=[torch.Generator(device="cpu").manual_seed(seed) for _, _, seed in chunk],
+                          height=cfg.resolution, width=cfg.resolution, callback_on_step_end=on_step_end).images
+        for (p, _, seed), image in zip(chunk, images):
+            yield p, seed, image
+
+
 class ImagesMixin:
     """Part of Trainer (see trainer.py for the state it shares)."""
 
     def _sampling_pipeline(self):
-        from diffusers import DPMSolverMultistepScheduler
-
-        c = self.components
-        scheduler = DPMSolverMultistepScheduler.from_config(c.noise_scheduler.config)
-        pipe = c.pipeline(scheduler=scheduler)
-        pipe.set_progress_bar_config(disable=True)  # one bar per image set (ours), not one per image
-        return pipe
+        return sampling_pipeline(self.components)
 
     def _generate_class_images(self) -> None:
         """--with_prior_preservation: the images --class_data_dir lacks of --num_class_images, made before the
@@ -115,7 +142,6 @@ class ImagesMixin:
         tmp = out.with_name(out.name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        size = cfg.resolution
 
         def stop_if_cancelled(pipe, i, t, kwargs):  # Cancel while sampling: between denoising steps
             if self.cancelled["flag"]:
@@ -123,23 +149,10 @@ class ImagesMixin:
             return kwargs
 
         bar = _bar(len(cfg.validation_prompt) * len(cfg.validation_seeds), f"Validation images (step {self.global_step})")
-        seeds = [int(s) for s in cfg.validation_seeds]
-        # Every (prompt, seed) image, --sample_batch_size at a time across prompts: one generator per image, so each
-        # image starts from its seed's noise as if it were made alone, at a fraction of the launches (on a CPU the
-        # demo's ten 64 px pictures take 0.7x the time in one batch that they take in five batches of two).
-        images_to_make = [(p, prompt, seed) for p, prompt in enumerate(cfg.validation_prompt) for seed in seeds]
-        for start in range(0, len(images_to_make), cfg.sample_batch_size):
-            chunk = images_to_make[start:start + cfg.sample_batch_size]
-            with acc.autocast():
-                images = pipe(**self._validation_inputs([prompt for _, prompt, _ in chunk]),
-                              num_inference_steps=cfg.validation_inference_steps,
-                              guidance_scale=cfg.validation_guidance_scale,
-                              generator=[torch.Generator(device="cpu").manual_seed(seed) for _, _, seed in chunk],
-                              height=size, width=size, callback_on_step_end=stop_if_cancelled).images
-            for (p, _, seed), image in zip(chunk, images):
-                image.save(tmp / f"{p}_{seed}.png", **FAST_PNG)
-                bar.update(1)
-                faults.hit("validation")
+        for p, seed, image in validation_images(pipe, cfg, self._validation_inputs, acc.autocast, stop_if_cancelled):
+            image.save(tmp / f"{p}_{seed}.png", **FAST_PNG)
+            bar.update(1)
+            faults.hit("validation")
             if self.cancelled["flag"]:
                 bar.close()
                 raise Cancelled()
