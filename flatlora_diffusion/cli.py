@@ -84,18 +84,29 @@ def export_main(argv: list[str]) -> int:
 
 def demo_main(argv: list[str]) -> int:
     from .demo import main
-    from .train import USER_ERRORS, Cancelled
 
     try:
         return main(argv)
-    except USER_ERRORS as e:  # e.g. --output holding the runs of an earlier demo
-        return _fail(str(e))
-    except (Cancelled, KeyboardInterrupt) as e:
-        # Ctrl-C reaches the runs too: each finishes its step and saves (the process pool waits for them), and its
-        # outcome comes up as Cancelled, unless the interrupt reached this process's wait first.
-        detail = str(e) or "each run's status.json says what it saved"
-        print(f"demo cancelled: {detail}", file=sys.stderr)
-        return 130
+    except Exception as e:
+        # The trainer's error types are imported only now: importing .train imports torch (2 s), and the demo starts
+        # its runs' fork server first thing, before it imports anything heavy itself.
+        from .train import USER_ERRORS, Cancelled
+
+        if isinstance(e, USER_ERRORS):  # e.g. --output holding the runs of an earlier demo
+            return _fail(str(e))
+        if not isinstance(e, Cancelled):
+            raise
+        return _demo_cancelled(e)
+    except KeyboardInterrupt as e:
+        return _demo_cancelled(e)
+
+
+def _demo_cancelled(e: BaseException) -> int:
+    # Ctrl-C reaches the runs too: each finishes its step and saves (the process pool waits for them), and its
+    # outcome comes up as Cancelled, unless the interrupt reached this process's wait first.
+    detail = str(e) or "each run's status.json says what it saved"
+    print(f"demo cancelled: {detail}", file=sys.stderr)
+    return 130
 
 
 def evaluate_main(argv: list[str]) -> int:

@@ -173,6 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.base == "toyworld" and args.arch == "sd15" and args.resolution != 64:
         print("error: the toy world is 64 px: leave --resolution out, or use --base tiny", file=sys.stderr)
         return 2
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        print(f"error: --output {args.output} is a file; give a folder for the demo's runs (made if missing)",
+              file=sys.stderr)
+        return 2
 
     started = time.time()
     one_thread = "OMP_NUM_THREADS" not in os.environ

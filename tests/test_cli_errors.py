@@ -170,3 +170,14 @@ def test_unknown_command_names_the_closest(capsys):
     assert cli.main(["trian"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown command 'trian'; did you mean 'train'?")
+
+
+def test_demo_refuses_a_file_as_its_output_folder_in_one_line(tmp_path):
+    """Checked before anything starts (no fork server, no torch): one line, exit 2, the file untouched."""
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    result = subprocess.run([sys.executable, "-m", "flatlora_diffusion.cli", "demo", "--output", str(target)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --output {target} is a file; give a folder for the demo's runs (made if missing)"
+    assert target.read_text() == "mine"
