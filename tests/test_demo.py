@@ -3,7 +3,7 @@
 It must show the product working: after 100 steps the judge finds the subject in most of the subject prompts'
 pictures of both runs (and in none of the base model's), in the scenes asked for, including scenes the subject
 was never shown in. The shipped world gives 6 and 8 of 8 for LoRA and Flat-LoRA (the judge misses LoRA's subject
-at night, drawn brighter and blurred), scenes 6 and 7 of 8 (the snow comes out pale, LoRA's beach of seed 0 as
+at night, drawn brighter and blurred), scenes 6 and 7 of 8 (seed 0's snow comes out pale, and LoRA's beach of seed 0 as
 grass: README, "The toy world"), none for the base model; the bounds leave a picture or more of room below that.
 Slow for a unit test (about a minute), and the one that matters most.
 """
