@@ -40,8 +40,8 @@ def start_worker_server():
     return context
 
 
-# The base model's pictures yield to the two runs: they fill the gaps the runs leave (on two cores, the demo's
-# whole time went 56 -> 54 s by its own clock, 2026-12-07).
+# The base model's pictures yield to the two runs: they fill the gaps the runs leave (on two cores the demo took
+# 54 s by its own clock, against 56 s without, one run each, 2026-12-07).
 _YIELDING = 5
 
 
@@ -71,11 +71,10 @@ def train_side_by_side(context, runs, settings: list[dict], quiet_log: Path, bas
             job.result()
 
 
-def train_in_this_process(settings: dict, console_file: str | None, niceness: int = 0) -> None:
+def train_in_this_process(settings: dict, console_file: str | None) -> None:
     """One demo run in a process of its own (started by train_side_by_side)."""
     import torch
 
-    _lower_priority(niceness)
     if console_file is not None:
         sys.stderr = open(console_file, "w", buffering=1)  # the console of this process until it ends
     torch.set_num_threads(1)
