@@ -89,25 +89,24 @@ def train_in_this_process(settings: dict, console_file: str | None) -> None:
 def draw_base_model_pictures(settings: dict, folder: str, niceness: int = 0) -> None:
     """The step-0 validation pictures of a run with `settings`, made without that run: the base model's pictures
     (at step 0 the trainer's LoRA adds exactly zero) from the same models, sampler and code as the trainer's
-    validation (trainer/images.py), into `folder` as <prompt index>_<seed>.png. tests/test_demo.py checks that
-    they are the pixels the trainer itself draws at step 0."""
+    validation (trainer/setup.py, trainer/images.py), into `folder` as <prompt index>_<seed>.png. The demo's runs
+    train the text encoder, so the trainer, too, hands the pipeline the prompts themselves (not cached embeddings).
+    tests/test_demo.py checks that they are the pixels the trainer itself draws at step 0."""
     import torch
 
     _lower_priority(niceness)
     torch.set_num_threads(1)
     from .config import make_config
     from .data.class_images import FAST_PNG
-    from .models import inspect_model_source, load_components
+    from .models import inspect_model_source
     from .trainer.images import sampling_pipeline, validation_images
+    from .trainer.setup import load_run_components
 
     cfg = make_config(settings)
-    components = load_components(
-        inspect_model_source(cfg.pretrained_model_name_or_path, cfg.revision, cfg.cache_dir), revision=cfg.revision,
-        variant=cfg.variant, cache_dir=cfg.cache_dir, vae_path=cfg.pretrained_vae_model_name_or_path,
-        tokenizer_name=cfg.tokenizer_name, single_file_config=cfg.single_file_config)
-    components.vae.enable_slicing()  # as the trainer: one picture decoded at a time
+    components = load_run_components(cfg, inspect_model_source(cfg.pretrained_model_name_or_path, cfg.revision,
+                                                                cfg.cache_dir))
     for model in [components.unet, components.vae, *components.text_encoders]:
-        model.requires_grad_(False).eval()
+        model.eval()
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():

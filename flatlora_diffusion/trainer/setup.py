@@ -32,6 +32,31 @@ def _available_trackers(report_to: str | None) -> list[str] | None:
     return found or None
 
 
+def load_run_components(cfg, source):
+    """A run's frozen models, as the config asks for them: fp32 on the CPU, no gradients, the VAE one picture at a
+    time (SetupMixin._load_models casts, moves and adds the LoRA; the demo draws its base-model pictures with them
+    as they are)."""
+    from ..models import load_components
+
+    c = load_components(
+        source,
+        revision=cfg.revision,
+        variant=cfg.variant,
+        cache_dir=cfg.cache_dir,
+        vae_path=cfg.pretrained_vae_model_name_or_path,
+        tokenizer_name=cfg.tokenizer_name,
+        single_file_config=cfg.single_file_config,
+    )
+    for model in [c.unet, c.vae, *c.text_encoders]:
+        model.requires_grad_(False)
+    # The VAE encodes and decodes one picture at a time, whatever the batch: SDXL's fp32 VAE at 1024 px holds ~3 GB
+    # of activations per picture, and decoding 4 validation images at once raised a 100-step job's peak from 19.9
+    # to 31.8 GB on an H100 (benchmarks/results/sdxl_job_batched_validation_h100.json). Always on, so that a run
+    # encodes its pictures the same way with or without validation images; the time is about the same.
+    c.vae.enable_slicing()
+    return c
+
+
 class SetupMixin:
     """Part of Trainer (see trainer.py for the state it shares)."""
 
@@ -59,29 +84,14 @@ class SetupMixin:
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
 
     def _load_models(self) -> None:
-        from ..models import add_lora, load_components, lora_config
+        from ..models import add_lora, lora_config
 
         cfg, acc = self.cfg, self.acc
-        c = self.components = load_components(
-            self.plan.source,
-            revision=cfg.revision,
-            variant=cfg.variant,
-            cache_dir=cfg.cache_dir,
-            vae_path=cfg.pretrained_vae_model_name_or_path,
-            tokenizer_name=cfg.tokenizer_name,
-            single_file_config=cfg.single_file_config,
-        )
+        c = self.components = load_run_components(cfg, self.plan.source)
         self.is_sdxl = c.arch == "sdxl"
-        for model in [c.unet, c.vae, *c.text_encoders]:
-            model.requires_grad_(False)
         # The SDXL VAE overflows in fp16; it encodes in fp32 (cheap next to the UNet).
         vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
         c.vae.to(acc.device, dtype=vae_dtype)
-        # The VAE encodes and decodes one picture at a time, whatever the batch: SDXL's fp32 VAE at 1024 px holds ~3 GB
-        # of activations per picture, and decoding 4 validation images at once raised a 100-step job's peak from 19.9
-        # to 31.8 GB on an H100 (benchmarks/results/sdxl_job_batched_validation_h100.json). Always on, so that a run
-        # encodes its pictures the same way with or without validation images; the time is about the same.
-        c.vae.enable_slicing()
         # --low_memory: the UNet reaches the device only once its frozen weights are float8 (below) and the latent
         # cache is full (parking.py's _unet_to_device). Moved there in bf16 first, SDXL's 5.1 GB UNet sat beside the text encoders
         # while converting: 8.6 GB on an H100 (PERFORMANCE.md).
