@@ -2,7 +2,8 @@
 """MFU of the LoRA training step and what each candidate change buys (issue 20, part 3).
 
     python benchmarks/mfu_candidates.py --out DIR [--arch sdxl] [--batches 1,4] [--n 10] [--warm 3]
-        [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,no_input_cast,compile]
+        [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,no_input_cast,compile,
+                    compile_blocks,compile_transformers,norms_bf16,compile_blocks+norms_bf16]
         [--time-limit 480]
     python benchmarks/mfu_candidates.py --tiny --device cpu --out /tmp/m   # smoke test of this script
 
@@ -17,7 +18,19 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
 - no_input_cast: peft's LoRA layers leave their input in bf16 instead of casting it to the fp32 LoRA weights'
   dtype (peft.helpers.disable_input_dtype_casting); autocast runs the LoRA matmuls in bf16 either way;
 - compile: the UNet's forward through torch.compile (inductor, without CUDA graphs of its own: the step's graph
-  captures its kernels), compiled during the graph's warm-up steps.
+  captures its kernels), compiled during the graph's warm-up steps;
+- compile_blocks: regional compilation, torch.compile of each transformer block (BasicTransformerBlock) and ResNet
+  block (ResnetBlock2D) alone: blocks of one shape share their compiled code, so compiling should take a fraction
+  of the whole UNet's 301 s (first_step_s says how much) while fusing the same elementwise work;
+- compile_transformers: the same with each whole spatial transformer (Transformer2DModel: its GroupNorm, the
+  layout changes in and out and its blocks) as the region, and the ResNet blocks;
+- norms_bf16: GroupNorm and LayerNorm emit the compute dtype. On CUDA, autocast runs both in fp32 and returns fp32,
+  which every consumer casts back to bf16 (up to six casts of one norm output: q, k, v and their LoRA inputs),
+  and their gradients come back as fp32; here a norm takes bf16 and returns bf16 (its statistics still
+  accumulate in fp32 inside the kernel). A numerics change, not bitwise: each row's `first_loss` is the loss of
+  its first step (same batch, same diffusion noise) for comparison with the baseline's.
+
+Variants combine with "+", applied left to right (e.g. compile_blocks+norms_bf16).
 
 Per variant and batch: median step ms over --n steps (CUDA events), MFU = FLOPs of the step (torch.utils.
 flop_counter on the eager baseline step, once per batch) / (median time x 989.4 TFLOP/s, H100/H200 dense bf16),
@@ -43,16 +56,31 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, build, check_frozen, frozen_snapshot,  # noqa: E402
+from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, attach_engine, build, check_frozen, frozen_snapshot,  # noqa: E402
                         kernel_times_us, make_batch, step_flops)
 from e2e_profile import kernel_class  # noqa: E402
 
-VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile"]
+VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
+            "compile_blocks", "compile_transformers", "norms_bf16"]
+# Regions compiled alone by compile_blocks / compile_transformers (diffusers' class names in SD 1.x and SDXL UNets).
+COMPILED_REGIONS = {"compile_blocks": ("BasicTransformerBlock", "ResnetBlock2D"),
+                    "compile_transformers": ("Transformer2DModel", "ResnetBlock2D")}
+
+
+def unknown_variants(variants: list[str]) -> list[str]:
+    """The parts of "+"-combined variants that are not in VARIANTS."""
+    return sorted({part for v in variants for part in v.split("+")} - set(VARIANTS))
 
 
 @contextlib.contextmanager
 def applied(variant: str, unet, batch):
-    """The variant's change in force inside the block (and undone after it)."""
+    """The variant's change (or "+"-combined changes) in force inside the block, and undone after it."""
+    if "+" in variant:
+        with contextlib.ExitStack() as stack:
+            for part in variant.split("+"):
+                stack.enter_context(applied(part, unet, batch))
+            yield
+        return
     if variant.startswith("sdpa_"):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -80,8 +108,51 @@ def applied(variant: str, unet, batch):
             yield
         finally:
             del unet.forward
+            torch._dynamo.reset()
+    elif variant in COMPILED_REGIONS:
+        regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS[variant]]
+        # Every region's compiled code hangs off one code object (nn.Module._call_impl), one entry per distinct
+        # shape and configuration: SDXL's ResNet blocks alone have about 15 (channels in and out, resolution),
+        # more than dynamo's default limit of 8, past which it would silently run the rest eagerly.
+        limit = torch._dynamo.config.recompile_limit
+        torch._dynamo.config.recompile_limit = 128
+        for module in regions:
+            module.compile(dynamic=False)
+        try:
+            yield
+        finally:
+            for module in regions:
+                module._compiled_call_impl = None
+            torch._dynamo.config.recompile_limit = limit
+            torch._dynamo.reset()
+    elif variant == "norms_bf16":
+        norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        for norm in norms:
+            norm.forward = _norm_in_compute_dtype(norm)  # an instance attribute shadows the method
+        try:
+            yield
+        finally:
+            for norm in norms:
+                del norm.forward
     else:
         yield
+
+
+def _norm_in_compute_dtype(norm):
+    """`norm`'s forward taking and returning autocast's compute dtype (outside autocast: its input's dtype)."""
+    import torch.nn.functional as F
+
+    def forward(x):
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        weight = None if norm.weight is None else norm.weight.to(dtype)
+        bias = None if norm.bias is None else norm.bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            if isinstance(norm, torch.nn.GroupNorm):
+                return F.group_norm(x.to(dtype), norm.num_groups, weight, bias, norm.eps)
+            return F.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
+
+    return forward
 
 
 def kernel_classes_ms(times_us: dict) -> dict:
@@ -90,6 +161,25 @@ def kernel_classes_ms(times_us: dict) -> dict:
         cls = kernel_class(name)
         out[cls] = out.get(cls, 0.0) + us / 1e3
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
+def op_table(fn, top: int, cuda: bool) -> list[dict]:
+    """The `top` aten ops of one call by their own GPU time (CPU time on a CPU), grouped by input shapes: which op
+    (and tensor) each kernel class's time belongs to, e.g. the layout copies."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
+        if us > 0 and evt.key.startswith("aten::"):
+            rows.append({"op": evt.key, "input_shapes": str(evt.input_shapes)[:300], "count": evt.count,
+                         "self_ms": round(us / 1e3, 3)})
+    return sorted(rows, key=lambda r: -r["self_ms"])[:top]
 
 
 def time_steps(fn, n: int, warm: int, cuda: bool) -> list[float]:
@@ -112,24 +202,27 @@ def time_steps(fn, n: int, warm: int, cuda: bool) -> list[float]:
     return times
 
 
-def lora_step(arch, unet, sched, acc, device, tiny, bs):
+def lora_step(arch, unet, sched, acc, device, tiny, bs, flat_sigma=0.0):
     """(the trainer's LoRA step on the UNet alone, a batch for it, its optimizer): fused AdamW on a GPU, as the
-    trainer."""
+    trainer; with Flat-LoRA (constant schedule, the trainer's engine) when flat_sigma > 0."""
+    from flatlora_diffusion.flat import FlatLoRA
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     batch = make_batch(arch, bs, device, tiny, with_te=False)
     params = [p for p in unet.parameters() if p.requires_grad]
+    flat = (attach_engine(FlatLoRA([unet], sigma=flat_sigma, schedule="constant", total_steps=1000, seed=0), device)
+            if flat_sigma > 0 else None)
     optimizer = acc.prepare_optimizer(torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda"))
     step = TrainStep(StepModels(unet=unet, text_encoders=[], noise_scheduler=sched, arch=arch), optimizer, params, acc,
-                     StepOptions(seed=0, max_grad_norm=1.0, train_text_encoder=False), flat=None)
+                     StepOptions(seed=0, max_grad_norm=1.0, train_text_encoder=False), flat=flat)
     return step, batch, optimizer
 
 
-def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flops) -> dict:
+def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flops, flat_sigma, op_top=0) -> dict:
     from flatlora_diffusion.graphed_step import GraphedTrainStep
 
     cuda = device.type == "cuda"
-    step, batch, optimizer = lora_step(arch, unet, sched, acc, device, tiny, bs)
+    step, batch, optimizer = lora_step(arch, unet, sched, acc, device, tiny, bs, flat_sigma)
     row = {"variant": variant, "batch": bs}
     with applied(variant, unet, batch):
         runner = GraphedTrainStep(step) if cuda else step
@@ -142,10 +235,11 @@ def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flop
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        fn()  # warm-up and capture (and compilation)
+        loss = fn()[0]  # warm-up and capture (and compilation)
         if cuda:
             torch.cuda.synchronize()
         row["first_step_s"] = round(time.perf_counter() - t0, 1)
+        row["first_loss"] = round(float(loss), 6)
         ms = time_steps(fn, n, warm, cuda)
         row["median_ms"] = round(statistics.median(ms), 2)
         row["spread_ms"] = [round(min(ms), 2), round(max(ms), 2)]
@@ -156,6 +250,8 @@ def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flop
             times = kernel_times_us(fn)
             row["kernel_ms"] = round(sum(us for _, us in times.values()) / 1e3, 2)
             row["kernel_classes_ms"] = kernel_classes_ms(times)
+        if op_top:  # an eager step, last: it sets the graph's gradient tensors to None
+            row["eager_op_table"] = op_table(lambda: step(batch, counter[0] + 1), op_top, cuda)
     optimizer.zero_grad(set_to_none=True)
     return row
 
@@ -169,11 +265,15 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=480.0, help="Start no variant after this many seconds.")
+    ap.add_argument("--flat", type=float, default=0.0, metavar="SIGMA",
+                    help="Time the step with Flat-LoRA at this sigma (MFU stays relative to the LoRA step's FLOPs).")
+    ap.add_argument("--op-table", type=int, default=0, metavar="N",
+                    help="Also profile one eager step per row: its N aten ops with the most GPU time, by input shape.")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
     variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = unknown_variants(variants)
     if unknown:
         print(f"error: unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}", file=sys.stderr)
         return 2
@@ -184,13 +284,17 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    acc = Accelerator(mixed_precision="bf16" if cuda else "no", cpu=not cuda)
+    acc = Accelerator(mixed_precision="bf16", cpu=not cuda)  # bf16 autocast on the CPU too (smoke runs)
     started = time.perf_counter()
     record = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-              "arch": args.arch, "argv": sys.argv[1:], "peak_tflops": PEAK_BF16_TFLOPS, "rows": []}
+              "arch": args.arch, "argv": sys.argv[1:], "peak_tflops": PEAK_BF16_TFLOPS, "flat_sigma": args.flat,
+              "rows": []}
     unet, tes, sched = build(args.arch, device, args.tiny)
     del tes
     snapshot = frozen_snapshot([unet])
+    # Every variant starts from the same LoRA weights, so that the rows' first_loss differ by the variant alone.
+    trained = [p for p in unet.parameters() if p.requires_grad]
+    lora_start = [p.detach().clone() for p in trained]
     for bs in [int(b) for b in args.batches.split(",")]:
         eager, batch, _ = lora_step(args.arch, unet, sched, acc, device, args.tiny, bs)
         flops = step_flops(lambda: eager(batch, 1)) if cuda else None
@@ -199,9 +303,11 @@ def main(argv=None) -> int:
             if time.perf_counter() - started > args.time_limit:
                 row = {"variant": variant, "batch": bs, "skipped": "time limit"}
             else:
+                with torch.no_grad():
+                    torch._foreach_copy_(trained, lora_start)
                 try:
                     row = run_variant(variant, args.arch, unet, sched, acc, device, args.tiny, bs, args.n, args.warm,
-                                      flops)
+                                      flops, args.flat, args.op_table)
                 except Exception as exc:  # one failing candidate must not lose the others' figures
                     traceback.print_exc()
                     row = {"variant": variant, "batch": bs, "error": repr(exc)[:1500]}
