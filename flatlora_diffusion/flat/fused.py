@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -115,6 +115,7 @@ class _FastLayer:
     state: tuple | None = None  # the adapter state `simple` was derived from
     wsq_key: tuple | None = None  # (address, version) of the weight its cached ||W_i||^2 were computed from
     model: str = ""  # layer_model(name): chunks never span models
+    forward: Any = None  # the base layer's perturbed forward, built at the first step and patched in at every step
 
     @property
     def numel(self) -> int:
@@ -459,7 +460,15 @@ class _FastNoise:
 
 
 def _fast_forward(engine: FastFlat, fl: _FastLayer):
-    return noisy_forward(fl.flat_layer.base, _FastNoise(engine, fl))
+    """The layer's perturbed forward: one object for the engine's life, excluded from torch.compile.
+
+    Under torch.compile (a compiled UNet, or regional compilation of its blocks) dynamo guards on the identity of a
+    patched forward: a new one at every step would recompile every compiled region around it at every step. Dynamo
+    cannot trace the noise source inside the autograd function, so compiled code breaks around the call
+    (torch.compiler.disable costs about 1 us of host time per call in eager steps; a CUDA graph replays none)."""
+    if fl.forward is None:
+        fl.forward = torch.compiler.disable(noisy_forward(fl.flat_layer.base, _FastNoise(engine, fl)))
+    return fl.forward
 
 
 def unreadable_weights(layers: list[FlatLayer]) -> str | None:
