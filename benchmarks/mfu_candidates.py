@@ -250,7 +250,7 @@ def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flop
             times = kernel_times_us(fn)
             row["kernel_ms"] = round(sum(us for _, us in times.values()) / 1e3, 2)
             row["kernel_classes_ms"] = kernel_classes_ms(times)
-        if op_top:  # an eager step, last: it sets the graph's gradient tensors to None
+        if op_top and "compile" not in variant:  # an eager step, last: it sets the graph's gradient tensors to None
             row["eager_op_table"] = op_table(lambda: step(batch, counter[0] + 1), op_top, cuda)
     optimizer.zero_grad(set_to_none=True)
     return row
@@ -268,7 +268,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flat", type=float, default=0.0, metavar="SIGMA",
                     help="Time the step with Flat-LoRA at this sigma (MFU stays relative to the LoRA step's FLOPs).")
     ap.add_argument("--op-table", type=int, default=0, metavar="N",
-                    help="Also profile one eager step per row: its N aten ops with the most GPU time, by input shape.")
+                    help="Also profile one eager step per row (not the compiled variants'): its N aten ops with the most "
+                         "GPU time, by input shape.")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
