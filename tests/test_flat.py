@@ -291,6 +291,7 @@ def test_cpu_reference_path_keeps_w_plus_eps_for_backward_and_trains_the_same(mo
             super().__init__(weight, row_std, key, keep_for_backward=False)
 
     monkeypatch.setattr(flat_lora, "ReferenceNoise", DrawingAgain)
+    flat = FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4)  # the same draws; its sources are DrawingAgain
     draws.clear()
     drawn_again = unet_grads(unet, flat, 9, checkpointing=checkpointing)
     assert len(draws) > passes * len(flat.layers)  # backward drew W + eps again
@@ -298,6 +299,40 @@ def test_cpu_reference_path_keeps_w_plus_eps_for_backward_and_trains_the_same(mo
     for name in kept:
         assert torch.equal(kept[name], drawn_again[name]), name
 
+
+def test_compiled_regions_around_perturbed_layers_compile_once_and_train_the_same(make_flat):
+    """torch.compile (--torch_compile's compiled UNet blocks) guards on the identity of each patched forward: the
+    engine patches in one forward per layer for its whole life, so compiled transformer blocks are traced at the
+    first step and not again, and dynamo breaks around the perturbed layers (it cannot trace their noise source),
+    leaving their gradients what eager steps give. dynamo's counting backend runs what it traced as is, so the
+    gradients must be equal bit for bit. (New forwards at every step made dynamo trace again at every step.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    def three_steps(compiled: bool):
+        unet = tiny_unet()
+        flat = make_flat(unet, sigma=0.1, schedule="constant", seed=0)
+        counter = CompileCounter()
+        blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+        for block in blocks * compiled:
+            block.compile(backend=counter)
+        frames, forwards, step_grads = [], [], []
+        try:
+            for step in range(3):
+                step_grads.append(unet_grads(unet, flat, step, checkpointing=False))
+                frames.append(counter.frame_count)
+                with flat.perturb(step):
+                    forwards.append([layer.base.forward for layer in flat.layers])
+        finally:
+            torch._dynamo.reset()
+        return frames, forwards, step_grads
+
+    frames, forwards, compiled_grads = three_steps(compiled=True)
+    assert frames[0] > 0 and frames[-1] == frames[0]
+    assert all(a is b for a, b in zip(forwards[0], forwards[-1]))
+    _, _, eager_grads = three_steps(compiled=False)
+    for compiled, eager in zip(compiled_grads, eager_grads):
+        assert compiled.keys() == eager.keys() and compiled
+        assert all(torch.equal(compiled[n], eager[n]) for n in eager)
 
 def test_several_models_at_once_get_distinct_layers(make_flat):
     a = lora(nn.Sequential(nn.Linear(16, 16)), ["0"])

@@ -80,6 +80,7 @@ class FlatLoRA:
         self.active = False
         self.backend = backend
         self._fast = _NOT_CHOSEN  # the fused engine (fused.FastFlat) or None, chosen at the first step
+        self._reference_forwards: dict[int, tuple] = {}  # layer index -> (ReferenceNoise, its perturbed forward)
 
     def fast_engine(self):
         """The fused engine of backend auto/cuda (fused.FastFlat), or None when this is the reference path.
@@ -145,14 +146,27 @@ class FlatLoRA:
         if micro_step is None:
             micro_step = self._next_micro_step(step) if self.per_microbatch else 0
         self.active = True
+        sources = []
         try:
             with patched_forwards() as patch:
-                for layer in self.layers:
-                    std = self.row_std(layer, sigma_t)
-                    key = self.key(layer, step, micro_step)
-                    weight = layer.base.weight
-                    source = ReferenceNoise(weight, std, key, keep_for_backward=weight.device.type == "cpu")
-                    patch(layer.base, noisy_forward(layer.base, source))
+                for index, layer in enumerate(self.layers):
+                    source, forward = self._reference_forward(index, layer)
+                    source.restart(layer.base.weight, self.row_std(layer, sigma_t), self.key(layer, step, micro_step))
+                    sources.append(source)
+                    patch(layer.base, forward)
                 yield sigma_t
         finally:
+            for source in sources:
+                source.forget()
             self.active = False
+
+    def _reference_forward(self, index: int, layer: FlatLayer) -> tuple:
+        """(noise source, perturbed forward) of a layer on the reference path, made at its first step and kept: the
+        patched forward is one object for this FlatLoRA's life, as torch.compile's guards need (flat/fused.py's
+        _fast_forward says why), and excluded from compilation."""
+        entry = self._reference_forwards.get(index)
+        if entry is None:
+            weight = layer.base.weight
+            source = ReferenceNoise(weight, None, 0, keep_for_backward=weight.device.type == "cpu")
+            entry = self._reference_forwards[index] = (source, torch.compiler.disable(noisy_forward(layer.base, source)))
+        return entry

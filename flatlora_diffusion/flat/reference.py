@@ -51,6 +51,15 @@ class ReferenceNoise:
         self._keep_next = False  # the coming forward's W + eps is wanted again by its backward
         self._kept: torch.Tensor | None = None
 
+    def restart(self, weight: torch.Tensor, row_std: torch.Tensor, key: int) -> None:
+        """The same layer's draw at another step: FlatLoRA keeps one source (and the forward holding it) per layer."""
+        self.weight_tensor, self.row_std, self.key = weight, row_std, key
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop a kept W + eps whose backward never came (a step ends; a forward without gradients)."""
+        self._keep_next, self._kept = False, None
+
     def forward_seen(self, input_needs_grad: bool) -> None:
         """Told at each forward whether backward will need W + eps again."""
         self._keep_next = self.keep_for_backward and input_needs_grad
