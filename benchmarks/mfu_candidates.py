@@ -19,8 +19,8 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
   dtype (peft.helpers.disable_input_dtype_casting); autocast runs the LoRA matmuls in bf16 either way;
 - compile: the UNet's forward through torch.compile (inductor, without CUDA graphs of its own: the step's graph
   captures its kernels), compiled during the graph's warm-up steps;
-- compile_blocks: regional compilation, torch.compile of each transformer block (BasicTransformerBlock) and ResNet
-  block (ResnetBlock2D) alone: blocks of one shape share their compiled code, so compiling should take a fraction
+- compile_blocks: the trainer's --torch_compile (flatlora_diffusion/compiled_blocks.py), regional compilation:
+  torch.compile of each transformer block (BasicTransformerBlock) and ResNet block (ResnetBlock2D) alone: blocks of one shape share their compiled code, so compiling should take a fraction
   of the whole UNet's 301 s (first_step_s says how much) while fusing the same elementwise work;
 - compile_transformers: the same with each whole spatial transformer (Transformer2DModel: its GroupNorm, the
   layout changes in and out and its blocks) as the region, and the ResNet blocks;
@@ -60,10 +60,13 @@ from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, attach_engine, build, check_fr
                         kernel_times_us, make_batch, step_flops)
 from e2e_profile import kernel_class  # noqa: E402
 
+from flatlora_diffusion import compiled_blocks  # noqa: E402
+
 VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
             "compile_blocks", "compile_transformers", "norms_bf16"]
-# Regions compiled alone by compile_blocks / compile_transformers (diffusers' class names in SD 1.x and SDXL UNets).
-COMPILED_REGIONS = {"compile_blocks": ("BasicTransformerBlock", "ResnetBlock2D"),
+# Regions compiled alone by compile_blocks (the trainer's --torch_compile) / compile_transformers (diffusers' class
+# names in SD 1.x and SDXL UNets).
+COMPILED_REGIONS = {"compile_blocks": compiled_blocks.REGIONS,
                     "compile_transformers": ("Transformer2DModel", "ResnetBlock2D")}
 
 
@@ -110,21 +113,11 @@ def applied(variant: str, unet, batch):
             del unet.forward
             torch._dynamo.reset()
     elif variant in COMPILED_REGIONS:
-        regions = [m for m in unet.modules() if type(m).__name__ in COMPILED_REGIONS[variant]]
-        # Every region's compiled code hangs off one code object (nn.Module._call_impl), one entry per distinct
-        # shape and configuration: SDXL's ResNet blocks alone have about 15 (channels in and out, resolution),
-        # more than dynamo's default limit of 8, past which it would silently run the rest eagerly.
-        limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = 128
-        for module in regions:
-            module.compile(dynamic=False)
+        compiled_blocks.compile_unet_blocks(unet, COMPILED_REGIONS[variant])
         try:
             yield
         finally:
-            for module in regions:
-                module._compiled_call_impl = None
-            torch._dynamo.config.recompile_limit = limit
-            torch._dynamo.reset()
+            compiled_blocks.uncompile_unet_blocks(unet)
     elif variant == "norms_bf16":
         norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
         for norm in norms:

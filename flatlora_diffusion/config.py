@@ -198,6 +198,11 @@ class TrainConfig:
         "auto", "Replay each step's forward+backward from a CUDA graph (no CPU launch overhead). auto: on a single "
         "CUDA GPU without gradient accumulation.", "speed", choices=["auto", "on", "off"], label="CUDA graph",
     )
+    torch_compile: bool = _f(
+        False, "Compile the UNet's transformer and ResNet blocks with torch.compile for the training steps (regional "
+        "compilation, kohya's flag name): faster steps after compiling at the first step; for long runs.", "speed",
+        label="Compile the UNet blocks (torch.compile)",
+    )
     cache_latents: bool = _f(
         False, "Encode every image with the VAE once, before training (both orientations with --random_flip; each "
         "image's crop is then the first epoch's).", "speed", label="Cache VAE latents",
@@ -334,6 +339,7 @@ class TrainConfig:
             (self.use_dora, "--use_dora (DoRA reads the base weight outside the layer, where it is float8)"),
             (self.flat_backend == "cuda", "--flat_backend cuda (the fused kernels do not read float8 weights; "
                                           "use auto or reference)"),
+            (self.torch_compile, "--torch_compile (compiling the float8-stored layers is not built)"),
         ]
         for conflict, what in conflicts:
             if conflict:

@@ -237,6 +237,7 @@ def test_low_memory_unet_reaches_the_device_after_the_latent_cache(tiny, tmp_pat
     ({"cuda_graph": "on"}, "--cuda_graph on"),
     ({"use_dora": True}, "--use_dora"),
     ({"flat_backend": "cuda"}, "--flat_backend cuda"),
+    ({"torch_compile": True}, "--torch_compile"),
 ])
 def test_low_memory_refuses_what_it_cannot_honour(tiny, tmp_path, over, fragment):
     with pytest.raises(ConfigError) as err:

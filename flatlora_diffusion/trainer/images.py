@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .. import faults
+from .. import compiled_blocks, faults
 from ..data.class_images import FAST_PNG
 from .errors import Cancelled
 
@@ -130,7 +130,8 @@ class ImagesMixin:
             m.eval()
         # with every validation prompt encoded, the text encoders can stay where they are parked
         needed = ["vae"] if self.validation_embeds else None
-        with self._parked_models_on_device(needed):
+        # compiled UNet blocks (--torch_compile) would compile again for sampling without gradients
+        with self._parked_models_on_device(needed), compiled_blocks.eager():
             self._sample_validation_images(out)
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -219,6 +219,11 @@ class SetupMixin:
                         train_text_encoder=cfg.train_text_encoder),
             flat=self.flat, lr_scheduler=self.lr_scheduler,
         )
+        if cfg.torch_compile:
+            from ..compiled_blocks import compile_unet_blocks
+
+            regions = compile_unet_blocks(acc.unwrap_model(unet))
+            logger.info("torch.compile: %d UNet blocks, compiled at the first step", regions)
         self._maybe_graph_the_step()
         self._log_flat_path()
         self.global_step = 0
