@@ -388,6 +388,15 @@ def test_the_cuda_allocator_gets_expandable_segments_unless_the_user_chose(monke
     assert train_module.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
 
 
+def test_cublas_gets_a_4_mib_workspace_unless_the_user_chose(tiny, tmp_path, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    run(tiny, tmp_path / "run", max_train_steps=1)  # set by train() itself, before any model loads
+    assert train_module.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:1"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # e.g. for torch.use_deterministic_algorithms
+    train_module._use_small_cublas_workspace()
+    assert train_module.os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
 # ==========================================================================================================
 # 7b. --torch_compile: the UNet's blocks compiled for the training steps
 # ==========================================================================================================
