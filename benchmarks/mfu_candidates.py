@@ -24,11 +24,12 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
   of the whole UNet's 301 s (first_step_s says how much) while fusing the same elementwise work;
 - compile_transformers: the same with each whole spatial transformer (Transformer2DModel: its GroupNorm, the
   layout changes in and out and its blocks) as the region, and the ResNet blocks;
-- norms_bf16: GroupNorm and LayerNorm emit the compute dtype. On CUDA, autocast runs both in fp32 and returns fp32,
-  which every consumer casts back to bf16 (up to six casts of one norm output: q, k, v and their LoRA inputs),
-  and their gradients come back as fp32; here a norm takes bf16 and returns bf16 (its statistics still
-  accumulate in fp32 inside the kernel). A numerics change, not bitwise: each row's `first_loss` is the loss of
-  its first step (same batch, same diffusion noise) for comparison with the baseline's.
+- norms_bf16: GroupNorm and LayerNorm emit the compute dtype (flatlora_diffusion/norms.py, the trainer's
+  --bf16_norms). On CUDA, autocast runs both in fp32 and returns fp32, which every consumer casts back to bf16
+  (up to six casts of one norm output: q, k, v and their LoRA inputs), and their gradients come back as fp32;
+  here a norm takes bf16 and returns bf16 (its statistics still accumulate in fp32 inside the kernel). A numerics
+  change, not bitwise: each row's `first_loss` is the loss of its first step (same batch, same diffusion noise)
+  for comparison with the baseline's.
 
 Variants combine with "+", applied left to right (e.g. compile_blocks+norms_bf16).
 
@@ -61,6 +62,8 @@ from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, attach_engine, build, check_fr
 from e2e_profile import kernel_class  # noqa: E402
 
 from flatlora_diffusion import compiled_blocks  # noqa: E402
+from flatlora_diffusion.flat.perturbed_layers import patched_forwards  # noqa: E402
+from flatlora_diffusion.norms import norm_forwards  # noqa: E402
 
 VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
             "compile_blocks", "compile_transformers", "norms_bf16"]
@@ -118,34 +121,13 @@ def applied(variant: str, unet, batch):
             yield
         finally:
             compiled_blocks.uncompile_unet_blocks(unet)
-    elif variant == "norms_bf16":
-        norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
-        for norm in norms:
-            norm.forward = _norm_in_compute_dtype(norm)  # an instance attribute shadows the method
-        try:
+    elif variant == "norms_bf16":  # the trainer's --bf16_norms (its step does this inside loss_and_backward)
+        with patched_forwards() as patch:
+            for norm, forward in norm_forwards(unet):
+                patch(norm, forward)
             yield
-        finally:
-            for norm in norms:
-                del norm.forward
     else:
         yield
-
-
-def _norm_in_compute_dtype(norm):
-    """`norm`'s forward taking and returning autocast's compute dtype (outside autocast: its input's dtype)."""
-    import torch.nn.functional as F
-
-    def forward(x):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        weight = None if norm.weight is None else norm.weight.to(dtype)
-        bias = None if norm.bias is None else norm.bias.to(dtype)
-        with torch.autocast(device_type, enabled=False):
-            if isinstance(norm, torch.nn.GroupNorm):
-                return F.group_norm(x.to(dtype), norm.num_groups, weight, bias, norm.eps)
-            return F.layer_norm(x.to(dtype), norm.normalized_shape, weight, bias, norm.eps)
-
-    return forward
 
 
 def kernel_classes_ms(times_us: dict) -> dict:

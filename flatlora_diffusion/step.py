@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flat import FlatLoRA, noise_key
+from .flat.perturbed_layers import patched_forwards
 
 
 @dataclass
@@ -44,6 +45,7 @@ class StepOptions:
     prior_loss_weight: float = 1.0
     max_grad_norm: float | None = 1.0
     train_text_encoder: bool = False
+    bf16_norms: bool = False  # under bf16 autocast the UNet's norms return bf16 (norms.py; the trainer's default)
 
 
 def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor], arch: str):
@@ -181,6 +183,7 @@ class TrainStep:
         self._micro = 0
         self._micro_of_step = -1
         self._lora_layers: list[nn.Module] | None = None  # peft's LoRA layers, found on the first step
+        self._norm_forwards: list | None = None  # (norm, its bf16 forward) of the UNet, made on the first step
 
     def _micro_step(self, global_step: int) -> int:
         if self._micro_of_step != global_step:
@@ -241,11 +244,27 @@ class TrainStep:
             for layer, value in zip(self._lora_layers, before):
                 layer.cast_input_dtype_enabled = value
 
+    @contextlib.contextmanager
+    def _norms_in_bf16(self):
+        """With options.bf16_norms under bf16 autocast: the UNet's GroupNorm and LayerNorm return bf16 instead of
+        fp32 (norms.py says what that saves). Only inside the step: sampling keeps autocast's norms."""
+        if not self.options.bf16_norms or self.accelerator.mixed_precision != "bf16":
+            yield
+            return
+        if self._norm_forwards is None:
+            from .norms import norm_forwards
+
+            self._norm_forwards = norm_forwards(self.models.unet)
+        with patched_forwards() as patch:
+            for norm, forward in self._norm_forwards:
+                patch(norm, forward)
+            yield
+
     def loss_and_backward(self, batch: StepBatch, gen: torch.Generator) -> torch.Tensor:
         """The loss of one micro-batch and its backward (the eager step's and the CUDA graph's body). The LoRA
-        layers' input setting holds through the backward too: gradient checkpointing recomputes the forward there,
-        and its recomputed tensors must match the first forward's."""
-        with self._lora_inputs_left_in_compute_dtype():
+        layers' input setting and the norms' hold through the backward too: gradient checkpointing recomputes the
+        forward there, and its recomputed tensors must match the first forward's."""
+        with self._lora_inputs_left_in_compute_dtype(), self._norms_in_bf16():
             loss = self._loss(batch, gen)
             self.accelerator.backward(loss)
         return loss

@@ -55,3 +55,47 @@ def test_dora_layers_keep_peft_s_cast():
     seen = []
     _one_step(True, seen, dora=True)
     assert seen and set(seen) == {torch.float32}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_bf16_norms_compute_in_bf16_inside_the_step_only(checkpointing, precision):
+    """StepOptions.bf16_norms (the trainer's --bf16_norms): under bf16 autocast every UNet norm runs norms.py's
+    forward, returning bf16, in the forward and in the backward's recomputation; before and after the step the
+    modules are untouched (validation sampling keeps autocast's norms). Without mixed precision nothing changes.
+    (On the CPU autocast leaves norms in bf16 anyway; what fp32 outputs cost on CUDA is in norms.py.)"""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    from flatlora_diffusion.step import StepBatch, StepModels, StepOptions, TrainStep
+
+    unet = tiny_unet()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    for name, p in unet.named_parameters():
+        p.data = p.data.float() if "lora_" in name else p.data.to(torch.bfloat16)
+    acc = Accelerator(mixed_precision=precision, cpu=True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    step = TrainStep(StepModels(unet, [], DDPMScheduler(num_train_timesteps=1000), "sd15"),
+                     torch.optim.SGD(params, lr=0.0), params, acc,
+                     StepOptions(seed=0, max_grad_norm=None, bf16_norms=True))
+    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert {type(m) for m in norms} == {torch.nn.GroupNorm, torch.nn.LayerNorm}
+    calls = []
+    for norm in norms:
+        norm.register_forward_hook(lambda m, args, out: calls.append(("forward" in m.__dict__, out.dtype)))
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 8, 8, generator=gen).to(torch.bfloat16)
+    embeds = torch.randn(2, 5, 32, generator=gen).to(torch.bfloat16)
+    if precision == "no":
+        latents, embeds = latents.float(), embeds.float()
+        unet.float()
+    step.loss_and_backward(StepBatch(latents=latents, prompt_embeds=embeds), torch.Generator().manual_seed(1))
+    # with checkpointing the backward recomputes the blocks' norms (not those outside the checkpointed blocks)
+    assert len(calls) > len(norms) if checkpointing else len(calls) == len(norms)
+    if precision == "bf16":
+        assert all(patched and dtype == torch.bfloat16 for patched, dtype in calls)
+    else:
+        assert not any(patched for patched, _ in calls)
+    assert not any("forward" in m.__dict__ for m in norms)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

@@ -227,6 +227,15 @@ def test_bf16_trains_fp32_lora_on_an_untouched_bf16_base(tiny, tmp_path, capture
     saved = lora_weights(out.path)
     assert saved and all(v.dtype == torch.float32 for v in saved.values())
     assert file_metadata(out.path / "bf16.safetensors")["ss_mixed_precision"] == "bf16"
+    # --bf16_norms (the default): the step's UNet norms ran norms.py's forwards, made once for the run
+    assert trainer.step.options.bf16_norms and len(trainer.step._norm_forwards) == sum(
+        isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for m in unet.modules())
+
+
+def test_no_bf16_norms_leaves_autocast_s_norms(tiny, tmp_path, capture_trainer):
+    run(tiny, tmp_path / "fp32norms", mixed_precision="bf16", bf16_norms=False, max_train_steps=1)
+    step = capture_trainer[0].step
+    assert not step.options.bf16_norms and step._norm_forwards is None
 
 
 # ==========================================================================================================

@@ -216,7 +216,7 @@ class SetupMixin:
             self.optimizer, self.params, acc,
             StepOptions(seed=cfg.seed, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
                         prior_loss_weight=cfg.prior_loss_weight, max_grad_norm=cfg.max_grad_norm,
-                        train_text_encoder=cfg.train_text_encoder),
+                        train_text_encoder=cfg.train_text_encoder, bf16_norms=cfg.bf16_norms),
             flat=self.flat, lr_scheduler=self.lr_scheduler,
         )
         if cfg.torch_compile:
