@@ -409,21 +409,25 @@ def test_cublas_gets_a_4_mib_workspace_unless_the_user_chose(tiny, tmp_path, mon
 # ==========================================================================================================
 # 7b. --torch_compile: the UNet's blocks compiled for the training steps
 # ==========================================================================================================
-def test_torch_compile_traces_the_blocks_once_trains_the_same_and_samples_eagerly(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_torch_compile_traces_the_blocks_once_trains_the_same_and_samples_eagerly(tiny, tmp_path, monkeypatch,
+                                                                                  precision):
     """dynamo's counting backend stands in for inductor (it runs what dynamo traced as is, so the run must equal an
     eager one bit for bit; inductor itself took 83 s to compile the tiny UNet's blocks on one CPU thread and gave the
     same losses, by hand). Flat-LoRA is on (the reference path on the CPU): its layers break the compiled blocks.
     Frames traced: as many for 4 steps with 3 validation rounds as for 2 steps without validation, so nothing is
-    traced again after the first step, and sampling (without gradients) runs the blocks eagerly."""
+    traced again after the first step, and sampling (without gradients) runs the blocks eagerly. In bf16 the
+    step's norms are patched in at every step (--bf16_norms): the same objects, so no retracing either."""
     from torch._dynamo.testing import CompileCounter
 
     from flatlora_diffusion import compiled_blocks
 
     validation = {"validation_prompt": ["a photo of sks toy"], "validation_steps": 2, "validation_inference_steps": 2,
-                  "num_validation_images": 1}
+                  "num_validation_images": 1, "mixed_precision": precision}
     eager = run(tiny, tmp_path / "eager", **validation).path
     frames = {}
-    for name, over in {"4 steps": validation, "2 steps, no validation": {"max_train_steps": 2}}.items():
+    for name, over in {"4 steps": validation,
+                       "2 steps, no validation": {"max_train_steps": 2, "mixed_precision": precision}}.items():
         counter = CompileCounter()
         monkeypatch.setattr(compiled_blocks, "BACKEND", counter)
         torch._dynamo.reset()
