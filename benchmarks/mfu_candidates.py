@@ -20,8 +20,9 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
 - compile: the UNet's forward through torch.compile (inductor, without CUDA graphs of its own: the step's graph
   captures its kernels), compiled during the graph's warm-up steps;
 - compile_blocks: the trainer's --torch_compile (flatlora_diffusion/compiled_blocks.py), regional compilation:
-  torch.compile of each transformer block (BasicTransformerBlock) and ResNet block (ResnetBlock2D) alone: blocks of one shape share their compiled code, so compiling should take a fraction
-  of the whole UNet's 301 s (first_step_s says how much) while fusing the same elementwise work;
+  torch.compile of each transformer block (BasicTransformerBlock) and ResNet block (ResnetBlock2D) alone; blocks
+  of one shape share their compiled code, so compiling takes a fraction of the whole UNet's 301 s (first_step_s:
+  78-85 s on an H100) while fusing most of the same elementwise work;
 - compile_transformers: the same with each whole spatial transformer (Transformer2DModel: its GroupNorm, the
   layout changes in and out and its blocks) as the region, and the ResNet blocks;
 - norms_bf16: GroupNorm and LayerNorm emit the compute dtype (flatlora_diffusion/norms.py, the trainer's
