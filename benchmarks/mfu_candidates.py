@@ -63,8 +63,7 @@ from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, attach_engine, build, check_fr
 from e2e_profile import kernel_class  # noqa: E402
 
 from flatlora_diffusion import compiled_blocks  # noqa: E402
-from flatlora_diffusion.flat.perturbed_layers import patched_forwards  # noqa: E402
-from flatlora_diffusion.norms import norm_forwards  # noqa: E402
+from flatlora_diffusion.norms import norm_forwards, norms_patched  # noqa: E402
 
 VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
             "compile_blocks", "compile_transformers", "norms_bf16"]
@@ -123,9 +122,7 @@ def applied(variant: str, unet, batch):
         finally:
             compiled_blocks.uncompile_unet_blocks(unet)
     elif variant == "norms_bf16":  # the trainer's --bf16_norms (its step does this inside loss_and_backward)
-        with patched_forwards() as patch:
-            for norm, forward in norm_forwards(unet):
-                patch(norm, forward)
+        with norms_patched(norm_forwards(unet)):
             yield
     else:
         yield

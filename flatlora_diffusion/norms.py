@@ -11,9 +11,13 @@ rounded to bf16 where the consumers rounded them before, and their gradients are
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .flat.perturbed_layers import patched_forwards
 
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 
@@ -38,3 +42,13 @@ def norm_forwards(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """(norm, its compute-dtype forward) for every GroupNorm and LayerNorm of `model`, made once: the forwards are
     patched in at every step, and torch.compile's guards need the same objects each time (--torch_compile)."""
     return [(m, forward_in_compute_dtype(m)) for m in model.modules() if isinstance(m, NORMS)]
+
+
+@contextlib.contextmanager
+def norms_patched(forwards: list[tuple[nn.Module, object]]):
+    """Within the block each norm of `forwards` (norm_forwards' list) computes with its compute-dtype forward; after
+    it, exactly as before."""
+    with patched_forwards() as patch:
+        for norm, forward in forwards:
+            patch(norm, forward)
+        yield

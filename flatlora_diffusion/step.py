@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flat import FlatLoRA, noise_key
-from .flat.perturbed_layers import patched_forwards
 
 
 @dataclass
@@ -251,13 +250,11 @@ class TrainStep:
         if not self.options.bf16_norms or self.accelerator.mixed_precision != "bf16":
             yield
             return
-        if self._norm_forwards is None:
-            from .norms import norm_forwards
+        from .norms import norm_forwards, norms_patched
 
+        if self._norm_forwards is None:
             self._norm_forwards = norm_forwards(self.models.unet)
-        with patched_forwards() as patch:
-            for norm, forward in self._norm_forwards:
-                patch(norm, forward)
+        with norms_patched(self._norm_forwards):
             yield
 
     def loss_and_backward(self, batch: StepBatch, gen: torch.Generator) -> torch.Tensor:

@@ -162,11 +162,10 @@ class FlatLoRA:
 
     def _reference_forward(self, index: int, layer: FlatLayer) -> tuple:
         """(noise source, perturbed forward) of a layer on the reference path, made at its first step and kept: the
-        patched forward is one object for this FlatLoRA's life, as torch.compile's guards need (flat/fused.py's
-        _fast_forward says why), and excluded from compilation."""
+        patched forward is one object for this FlatLoRA's life (noisy_forward says why)."""
         entry = self._reference_forwards.get(index)
         if entry is None:
             weight = layer.base.weight
             source = ReferenceNoise(weight, None, 0, keep_for_backward=weight.device.type == "cpu")
-            entry = self._reference_forwards[index] = (source, torch.compiler.disable(noisy_forward(layer.base, source)))
+            entry = self._reference_forwards[index] = (source, noisy_forward(layer.base, source))
         return entry

@@ -460,14 +460,9 @@ class _FastNoise:
 
 
 def _fast_forward(engine: FastFlat, fl: _FastLayer):
-    """The layer's perturbed forward: one object for the engine's life, excluded from torch.compile.
-
-    Under torch.compile (a compiled UNet, or regional compilation of its blocks) dynamo guards on the identity of a
-    patched forward: a new one at every step would recompile every compiled region around it at every step. Dynamo
-    cannot trace the noise source inside the autograd function, so compiled code breaks around the call
-    (torch.compiler.disable costs about 1 us of host time per call in eager steps; a CUDA graph replays none)."""
+    """The layer's perturbed forward: one object for the engine's life (noisy_forward says why)."""
     if fl.forward is None:
-        fl.forward = torch.compiler.disable(noisy_forward(fl.flat_layer.base, _FastNoise(engine, fl)))
+        fl.forward = noisy_forward(fl.flat_layer.base, _FastNoise(engine, fl))
     return fl.forward
 
 

@@ -115,7 +115,12 @@ def patched_forwards():
 
 def noisy_forward(base: nn.Module, source):
     """A replacement forward for one frozen base layer (Linear or zero-padded Conv2d) computing with the W + eps
-    that `source` (ReferenceNoise, or the fast engine's equivalent) provides."""
+    that `source` (ReferenceNoise, or the fast engine's equivalent) provides.
+
+    Excluded from torch.compile (--torch_compile's compiled blocks break around it): dynamo cannot trace the noise
+    source inside the autograd function. The wrapper costs about 1 us of host time per call in eager steps; a CUDA
+    graph replays none. The engines make one per layer and patch that same one in at every step, since dynamo
+    guards on a patched forward's identity: a new one each step would retrace every compiled block each step."""
     if isinstance(base, nn.Conv2d):
         conv_args = (base.stride, base.padding, base.dilation, base.groups)
 
@@ -127,4 +132,4 @@ def noisy_forward(base: nn.Module, source):
         def forward(x):
             return _NoisyLinear.apply(x, base.weight, base.bias, source)
 
-    return forward
+    return torch.compiler.disable(forward)
