@@ -7,6 +7,7 @@ still accumulate in fp32 inside the kernel) removes those copies: SDXL's graphed
 215.4 ms at batch 4 and 102.2 -> 89.9 ms at batch 1, 5.9 GiB less peak memory at batch 4
 (benchmarks/results/mfu_candidates_regional_norms_sdxl_h100.json). A numerics change: the normalised values are
 rounded to bf16 where the consumers rounded them before, and their gradients are summed in bf16.
+The trainer applies it to its training steps and to the pictures it samples (validation, class images).
 """
 
 from __future__ import annotations
@@ -52,3 +53,24 @@ def norms_patched(forwards: list[tuple[nn.Module, object]]):
         for norm, forward in forwards:
             patch(norm, forward)
         yield
+
+
+class ComputeDtypeNorms:
+    """The --bf16_norms switch of one model: `with switch():` runs its norms in the compute dtype when the switch
+    is on (the flag, under bf16 mixed precision), and changes nothing otherwise. The forwards are made once, at the
+    first use: torch.compile's guards need the same objects at every step (--torch_compile)."""
+
+    def __init__(self, model: nn.Module, wanted: bool, mixed_precision: str):
+        self.model = model
+        self.on = wanted and mixed_precision == "bf16"
+        self.forwards: list[tuple[nn.Module, object]] | None = None
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if not self.on:
+            yield
+            return
+        if self.forwards is None:
+            self.forwards = norm_forwards(self.model)
+        with norms_patched(self.forwards):
+            yield

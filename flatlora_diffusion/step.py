@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flat import FlatLoRA, noise_key
+from .norms import ComputeDtypeNorms
 
 
 @dataclass
@@ -182,7 +183,7 @@ class TrainStep:
         self._micro = 0
         self._micro_of_step = -1
         self._lora_layers: list[nn.Module] | None = None  # peft's LoRA layers, found on the first step
-        self._norm_forwards: list | None = None  # (norm, its bf16 forward) of the UNet, made on the first step
+        self.norms_in_bf16 = ComputeDtypeNorms(models.unet, options.bf16_norms, accelerator.mixed_precision)
 
     def _micro_step(self, global_step: int) -> int:
         if self._micro_of_step != global_step:
@@ -243,25 +244,11 @@ class TrainStep:
             for layer, value in zip(self._lora_layers, before):
                 layer.cast_input_dtype_enabled = value
 
-    @contextlib.contextmanager
-    def _norms_in_bf16(self):
-        """With options.bf16_norms under bf16 autocast: the UNet's GroupNorm and LayerNorm return bf16 instead of
-        fp32 (norms.py says what that saves). Only inside the step: sampling keeps autocast's norms."""
-        if not self.options.bf16_norms or self.accelerator.mixed_precision != "bf16":
-            yield
-            return
-        from .norms import norm_forwards, norms_patched
-
-        if self._norm_forwards is None:
-            self._norm_forwards = norm_forwards(self.models.unet)
-        with norms_patched(self._norm_forwards):
-            yield
-
     def loss_and_backward(self, batch: StepBatch, gen: torch.Generator) -> torch.Tensor:
         """The loss of one micro-batch and its backward (the eager step's and the CUDA graph's body). The LoRA
         layers' input setting and the norms' hold through the backward too: gradient checkpointing recomputes the
         forward there, and its recomputed tensors must match the first forward's."""
-        with self._lora_inputs_left_in_compute_dtype(), self._norms_in_bf16():
+        with self._lora_inputs_left_in_compute_dtype(), self.norms_in_bf16():
             loss = self._loss(batch, gen)
             self.accelerator.backward(loss)
         return loss

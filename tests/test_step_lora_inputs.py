@@ -62,7 +62,7 @@ def test_dora_layers_keep_peft_s_cast():
 def test_bf16_norms_compute_in_bf16_inside_the_step_only(checkpointing, precision):
     """StepOptions.bf16_norms (the trainer's --bf16_norms): under bf16 autocast every UNet norm runs norms.py's
     forward, returning bf16, in the forward and in the backward's recomputation; before and after the step the
-    modules are untouched (validation sampling keeps autocast's norms). Without mixed precision nothing changes.
+    modules are untouched (the trainer's validation sampling has its own switch: test_train_features). Without mixed precision nothing changes.
     (On the CPU autocast leaves norms in bf16 anyway; what fp32 outputs cost on CUDA is in norms.py.)"""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler

@@ -228,14 +228,47 @@ def test_bf16_trains_fp32_lora_on_an_untouched_bf16_base(tiny, tmp_path, capture
     assert saved and all(v.dtype == torch.float32 for v in saved.values())
     assert file_metadata(out.path / "bf16.safetensors")["ss_mixed_precision"] == "bf16"
     # --bf16_norms (the default): the step's UNet norms ran norms.py's forwards, made once for the run
-    assert trainer.step.options.bf16_norms and len(trainer.step._norm_forwards) == sum(
+    assert trainer.step.options.bf16_norms and len(trainer.step.norms_in_bf16.forwards) == sum(
         isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)) for m in unet.modules())
 
 
 def test_no_bf16_norms_leaves_autocast_s_norms(tiny, tmp_path, capture_trainer):
     run(tiny, tmp_path / "fp32norms", mixed_precision="bf16", bf16_norms=False, max_train_steps=1)
     step = capture_trainer[0].step
-    assert not step.options.bf16_norms and step._norm_forwards is None
+    assert not step.options.bf16_norms and step.norms_in_bf16.forwards is None
+
+
+@pytest.mark.parametrize("bf16_norms", [True, False])
+def test_validation_samples_with_the_steps_norms(tiny, tmp_path, monkeypatch, bf16_norms):
+    """Validation sampling (under the steps' bf16 autocast) runs the UNet's norms as the steps do: norms.py's
+    forwards with --bf16_norms, autocast's own with --no_bf16_norms; the modules are as before once it is done."""
+    from flatlora_diffusion.trainer import images as images_module
+
+    calls, after = [], []
+    original = images_module.ImagesMixin._sample_validation_images
+
+    def sampling(self, out):
+        norms = [m for m in self.components.unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+        hooks = [n.register_forward_hook(lambda m, args, y: calls.append("forward" in m.__dict__)) for n in norms]
+        try:
+            return original(self, out)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def made(self, out):
+        original_make(self, out)
+        after.append(any("forward" in m.__dict__ for m in self.components.unet.modules()
+                         if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))))
+
+    original_make = images_module.ImagesMixin._make_validation_images
+    monkeypatch.setattr(images_module.ImagesMixin, "_sample_validation_images", sampling)
+    monkeypatch.setattr(images_module.ImagesMixin, "_make_validation_images", made)
+    run(tiny, tmp_path / "norms", mixed_precision="bf16", bf16_norms=bf16_norms, max_train_steps=2,
+        validation_prompt=["a photo of sks toy"], validation_steps=1, validation_inference_steps=2,
+        num_validation_images=1)
+    assert calls and set(calls) == {bf16_norms}
+    assert len(after) == 3 and not any(after)  # steps 0, 1 and 2
 
 
 # ==========================================================================================================
