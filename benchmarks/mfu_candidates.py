@@ -3,7 +3,7 @@
 
     python benchmarks/mfu_candidates.py --out DIR [--arch sdxl] [--batches 1,4] [--n 10] [--warm 3]
         [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,no_input_cast,compile,
-                    compile_blocks,compile_transformers,norms_bf16,compile_blocks+norms_bf16]
+                    compile_blocks,compile_transformers,norms_bf16,fused_lora,compile_blocks+norms_bf16]
         [--time-limit 480]
     python benchmarks/mfu_candidates.py --tiny --device cpu --out /tmp/m   # smoke test of this script
 
@@ -31,6 +31,10 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
   here a norm takes bf16 and returns bf16 (its statistics still accumulate in fp32 inside the kernel). A numerics
   change, not bitwise: each row's `first_loss` is the loss of its first step (same batch, same diffusion noise)
   for comparison with the baseline's.
+- fused_lora: peft's LoRA Linear layers add their up projection onto the base output inside one cuBLAS addmm
+  (flatlora_diffusion/fused_lora.py) instead of an up-projection matmul, an activation-sized multiply by the scaling
+  and an activation-sized add (and the scaling's multiply in the backward). A numerics change within one bf16
+  rounding (first_loss).
 
 Variants combine with "+", applied left to right (e.g. compile_blocks+norms_bf16).
 
@@ -63,10 +67,12 @@ from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, attach_engine, build, check_fr
 from e2e_profile import kernel_class  # noqa: E402
 
 from flatlora_diffusion import compiled_blocks  # noqa: E402
+from flatlora_diffusion.flat.perturbed_layers import patched_forwards  # noqa: E402
+from flatlora_diffusion.fused_lora import fused_lora_forwards  # noqa: E402
 from flatlora_diffusion.norms import norm_forwards, norms_patched  # noqa: E402
 
 VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
-            "compile_blocks", "compile_transformers", "norms_bf16"]
+            "compile_blocks", "compile_transformers", "norms_bf16", "fused_lora"]
 # Regions compiled alone by compile_blocks (the trainer's --torch_compile) / compile_transformers (diffusers' class
 # names in SD 1.x and SDXL UNets).
 COMPILED_REGIONS = {"compile_blocks": compiled_blocks.REGIONS,
@@ -123,6 +129,11 @@ def applied(variant: str, unet, batch):
             compiled_blocks.uncompile_unet_blocks(unet)
     elif variant == "norms_bf16":  # the trainer's --bf16_norms (its step does this inside loss_and_backward)
         with norms_patched(norm_forwards(unet)):
+            yield
+    elif variant == "fused_lora":
+        with patched_forwards() as patch:
+            for layer, forward in fused_lora_forwards([unet]):
+                patch(layer, forward)
             yield
     else:
         yield

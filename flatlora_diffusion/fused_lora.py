@@ -1,0 +1,93 @@
+"""peft's LoRA Linear with its up projection, scaling and sum in one GEMM, for the training step.
+
+peft computes `result + lora_B(lora_A(x)) * scaling`: after the two small matmuls, an activation-sized multiply and
+an activation-sized add, and in the backward another activation-sized multiply (the scaling's gradient path). Here
+the up projection adds itself onto the base layer's output inside cuBLAS (`addmm(result, h, B^T, alpha=scaling)`,
+accumulated in fp32 and rounded once), and the backward scales only the rank-sized tensors. The base layer runs as
+peft runs it (Flat-LoRA's perturbed forward included). A numerics change within one rounding of the compute dtype:
+peft rounds the up projection, the scaled product and the sum separately.
+
+Only the plain case takes this path: one active adapter, not merged, adapters enabled, no DoRA or other variant,
+no dropout, a 2-D-weight nn.Linear base layer, no adapter_names. Anything else runs peft's own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _compute_dtype(result: torch.Tensor) -> torch.dtype:
+    """The dtype the LoRA matmuls run in: autocast's (what peft's matmuls would run in under it), else the base
+    layer's output dtype."""
+    device_type = result.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return result.dtype
+
+
+class _LoraSum(torch.autograd.Function):
+    """result + scaling * (x A^T) B^T, the up projection and sum in one addmm; the gradients by hand."""
+
+    @staticmethod
+    def forward(ctx, x, result, weight_a, weight_b, scaling: float):
+        dtype = _compute_dtype(result)
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        h = x2 @ a.t()
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, a, b)
+        ctx.scaling = scaling
+        ctx.meta = (x.shape, x.dtype, result.dtype, weight_a.dtype, weight_b.dtype)
+        return out.view(*result.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, h, a, b = ctx.saved_tensors
+        x_shape, x_dtype, result_dtype, a_dtype, b_dtype = ctx.meta
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)
+        dh = (g @ b).mul_(ctx.scaling)  # rank-sized: the scaling costs nothing here
+        grad_x = (dh @ a).view(x_shape).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_result = grad_out.to(result_dtype) if ctx.needs_input_grad[1] else None
+        grad_a = (dh.t() @ x2).to(a_dtype) if ctx.needs_input_grad[2] else None
+        grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[3] else None
+        return grad_x, grad_result, grad_a, grad_b, None
+
+
+def _fusable(layer: nn.Module) -> bool:
+    """Whether peft's forward of `layer` (a peft LoRA layer) is the plain `result + B(A(drop(x))) * s` with
+    nothing that the fused path leaves out (module docstring)."""
+    from peft.tuners.lora import Linear
+
+    if type(layer) is not Linear or not isinstance(layer.get_base_layer(), nn.Linear):
+        return False
+    dropouts = layer.lora_dropout.values()
+    return (len(layer.lora_A) == 1 and not getattr(layer, "lora_variant", {})
+            and not any(getattr(layer, "use_dora", {}).values())
+            and all(isinstance(d, nn.Identity) or (isinstance(d, nn.Dropout) and d.p == 0) for d in dropouts))
+
+
+def fused_forward(layer: nn.Module):
+    """A forward for the peft LoRA Linear `layer` that fuses its LoRA branch when the call is the plain case, and
+    is peft's own forward otherwise (checked at each call: adapters can be disabled or merged later)."""
+    peft_forward = type(layer).forward.__get__(layer)
+    (name,) = layer.lora_A.keys()
+
+    def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if (args or kwargs or layer.disable_adapters or layer.merged
+                or list(layer.active_adapters) != [name]):
+            return peft_forward(x, *args, **kwargs)
+        result = layer.base_layer(x)
+        return _LoraSum.apply(x, result, layer.lora_A[name].weight, layer.lora_B[name].weight,
+                              float(layer.scaling[name]))
+
+    return forward
+
+
+def fused_lora_forwards(models) -> list[tuple[nn.Module, object]]:
+    """(layer, its fused forward) for every fusable peft LoRA Linear of `models`, made once (torch.compile guards
+    on the forwards' identity, as for norms.norm_forwards); patch them in with perturbed_layers.patched_forwards."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [(m, fused_forward(m)) for model in models for m in model.modules()
+            if isinstance(m, BaseTunerLayer) and _fusable(m)]
