@@ -67,9 +67,9 @@ from bench_flat import (CHECKS, PEAK_BF16_TFLOPS, attach_engine, build, check_fr
 from e2e_profile import kernel_class  # noqa: E402
 
 from flatlora_diffusion import compiled_blocks  # noqa: E402
-from flatlora_diffusion.flat.perturbed_layers import patched_forwards  # noqa: E402
+from flatlora_diffusion.forward_switch import forwards_patched  # noqa: E402
 from flatlora_diffusion.fused_lora import fused_lora_forwards  # noqa: E402
-from flatlora_diffusion.norms import norm_forwards, norms_patched  # noqa: E402
+from flatlora_diffusion.norms import norm_forwards  # noqa: E402
 
 VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
             "compile_blocks", "compile_transformers", "norms_bf16", "fused_lora"]
@@ -128,12 +128,10 @@ def applied(variant: str, unet, batch):
         finally:
             compiled_blocks.uncompile_unet_blocks(unet)
     elif variant == "norms_bf16":  # the trainer's --bf16_norms (its step does this inside loss_and_backward)
-        with norms_patched(norm_forwards(unet)):
+        with forwards_patched(norm_forwards(unet)):
             yield
-    elif variant == "fused_lora":
-        with patched_forwards() as patch:
-            for layer, forward in fused_lora_forwards([unet]):
-                patch(layer, forward)
+    elif variant == "fused_lora":  # fused_lora.py's layers
+        with forwards_patched(fused_lora_forwards([unet])):
             yield
     else:
         yield

@@ -205,6 +205,12 @@ class TrainConfig:
         "--no_bf16_norms keeps autocast's fp32 norms (diffusers' numerics).",
         "speed", label="Norms in bf16",
     )
+    fused_lora: bool = _f(
+        True, "Under bf16 or fp16 mixed precision each LoRA layer adds its up projection onto the base layer's output "
+        "inside one GEMM (scaling and sum included) in the training steps, instead of peft's matmul, multiply and "
+        "add: the same result to within one rounding. --no_fused_lora keeps peft's own forward.",
+        "speed", label="Fused LoRA layers",
+    )
     torch_compile: bool = _f(
         False, "Compile the UNet's transformer and ResNet blocks with torch.compile for the training steps (regional "
         "compilation, kohya's flag name): faster steps after compiling at the first step; for long runs.", "speed",

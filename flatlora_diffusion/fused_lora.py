@@ -86,7 +86,7 @@ def fused_forward(layer: nn.Module):
 
 def fused_lora_forwards(models) -> list[tuple[nn.Module, object]]:
     """(layer, its fused forward) for every fusable peft LoRA Linear of `models`, made once (torch.compile guards
-    on the forwards' identity, as for norms.norm_forwards); patch them in with perturbed_layers.patched_forwards."""
+    on the forwards' identity, as for norms.norm_forwards); forward_switch patches them in."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [(m, fused_forward(m)) for model in models for m in model.modules()

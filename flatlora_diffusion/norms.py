@@ -12,13 +12,11 @@ The trainer applies it to its training steps and to the pictures it samples (val
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .flat.perturbed_layers import patched_forwards
+from .forward_switch import ForwardsSwitch
 
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 
@@ -45,32 +43,7 @@ def norm_forwards(model: nn.Module) -> list[tuple[nn.Module, object]]:
     return [(m, forward_in_compute_dtype(m)) for m in model.modules() if isinstance(m, NORMS)]
 
 
-@contextlib.contextmanager
-def norms_patched(forwards: list[tuple[nn.Module, object]]):
-    """Within the block each norm of `forwards` (norm_forwards' list) computes with its compute-dtype forward; after
-    it, exactly as before."""
-    with patched_forwards() as patch:
-        for norm, forward in forwards:
-            patch(norm, forward)
-        yield
-
-
-class ComputeDtypeNorms:
-    """The --bf16_norms switch of one model: `with switch():` runs its norms in the compute dtype when the switch
-    is on (the flag, under bf16 mixed precision), and changes nothing otherwise. The forwards are made once, at the
-    first use: torch.compile's guards need the same objects at every step (--torch_compile)."""
-
-    def __init__(self, model: nn.Module, wanted: bool, mixed_precision: str):
-        self.model = model
-        self.on = wanted and mixed_precision == "bf16"
-        self.forwards: list[tuple[nn.Module, object]] | None = None
-
-    @contextlib.contextmanager
-    def __call__(self):
-        if not self.on:
-            yield
-            return
-        if self.forwards is None:
-            self.forwards = norm_forwards(self.model)
-        with norms_patched(self.forwards):
-            yield
+def compute_dtype_norms(model: nn.Module, wanted: bool, mixed_precision: str) -> ForwardsSwitch:
+    """The --bf16_norms switch of `model`: its norms return the compute dtype inside `with switch():` when the flag
+    is set under bf16 mixed precision; nothing changes otherwise."""
+    return ForwardsSwitch(lambda: norm_forwards(model), wanted and mixed_precision == "bf16")

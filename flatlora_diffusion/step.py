@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flat import FlatLoRA, noise_key
-from .norms import ComputeDtypeNorms
+from .forward_switch import ForwardsSwitch
+from .fused_lora import fused_lora_forwards
+from .norms import compute_dtype_norms
 
 
 @dataclass
@@ -46,6 +48,7 @@ class StepOptions:
     max_grad_norm: float | None = 1.0
     train_text_encoder: bool = False
     bf16_norms: bool = False  # under bf16 autocast the UNet's norms return bf16 (norms.py; the trainer's default)
+    fused_lora: bool = False  # under mixed precision the LoRA layers' up projection adds in one GEMM (fused_lora.py)
 
 
 def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor], arch: str):
@@ -183,7 +186,10 @@ class TrainStep:
         self._micro = 0
         self._micro_of_step = -1
         self._lora_layers: list[nn.Module] | None = None  # peft's LoRA layers, found on the first step
-        self.norms_in_bf16 = ComputeDtypeNorms(models.unet, options.bf16_norms, accelerator.mixed_precision)
+        self.norms_in_bf16 = compute_dtype_norms(models.unet, options.bf16_norms, accelerator.mixed_precision)
+        self.fused_lora_layers = ForwardsSwitch(
+            lambda: fused_lora_forwards([models.unet, *models.text_encoders]),
+            options.fused_lora and accelerator.mixed_precision in ("bf16", "fp16"))
 
     def _micro_step(self, global_step: int) -> int:
         if self._micro_of_step != global_step:
@@ -248,7 +254,7 @@ class TrainStep:
         """The loss of one micro-batch and its backward (the eager step's and the CUDA graph's body). The LoRA
         layers' input setting and the norms' hold through the backward too: gradient checkpointing recomputes the
         forward there, and its recomputed tensors must match the first forward's."""
-        with self._lora_inputs_left_in_compute_dtype(), self.norms_in_bf16():
+        with self._lora_inputs_left_in_compute_dtype(), self.norms_in_bf16(), self.fused_lora_layers():
             loss = self._loss(batch, gen)
             self.accelerator.backward(loss)
         return loss

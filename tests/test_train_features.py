@@ -238,6 +238,42 @@ def test_no_bf16_norms_leaves_autocast_s_norms(tiny, tmp_path, capture_trainer):
     assert not step.options.bf16_norms and step.norms_in_bf16.forwards is None
 
 
+def test_fused_lora_layers_train_as_peft_s(tiny, tmp_path, capture_trainer, monkeypatch):
+    """--fused_lora (the default) under bf16: every LoRA layer of the UNet and the text encoders runs
+    fused_lora.py's forward in the steps, and the losses stay within bf16 rounding of --no_fused_lora's (peft's
+    forward). Without mixed precision the layers are peft's."""
+    from peft.tuners.lora import Linear
+
+    from flatlora_diffusion import fused_lora
+
+    calls = {"n": 0}
+    original = fused_lora._LoraSum.apply
+
+    def counting(*args):
+        calls["n"] += 1
+        return original(*args)
+
+    monkeypatch.setattr(fused_lora._LoraSum, "apply", counting)
+    common = dict(mixed_precision="bf16", train_text_encoder=True, flat_sigma=0.1, max_train_steps=3)
+    fused = run(tiny, tmp_path / "fused", **common).path
+    fused_calls = calls["n"]
+    plain = run(tiny, tmp_path / "plain", fused_lora=False, **common).path
+    fp32 = run(tiny, tmp_path / "fp32", **{**common, "mixed_precision": "no", "max_train_steps": 1}).path
+    on, off, full = (trainer.step for trainer in capture_trainer)
+    models = [on.models.unet, *on.models.text_encoders]
+    lora_layers = [m for model in models for m in model.modules() if isinstance(m, Linear)]
+    assert len(on.fused_lora_layers.forwards) == len(lora_layers) > 0
+    fused_layers = dict(on.fused_lora_layers.forwards)
+    assert {type(model).__name__ for model in models if any(m in fused_layers for m in model.modules())} == {
+        "UNet2DConditionModel", "CLIPTextModel"}
+    assert fused_calls >= 3 * len(lora_layers) and calls["n"] == fused_calls  # each step; none in the other runs
+    assert off.fused_lora_layers.forwards is None and full.fused_lora_layers.forwards is None
+    a, b = losses(fused), losses(plain)
+    assert len(a) == len(b) == 3
+    assert all(abs(x - y) <= 0.02 * abs(y) for x, y in zip(a, b)), (a, b)
+    assert losses(fp32)
+
+
 @pytest.mark.parametrize("bf16_norms", [True, False])
 def test_validation_samples_with_the_steps_norms(tiny, tmp_path, monkeypatch, bf16_norms):
     """Validation sampling (under the steps' bf16 autocast) runs the UNet's norms as the steps do: norms.py's

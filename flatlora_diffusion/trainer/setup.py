@@ -10,7 +10,7 @@ import torch
 
 from ..config import ConfigError, save_yaml
 from ..flat import FlatLoRA
-from ..norms import ComputeDtypeNorms
+from ..norms import compute_dtype_norms
 
 logger = logging.getLogger("flatlora_diffusion")
 
@@ -92,7 +92,7 @@ class SetupMixin:
         self.is_sdxl = c.arch == "sdxl"
         # --bf16_norms holds for validation sampling too, which runs under the steps' autocast (class images sample
         # without autocast, in the weights' bf16, so their norms already compute in bf16)
-        self.validation_norms = ComputeDtypeNorms(c.unet, cfg.bf16_norms, acc.mixed_precision)
+        self.validation_norms = compute_dtype_norms(c.unet, cfg.bf16_norms, acc.mixed_precision)
         # The SDXL VAE overflows in fp16; it encodes in fp32 (cheap next to the UNet).
         vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
         c.vae.to(acc.device, dtype=vae_dtype)
@@ -220,7 +220,8 @@ class SetupMixin:
             self.optimizer, self.params, acc,
             StepOptions(seed=cfg.seed, noise_offset=cfg.noise_offset, snr_gamma=cfg.snr_gamma,
                         prior_loss_weight=cfg.prior_loss_weight, max_grad_norm=cfg.max_grad_norm,
-                        train_text_encoder=cfg.train_text_encoder, bf16_norms=cfg.bf16_norms),
+                        train_text_encoder=cfg.train_text_encoder, bf16_norms=cfg.bf16_norms,
+                        fused_lora=cfg.fused_lora),
             flat=self.flat, lr_scheduler=self.lr_scheduler,
         )
         if cfg.torch_compile:
