@@ -465,7 +465,7 @@ def engine_setting(eng, setting: str | None):
 
 
 def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare=None,
-               bf16_norms=True):
+               bf16_norms=True, fused_lora=True):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -476,7 +476,8 @@ def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, mod
     trained = [unet] + (tes if with_te else [])
     params = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = acc.prepare_optimizer(torch.optim.AdamW(params, lr=1e-5))
-    options = StepOptions(seed=0, max_grad_norm=1.0, train_text_encoder=with_te, bf16_norms=bf16_norms)
+    options = StepOptions(seed=0, max_grad_norm=1.0, train_text_encoder=with_te, bf16_norms=bf16_norms,
+                          fused_lora=fused_lora)
     models = StepModels(unet=unet, text_encoders=list(tes), noise_scheduler=sched, arch=arch)
     flat = attach_engine(FlatLoRA(trained, sigma=0.1, schedule="constant", total_steps=1000, seed=0), device)
     steps = {"lora": TrainStep(models, optimizer, params, acc, options, flat=None),
@@ -703,6 +704,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bf16-norms", action=argparse.BooleanOptionalAction, default=True,
                     help="the UNet's norms return bf16 under bf16 autocast, as `train` does by default (--bf16_norms)")
+    ap.add_argument("--fused-lora", action=argparse.BooleanOptionalAction, default=True,
+                    help="the LoRA layers add their up projection in one GEMM, as `train` does by default (--fused_lora)")
     ap.add_argument("--merge", nargs="*", help="JSON files of earlier runs to merge into one table")
     ap.add_argument("--compare", default=None, metavar="ATTR=VALUE",
                     help="graph mode also times Flat-LoRA captured with this fast-engine setting (flat_alt), "
@@ -768,7 +771,8 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm, args.compare, args.bf16_norms)
+                                       modes, args.n, args.warm, args.compare, args.bf16_norms,
+                                       args.fused_lora)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

@@ -65,7 +65,9 @@ def bare_step(args) -> list[dict]:
     out = Path(args.out) / "bare"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_flat.py"), "--out", str(out), "--archs", args.arch,
            "--targets", "unet", "--batches", args.batches, "--ckpt", "off", "--modes", "graph", "--skip-checks",
-           "--no-bf16-norms" if "--no_bf16_norms" in args.flags.split() else "--bf16-norms"]  # as the trainer's runs
+           # the step's settings as in the trainer's runs
+           "--no-bf16-norms" if "--no_bf16_norms" in args.flags.split() else "--bf16-norms",
+           "--no-fused-lora" if "--no_fused_lora" in args.flags.split() else "--fused-lora"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = []
