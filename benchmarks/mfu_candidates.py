@@ -3,7 +3,8 @@
 
     python benchmarks/mfu_candidates.py --out DIR [--arch sdxl] [--batches 1,4] [--n 10] [--warm 3]
         [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,no_input_cast,compile,
-                    compile_blocks,compile_transformers,norms_bf16,fused_lora,compile_blocks+norms_bf16]
+                    compile_blocks,compile_transformers,compile_geglu,norms_bf16,fused_lora,
+                    compile_blocks+norms_bf16]
         [--time-limit 480]
     python benchmarks/mfu_candidates.py --tiny --device cpu --out /tmp/m   # smoke test of this script
 
@@ -25,6 +26,9 @@ the LoRA step (Flat-LoRA's share on top is bench_flat.py's ratio), replayed from
   78-85 s on an H100) while fusing most of the same elementwise work;
 - compile_transformers: the same with each whole spatial transformer (Transformer2DModel: its GroupNorm, the
   layout changes in and out and its blocks) as the region, and the ResNet blocks;
+- compile_geglu: only the feed-forward's GEGLU (its projection, then gelu(gate) * hidden: in eager mode the
+  largest elementwise work of the step, forward and backward) compiled, a small region with two shapes in SDXL,
+  for a short compile;
 - norms_bf16: GroupNorm and LayerNorm emit the compute dtype (flatlora_diffusion/norms.py, the trainer's
   --bf16_norms). On CUDA, autocast runs both in fp32 and returns fp32, which every consumer casts back to bf16
   (up to six casts of one norm output: q, k, v and their LoRA inputs), and their gradients come back as fp32;
@@ -72,11 +76,12 @@ from flatlora_diffusion.fused_lora import fused_lora_forwards  # noqa: E402
 from flatlora_diffusion.norms import norm_forwards  # noqa: E402
 
 VARIANTS = ["baseline", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "channels_last", "no_input_cast", "compile",
-            "compile_blocks", "compile_transformers", "norms_bf16", "fused_lora"]
+            "compile_blocks", "compile_transformers", "compile_geglu", "norms_bf16", "fused_lora"]
 # Regions compiled alone by compile_blocks (the trainer's --torch_compile) / compile_transformers (diffusers' class
 # names in SD 1.x and SDXL UNets).
 COMPILED_REGIONS = {"compile_blocks": compiled_blocks.REGIONS,
-                    "compile_transformers": ("Transformer2DModel", "ResnetBlock2D")}
+                    "compile_transformers": ("Transformer2DModel", "ResnetBlock2D"),
+                    "compile_geglu": ("GEGLU",)}
 
 
 def unknown_variants(variants: list[str]) -> list[str]:

@@ -55,3 +55,16 @@ def test_regional_compile_marks_each_region_and_is_undone():
         regions = {type(m).__name__ for m in unet.modules() if m._compiled_call_impl is not None}
         assert regions == {"Transformer2DModel", "ResnetBlock2D"}
     assert all(m._compiled_call_impl is None for m in unet.modules())
+    with mfu_candidates.applied("compile_geglu", unet, batch=None):
+        assert {type(m).__name__ for m in unet.modules() if m._compiled_call_impl is not None} == {"GEGLU"}
+    assert all(m._compiled_call_impl is None for m in unet.modules())
+
+
+def test_fused_lora_patches_every_lora_layer_and_is_undone():
+    from peft.tuners.lora import Linear
+
+    unet = tiny_unet()
+    layers = [m for m in unet.modules() if isinstance(m, Linear)]
+    with mfu_candidates.applied("fused_lora", unet, batch=None):
+        assert layers and all("forward" in m.__dict__ for m in layers)
+    assert not any("forward" in m.__dict__ for m in layers)
