@@ -207,8 +207,9 @@ class TrainConfig:
     )
     fused_lora: bool = _f(
         True, "Under bf16 or fp16 mixed precision each LoRA layer adds its up projection onto the base layer's output "
-        "inside one GEMM (scaling and sum included) in the training steps, instead of peft's matmul, multiply and "
-        "add: the same result to within one rounding. --no_fused_lora keeps peft's own forward.",
+        "inside one GEMM (scaling and sum included) in the training steps and validation sampling, instead of "
+        "peft's matmul, multiply and add: the same result to within one rounding. --no_fused_lora keeps peft's own "
+        "forward.",
         "speed", label="Fused LoRA layers",
     )
     torch_compile: bool = _f(

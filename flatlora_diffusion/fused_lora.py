@@ -7,7 +7,7 @@ accumulated in fp32 and rounded once), and the backward scales only the rank-siz
 peft runs it (Flat-LoRA's perturbed forward included). A numerics change within one rounding of the compute dtype:
 peft rounds the up projection, the scaled product and the sum separately.
 
-Only the plain case takes this path: one active adapter, not merged, adapters enabled, no DoRA or other variant,
+The trainer uses it in its training steps and its validation sampling. Only the plain case takes this path: one active adapter, not merged, adapters enabled, no DoRA or other variant,
 no dropout, a 2-D-weight nn.Linear base layer, no adapter_names. Anything else runs peft's own forward.
 """
 
@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .forward_switch import ForwardsSwitch
 
 
 def _compute_dtype(result: torch.Tensor) -> torch.dtype:
@@ -91,3 +93,9 @@ def fused_lora_forwards(models) -> list[tuple[nn.Module, object]]:
 
     return [(m, fused_forward(m)) for model in models for m in model.modules()
             if isinstance(m, BaseTunerLayer) and _fusable(m)]
+
+
+def fused_lora_switch(models, wanted: bool, mixed_precision: str) -> ForwardsSwitch:
+    """The --fused_lora switch of `models`: inside `with switch():` their LoRA layers are fused when the flag is set
+    under bf16 or fp16 mixed precision (where the saved activation-sized passes matter); nothing changes otherwise."""
+    return ForwardsSwitch(lambda: fused_lora_forwards(models), wanted and mixed_precision in ("bf16", "fp16"))

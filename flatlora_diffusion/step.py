@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .flat import FlatLoRA, noise_key
-from .forward_switch import ForwardsSwitch
-from .fused_lora import fused_lora_forwards
+from .fused_lora import fused_lora_switch
 from .norms import compute_dtype_norms
 
 
@@ -187,9 +186,8 @@ class TrainStep:
         self._micro_of_step = -1
         self._lora_layers: list[nn.Module] | None = None  # peft's LoRA layers, found on the first step
         self.norms_in_bf16 = compute_dtype_norms(models.unet, options.bf16_norms, accelerator.mixed_precision)
-        self.fused_lora_layers = ForwardsSwitch(
-            lambda: fused_lora_forwards([models.unet, *models.text_encoders]),
-            options.fused_lora and accelerator.mixed_precision in ("bf16", "fp16"))
+        self.fused_lora_layers = fused_lora_switch([models.unet, *models.text_encoders], options.fused_lora,
+                                                   accelerator.mixed_precision)
 
     def _micro_step(self, global_step: int) -> int:
         if self._micro_of_step != global_step:

@@ -274,18 +274,23 @@ def test_fused_lora_layers_train_as_peft_s(tiny, tmp_path, capture_trainer, monk
     assert losses(fp32)
 
 
-@pytest.mark.parametrize("bf16_norms", [True, False])
-def test_validation_samples_with_the_steps_norms(tiny, tmp_path, monkeypatch, bf16_norms):
-    """Validation sampling (under the steps' bf16 autocast) runs the UNet's norms as the steps do: norms.py's
-    forwards with --bf16_norms, autocast's own with --no_bf16_norms; the modules are as before once it is done."""
+@pytest.mark.parametrize("speedups", [True, False])
+def test_validation_samples_with_the_steps_norms_and_lora_layers(tiny, tmp_path, monkeypatch, speedups):
+    """Validation sampling (under the steps' bf16 autocast) runs the UNet's norms and LoRA layers as the steps do:
+    norms.py's and fused_lora.py's forwards with --bf16_norms --fused_lora, autocast's and peft's own with
+    --no_bf16_norms --no_fused_lora; the modules are as before once it is done."""
+    from peft.tuners.lora import Linear
+
     from flatlora_diffusion.trainer import images as images_module
 
-    calls, after = [], []
+    calls, after = {"norm": [], "lora": []}, []
+    kinds = {"norm": (torch.nn.GroupNorm, torch.nn.LayerNorm), "lora": (Linear,)}
     original = images_module.ImagesMixin._sample_validation_images
+    original_make = images_module.ImagesMixin._make_validation_images
 
     def sampling(self, out):
-        norms = [m for m in self.components.unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
-        hooks = [n.register_forward_hook(lambda m, args, y: calls.append("forward" in m.__dict__)) for n in norms]
+        hooks = [m.register_forward_hook(lambda m, args, y, kind=kind: calls[kind].append("forward" in m.__dict__))
+                 for kind, types in kinds.items() for m in self.components.unet.modules() if isinstance(m, types)]
         try:
             return original(self, out)
         finally:
@@ -295,15 +300,15 @@ def test_validation_samples_with_the_steps_norms(tiny, tmp_path, monkeypatch, bf
     def made(self, out):
         original_make(self, out)
         after.append(any("forward" in m.__dict__ for m in self.components.unet.modules()
-                         if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))))
+                         if isinstance(m, kinds["norm"] + kinds["lora"])))
 
-    original_make = images_module.ImagesMixin._make_validation_images
     monkeypatch.setattr(images_module.ImagesMixin, "_sample_validation_images", sampling)
     monkeypatch.setattr(images_module.ImagesMixin, "_make_validation_images", made)
-    run(tiny, tmp_path / "norms", mixed_precision="bf16", bf16_norms=bf16_norms, max_train_steps=2,
-        validation_prompt=["a photo of sks toy"], validation_steps=1, validation_inference_steps=2,
+    run(tiny, tmp_path / "speedups", mixed_precision="bf16", bf16_norms=speedups, fused_lora=speedups,
+        max_train_steps=2, validation_prompt=["a photo of sks toy"], validation_steps=1, validation_inference_steps=2,
         num_validation_images=1)
-    assert calls and set(calls) == {bf16_norms}
+    assert calls["norm"] and set(calls["norm"]) == {speedups}
+    assert calls["lora"] and set(calls["lora"]) == {speedups}
     assert len(after) == 3 and not any(after)  # steps 0, 1 and 2
 
 

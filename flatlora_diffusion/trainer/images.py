@@ -131,7 +131,8 @@ class ImagesMixin:
         # with every validation prompt encoded, the text encoders can stay where they are parked
         needed = ["vae"] if self.validation_embeds else None
         # compiled UNet blocks (--torch_compile) would compile again for sampling without gradients
-        with self._parked_models_on_device(needed), compiled_blocks.eager(), self.validation_norms():
+        with (self._parked_models_on_device(needed), compiled_blocks.eager(), self.validation_norms(),
+              self.validation_lora()):
             self._sample_validation_images(out)
         for m, mode in zip(models, modes):
             m.train(mode)

@@ -10,6 +10,7 @@ import torch
 
 from ..config import ConfigError, save_yaml
 from ..flat import FlatLoRA
+from ..fused_lora import fused_lora_switch
 from ..norms import compute_dtype_norms
 
 logger = logging.getLogger("flatlora_diffusion")
@@ -90,9 +91,11 @@ class SetupMixin:
         cfg, acc = self.cfg, self.acc
         c = self.components = load_run_components(cfg, self.plan.source)
         self.is_sdxl = c.arch == "sdxl"
-        # --bf16_norms holds for validation sampling too, which runs under the steps' autocast (class images sample
-        # without autocast, in the weights' bf16, so their norms already compute in bf16)
+        # --bf16_norms and --fused_lora hold for validation sampling too, which runs under the steps' autocast (class
+        # images sample without autocast, in the weights' bf16, before any LoRA training: their norms already
+        # compute in bf16)
         self.validation_norms = compute_dtype_norms(c.unet, cfg.bf16_norms, acc.mixed_precision)
+        self.validation_lora = fused_lora_switch([c.unet, *c.text_encoders], cfg.fused_lora, acc.mixed_precision)
         # The SDXL VAE overflows in fp16; it encodes in fp32 (cheap next to the UNet).
         vae_dtype = torch.float32 if self.is_sdxl else self.weight_dtype
         c.vae.to(acc.device, dtype=vae_dtype)
