@@ -1,6 +1,6 @@
 """Quality guards of the changes that alter training's numerics (issue 20): does the change alter training?
 
-    OMP_NUM_THREADS=1 python benchmarks/quality_guard.py --change low_memory|bf16_norms [--workdir DIR]
+    OMP_NUM_THREADS=1 python benchmarks/quality_guard.py --change low_memory|bf16_norms|fused_lora [--workdir DIR]
         [--seeds 3] [--steps 100]
 
 On the toy world's DreamBooth task (toyworld/recipe.py: 5 subject renders, prior preservation, rank 4, lr 5e-3,
@@ -13,6 +13,8 @@ the change (the reference arm) and one with it. The changes:
 - bf16_norms (part 3): the UNet's GroupNorm and LayerNorm returning fp32, as CUDA autocast makes them (CPU autocast
   leaves them in bf16, so the reference arm computes them in fp32 and returns fp32 explicitly: every consumer then
   casts back, as on a GPU) against --bf16_norms (norms.py: bf16 in, bf16 out).
+- fused_lora (part 3): peft's LoRA layers (--no_fused_lora) against fused_lora.py's (up projection, scaling and
+  sum in one addmm), both arms with the trainer's other defaults.
 
 The guard: in every window of 10 steps, the change's effect on the loss (the paired difference, change minus
 reference with the same training seed: same data order, timesteps and noise) is smaller than the reference runs'
@@ -21,7 +23,7 @@ inside min..max of the reference curves is reported too, but it is no test: each
 often itself the edge of three seeds' range. Also reported: each final LoRA's toy-world subject score (the judge,
 the demo's prompts and seeds) so that "same loss, worse pictures" would show.
 
-Writes benchmarks/results/{low_memory,bf16_norms}_quality.json (the committed ones: 3 seeds, 100 steps, 2-core
+Writes benchmarks/results/{low_memory,bf16_norms,fused_lora}_quality.json (the committed ones: 3 seeds, 100 steps, 2-core
 CPU).
 """
 
@@ -86,6 +88,8 @@ CHANGES = {
                    "low_memory": ({"low_memory": True}, contextlib.nullcontext)},
     "bf16_norms": {"fp32_norms": ({"bf16_norms": False}, cuda_autocast_norms),
                    "bf16_norms": ({"bf16_norms": True}, contextlib.nullcontext)},
+    "fused_lora": {"peft_lora": ({"fused_lora": False}, contextlib.nullcontext),
+                   "fused_lora": ({"fused_lora": True}, contextlib.nullcontext)},
 }
 
 
