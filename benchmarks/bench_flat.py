@@ -465,7 +465,7 @@ def engine_setting(eng, setting: str | None):
 
 
 def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare=None,
-               bf16_norms=True, fused_lora=True):
+               bf16_norms=True, fused_lora=False):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -704,8 +704,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--bf16-norms", action=argparse.BooleanOptionalAction, default=True,
                     help="the UNet's norms return bf16 under bf16 autocast, as `train` does by default (--bf16_norms)")
-    ap.add_argument("--fused-lora", action=argparse.BooleanOptionalAction, default=True,
-                    help="the LoRA layers add their up projection in one GEMM, as `train` does by default (--fused_lora)")
+    ap.add_argument("--fused-lora", action=argparse.BooleanOptionalAction, default=False,
+                    help="the LoRA layers add their up projection in one GEMM, as `train --fused_lora` does (off by "
+                         "default, as in `train`)")
     ap.add_argument("--merge", nargs="*", help="JSON files of earlier runs to merge into one table")
     ap.add_argument("--compare", default=None, metavar="ATTR=VALUE",
                     help="graph mode also times Flat-LoRA captured with this fast-engine setting (flat_alt), "

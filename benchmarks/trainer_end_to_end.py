@@ -67,7 +67,7 @@ def bare_step(args) -> list[dict]:
            "--targets", "unet", "--batches", args.batches, "--ckpt", "off", "--modes", "graph", "--skip-checks",
            # the step's settings as in the trainer's runs
            "--no-bf16-norms" if "--no_bf16_norms" in args.flags.split() else "--bf16-norms",
-           "--no-fused-lora" if "--no_fused_lora" in args.flags.split() else "--fused-lora"]
+           "--fused-lora" if "--fused_lora" in args.flags.split() else "--no-fused-lora"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = []

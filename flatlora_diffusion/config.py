@@ -206,10 +206,10 @@ class TrainConfig:
         "speed", label="Norms in bf16",
     )
     fused_lora: bool = _f(
-        True, "Under bf16 or fp16 mixed precision each LoRA layer adds its up projection onto the base layer's output "
-        "inside one GEMM (scaling and sum included) in the training steps and validation sampling, instead of "
-        "peft's matmul, multiply and add: the same result to within one rounding. --no_fused_lora keeps peft's own "
-        "forward.",
+        False, "Under bf16 or fp16 mixed precision each LoRA layer adds its up projection onto the base layer's "
+        "output inside one GEMM (scaling and sum included) in the training steps and validation sampling, instead "
+        "of peft's matmul, multiply and add: the same result to within one rounding, fewer activation-sized passes. "
+        "Off by default until its speed is measured on a GPU.",
         "speed", label="Fused LoRA layers",
     )
     torch_compile: bool = _f(

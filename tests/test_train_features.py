@@ -239,9 +239,9 @@ def test_no_bf16_norms_leaves_autocast_s_norms(tiny, tmp_path, capture_trainer):
 
 
 def test_fused_lora_layers_train_as_peft_s(tiny, tmp_path, capture_trainer, monkeypatch):
-    """--fused_lora (the default) under bf16: every LoRA layer of the UNet and the text encoders runs
-    fused_lora.py's forward in the steps, and the losses stay within bf16 rounding of --no_fused_lora's (peft's
-    forward). Without mixed precision the layers are peft's."""
+    """--fused_lora under bf16: every LoRA layer of the UNet and the text encoders runs fused_lora.py's forward in
+    the steps, and the losses stay within bf16 rounding of the default's (peft's forward). Without mixed precision
+    the layers are peft's."""
     from peft.tuners.lora import Linear
 
     from flatlora_diffusion import fused_lora
@@ -255,10 +255,11 @@ def test_fused_lora_layers_train_as_peft_s(tiny, tmp_path, capture_trainer, monk
 
     monkeypatch.setattr(fused_lora._LoraSum, "apply", counting)
     common = dict(mixed_precision="bf16", train_text_encoder=True, flat_sigma=0.1, max_train_steps=3)
-    fused = run(tiny, tmp_path / "fused", **common).path
+    fused = run(tiny, tmp_path / "fused", fused_lora=True, **common).path
     fused_calls = calls["n"]
-    plain = run(tiny, tmp_path / "plain", fused_lora=False, **common).path
-    fp32 = run(tiny, tmp_path / "fp32", **{**common, "mixed_precision": "no", "max_train_steps": 1}).path
+    plain = run(tiny, tmp_path / "plain", **common).path  # the default: peft's layers
+    fp32 = run(tiny, tmp_path / "fp32", **{**common, "fused_lora": True, "mixed_precision": "no",
+                                            "max_train_steps": 1}).path
     on, off, full = (trainer.step for trainer in capture_trainer)
     models = [on.models.unet, *on.models.text_encoders]
     lora_layers = [m for model in models for m in model.modules() if isinstance(m, Linear)]
