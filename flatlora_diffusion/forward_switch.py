@@ -1,5 +1,5 @@
-"""A switch that patches replacement forwards into modules for the span of a `with` block (the step's bf16 norms and
-fused LoRA layers, validation's bf16 norms)."""
+"""A switch that patches replacement forwards into modules for the span of a `with` block: --bf16_norms and
+--fused_lora, in the training step and in validation sampling."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""peft's LoRA Linear with its up projection, scaling and sum in one GEMM, for the training step.
+"""peft's LoRA Linear with its up projection, scaling and sum in one GEMM (`--fused_lora`).
 
 peft computes `result + lora_B(lora_A(x)) * scaling`: after the two small matmuls, an activation-sized multiply and
 an activation-sized add, and in the backward another activation-sized multiply (the scaling's gradient path). Here
@@ -7,8 +7,9 @@ accumulated in fp32 and rounded once), and the backward scales only the rank-siz
 peft runs it (Flat-LoRA's perturbed forward included). A numerics change within one rounding of the compute dtype:
 peft rounds the up projection, the scaled product and the sum separately.
 
-The trainer uses it in its training steps and its validation sampling. Only the plain case takes this path: one active adapter, not merged, adapters enabled, no DoRA or other variant,
-no dropout, a 2-D-weight nn.Linear base layer, no adapter_names. Anything else runs peft's own forward.
+The trainer uses it in its training steps and its validation sampling. Only the plain case takes this path: one
+active adapter, not merged, adapters enabled, no DoRA or other variant, no dropout, an nn.Linear base layer, no
+adapter_names. Anything else runs peft's own forward.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ class _LoraSum(torch.autograd.Function):
         ctx.save_for_backward(x2, h, a, b)
         ctx.scaling = scaling
         ctx.meta = (x.shape, x.dtype, result.dtype, weight_a.dtype, weight_b.dtype)
-        return out.view(*result.shape[:-1], out.shape[-1])
+        return out.view(*result.shape[:-1], out.shape[-1]).to(result.dtype)  # peft returns the base output's dtype
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -7,7 +7,7 @@ still accumulate in fp32 inside the kernel) removes those copies: SDXL's graphed
 215.4 ms at batch 4 and 102.2 -> 89.9 ms at batch 1, 5.9 GiB less peak memory at batch 4
 (benchmarks/results/mfu_candidates_regional_norms_sdxl_h100.json). A numerics change: the normalised values are
 rounded to bf16 where the consumers rounded them before, and their gradients are summed in bf16.
-The trainer applies it to its training steps and to the pictures it samples (validation, class images).
+The trainer applies it to its training steps and to its validation sampling.
 """
 
 from __future__ import annotations
