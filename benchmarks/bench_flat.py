@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from flatlora_diffusion.config import TrainConfig  # noqa: E402
 from flatlora_diffusion.flat import FlatLoRA, fused  # noqa: E402
 from flatlora_diffusion.graphed_step import GraphedTrainStep  # noqa: E402
 
@@ -464,8 +465,8 @@ def engine_setting(eng, setting: str | None):
         setattr(eng, name, before)
 
 
-def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare=None,
-               bf16_norms=True, fused_lora=False):
+def run_config(arch, unet, tes, sched, acc, device, tiny, targets, bs, ckpt, modes, n, warm, compare, *,
+               bf16_norms: bool, fused_lora: bool):
     from flatlora_diffusion.step import StepModels, StepOptions, TrainStep
 
     with_te = targets == "unet+te"
@@ -702,11 +703,11 @@ def main(argv=None):
     ap.add_argument("--no-timing", action="store_true", help="checks and kernel micro-benchmarks only")
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of this script)")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--bf16-norms", action=argparse.BooleanOptionalAction, default=True,
-                    help="the UNet's norms return bf16 under bf16 autocast, as `train` does by default (--bf16_norms)")
-    ap.add_argument("--fused-lora", action=argparse.BooleanOptionalAction, default=False,
-                    help="the LoRA layers add their up projection in one GEMM, as `train --fused_lora` does (off by "
-                         "default, as in `train`)")
+    # the step's numerics switches default to `train`'s (config.TrainConfig), so the bench step is the trainer's
+    ap.add_argument("--bf16-norms", action=argparse.BooleanOptionalAction, default=TrainConfig.bf16_norms,
+                    help="the UNet's norms return bf16 under bf16 autocast (train's --bf16_norms)")
+    ap.add_argument("--fused-lora", action=argparse.BooleanOptionalAction, default=TrainConfig.fused_lora,
+                    help="the LoRA layers add their up projection in one GEMM (train's --fused_lora)")
     ap.add_argument("--merge", nargs="*", help="JSON files of earlier runs to merge into one table")
     ap.add_argument("--compare", default=None, metavar="ATTR=VALUE",
                     help="graph mode also times Flat-LoRA captured with this fast-engine setting (flat_alt), "
@@ -772,8 +773,8 @@ def main(argv=None):
                         if args.eager_batches is not None and str(bs) not in args.eager_batches.split(","):
                             modes = [m for m in modes if m != "eager"]
                         r = run_config(arch, unet, tes, sched, acc, device, args.tiny, targets, bs, ckpt,
-                                       modes, args.n, args.warm, args.compare, args.bf16_norms,
-                                       args.fused_lora)
+                                       modes, args.n, args.warm, args.compare, bf16_norms=args.bf16_norms,
+                                       fused_lora=args.fused_lora)
                     except Exception as exc:
                         traceback.print_exc()
                         r = {"arch": arch, "targets": targets, "batch": bs, "checkpointing": ckpt,

@@ -60,14 +60,18 @@ from e2e_profile import profile_run  # noqa: E402
 from e2e_runs import N_PICTURES, precision, run_trainer  # noqa: E402
 
 
+# train's flags that change the training step -> bench_flat.py's spelling of them
+BENCH_STEP_FLAGS = {"--bf16_norms": "--bf16-norms", "--no_bf16_norms": "--no-bf16-norms",
+                    "--fused_lora": "--fused-lora", "--no_fused_lora": "--no-fused-lora"}
+
+
 def bare_step(args) -> list[dict]:
     """The benchmark's graphed step on a pre-made batch (bench_flat.py), same card, for reference."""
     out = Path(args.out) / "bare"
     cmd = [sys.executable, str(REPO / "benchmarks" / "bench_flat.py"), "--out", str(out), "--archs", args.arch,
-           "--targets", "unet", "--batches", args.batches, "--ckpt", "off", "--modes", "graph", "--skip-checks",
-           # the step's settings as in the trainer's runs
-           "--no-bf16-norms" if "--no_bf16_norms" in args.flags.split() else "--bf16-norms",
-           "--fused-lora" if "--fused_lora" in args.flags.split() else "--no-fused-lora"]
+           "--targets", "unet", "--batches", args.batches, "--ckpt", "off", "--modes", "graph", "--skip-checks"]
+    # the step's numerics as in the trainer's runs: the flags they set; bench_flat defaults to train's defaults
+    cmd += [BENCH_STEP_FLAGS[flag] for flag in args.flags.split() if flag in BENCH_STEP_FLAGS]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     rows = []
