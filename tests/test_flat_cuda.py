@@ -345,7 +345,7 @@ def _sm90_ptx(kernel, signature: dict, constexprs: dict) -> str:
 def test_compiled_kernels_move_w_and_w_plus_eps_with_evict_first_hints():
     """The engine's default (evict_first=True, what the launches pass as EVICT_FIRST): the noise kernel loads W
     evict-first from L1 and L2 and stores W + eps as streaming (.cs), the noise-scale kernel reads W under an L2
-    evict-first policy, so a chunk's 60 MB pass does not evict the step's activations from L2 (PERFORMANCE.md:
+    evict-first policy, so a chunk's 60 MB pass does not evict the step's activations from L2 (benchmarks/HISTORY.md:
     0.2-0.3 % of an SDXL batch-1 step). Without the hint the same kernels use plain accesses, which is what this
     test would see if the hints were lost. Compiled to PTX for sm_90 (no GPU needed); the interpreter test runs
     the hinted path."""
