@@ -214,7 +214,9 @@ class TrainConfig:
     )
     torch_compile: bool = _f(
         False, "Compile the UNet's transformer and ResNet blocks with torch.compile for the training steps (regional "
-        "compilation, kohya's flag name): faster steps after compiling at the first step; for long runs.", "speed",
+        "compilation, kohya's flag name): faster steps after compiling at the first step; for long runs. The compiled "
+        "code is kept in ~/.cache/flatlora-diffusion/torchinductor (or TORCHINDUCTOR_CACHE_DIR) for later runs.",
+        "speed",
         label="Compile the UNet blocks (torch.compile)",
     )
     cache_latents: bool = _f(
