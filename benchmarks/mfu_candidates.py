@@ -5,8 +5,9 @@
         [--variants baseline,sdpa_flash,sdpa_cudnn,sdpa_efficient,channels_last,no_input_cast,compile,
                     compile_blocks,compile_transformers,compile_geglu,norms_bf16,fused_lora,
                     compile_blocks+norms_bf16]
-        [--time-limit 480]
+        [--time-limit 480] [--op-table N] [--lora-matmuls]
     python benchmarks/mfu_candidates.py --tiny --device cpu --out /tmp/m   # smoke test of this script
+    python benchmarks/mfu_candidates.py --table RESULTS_JSON [...]        # results as one markdown table
 
 Times bench_flat.py's step (`step.TrainStep`: noise, UNet, loss, backward, clipping, AdamW; bf16 autocast, frozen
 weights bf16, rank-16 attention LoRA in fp32, prompt embeddings given) without Flat-LoRA, since MFU is defined on
@@ -45,9 +46,14 @@ Variants combine with "+", applied left to right (e.g. compile_blocks+norms_bf16
 Per variant and batch: median step ms over --n steps (CUDA events), MFU = FLOPs of the step (torch.utils.
 flop_counter on the eager baseline step, once per batch) / (median time x 989.4 TFLOP/s, H100/H200 dense bf16),
 GPU time per kernel class (e2e_profile.KERNEL_CLASSES; LoRA's small matmuls count as "gemm") of one replay, and
-peak memory. A variant that fails is recorded with its error; one not started before --time-limit seconds is
-recorded as skipped. The frozen weights are checked bitwise unchanged at the end (exit status 1 if not).
-Writes DIR/results.json and prints one line per (variant, batch).
+peak memory. With --lora-matmuls (or --op-table), not for the compiled variants: lora_matmul_ms and
+lora_matmul_ops, the GPU time (CPU time on a CPU) and number of the LoRA layers' own matmuls (lora_A and lora_B,
+forward and backward; the comment above GEMM_OPS says how they are told apart) in one profiled eager
+step. kernel_classes_ms's gemm still includes them: lora_matmul_ms is the eager step's figure for them, the same
+GEMMs as the replay's but timed outside the graph. A variant that fails is recorded with its error; one not started
+before --time-limit seconds is recorded as skipped. The frozen weights are checked bitwise unchanged at the end
+(exit status 1 if not). Writes DIR/results.json and prints one line per (variant, batch). --table prints results
+files' rows as one markdown table instead (nothing else runs).
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -150,9 +157,8 @@ def kernel_classes_ms(times_us: dict) -> dict:
     return {k: round(v, 2) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
 
 
-def op_table(fn, top: int, cuda: bool) -> list[dict]:
-    """The `top` aten ops of one call by their own GPU time (CPU time on a CPU), grouped by input shapes: which op
-    (and tensor) each kernel class's time belongs to, e.g. the layout copies."""
+def profiled(fn, cuda: bool):
+    """torch.profiler's record of one call of `fn` (an eager step), with input shapes."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -160,6 +166,12 @@ def op_table(fn, top: int, cuda: bool) -> list[dict]:
         fn()
         if cuda:
             torch.cuda.synchronize()
+    return prof
+
+
+def op_table(prof, top: int, cuda: bool) -> list[dict]:
+    """The `top` aten ops of one profiled call by their own GPU time (CPU time on a CPU), grouped by input shapes:
+    which op (and tensor) each kernel class's time belongs to, e.g. the layout copies."""
     rows = []
     for evt in prof.key_averages(group_by_input_shape=True):
         us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
@@ -167,6 +179,117 @@ def op_table(fn, top: int, cuda: bool) -> list[dict]:
             rows.append({"op": evt.key, "input_shapes": str(evt.input_shapes)[:300], "count": evt.count,
                          "self_ms": round(us / 1e3, 3)})
     return sorted(rows, key=lambda r: -r["self_ms"])[:top]
+
+
+# --- LoRA's small matmuls in an eager step ---------------------------------------------------------------------
+# Kernel names cannot tell them from the UNet's own GEMMs, and neither can shapes alone: a GEMM of a LoRA layer of
+# rank r has r as one of its dimensions (x A^T, h B^T forward; dh A, dh^T x, g B, g^T h backward), but so does
+# any GEMM whose token or batch dimension happens to equal r (the tiny 64 px SDXL's 4x4 latents: 16 tokens, and
+# rank 16; a batch of 16 in the time embedding's Linear layers). So the GEMMs are attributed by where they run:
+# - forward: inside a LoRA layer's forward but not inside its base layer's (profiler ranges put there by hooks);
+# - backward: inside the autograd engine's evaluation of a node made by a forward op so placed, matched by the
+#   profiler's sequence numbers. An op that makes no node (a no-op .to(), anything on tensors without grad)
+#   records the number the next node will get, e.g. a LoRA layer's last .to() the next layer's base GEMM's: the
+#   node's maker is the last forward op to start with its number. Numbers are unique per forward thread; the
+#   step runs its forward on one.
+# The rank in the GEMM's input shapes is then only a check. Flat-LoRA's perturbed forward runs inside the base
+# layer: not counted.
+GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})  # what Linear and matmul reach
+LORA_RANGE, BASE_RANGE = "mfu::lora_layer", "mfu::lora_base_layer"
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def lora_ranks(model) -> set[int]:
+    """The ranks of the active adapters of `model`'s LoRA layers (bench_flat.build's rank in this script)."""
+    return {layer.r[name] for layer in lora_layers(model) for name in layer.active_adapters if name in layer.r}
+
+
+def _ranged(module, name: str) -> list:
+    """Hooks that open a profiler range `name` around each forward of `module` (and close it on an error too)."""
+    opened = []
+
+    def enter(mod, args):
+        opened.append(torch.autograd.profiler.record_function(name).__enter__())
+
+    def leave(mod, args, out):
+        opened.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True)]
+
+
+@contextlib.contextmanager
+def lora_ranges(model):
+    """Inside the block, each LoRA layer's forward runs in a LORA_RANGE profiler range and its base layer's in a
+    BASE_RANGE one: what lora_matmuls attributes the GEMMs by. Costs a host-side record per layer call."""
+    handles = []
+    for layer in lora_layers(model):
+        handles += _ranged(layer, LORA_RANGE) + _ranged(layer.get_base_layer(), BASE_RANGE)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _by_start(events) -> list:
+    return sorted(events, key=lambda e: (e.time_range.start, -e.time_range.end))
+
+
+def _split(events):
+    """([(forward event, whether it runs in a LoRA layer's own forward)] in start order, parents first; the
+    backward engine's node evaluations). "Forward" is everything outside the backward: the optimizer's ops too."""
+    forward, backward = [], []
+    roots = (e for e in events if e.cpu_parent is None and e.device_type == DeviceType.CPU and not e.is_async)
+    stack = [(evt, False) for evt in reversed(_by_start(roots))]  # not the GPU's copies of the ranges
+    while stack:
+        evt, in_lora = stack.pop()
+        if evt.name.startswith(BACKWARD_NODE):
+            backward.append(evt)
+            continue
+        in_lora = {LORA_RANGE: True, BASE_RANGE: False}.get(evt.name, in_lora)
+        forward.append((evt, in_lora))
+        stack.extend((child, in_lora) for child in reversed(_by_start(evt.cpu_children)))
+    return forward, backward
+
+
+def _descendants(evt):
+    stack = list(evt.cpu_children)
+    while stack:
+        child = stack.pop()
+        yield child
+        stack.extend(child.cpu_children)
+
+
+def _has_rank(evt, ranks: set[int]) -> bool:
+    return any(dim in ranks for shape in evt.input_shapes for dim in shape)
+
+
+def lora_gemm_events(events, ranks: set[int]) -> list:
+    """The GEMM events of the LoRA layers' matmuls among the events of one call run inside lora_ranges, forward
+    and backward (the rule above)."""
+    forward, backward = _split(events)
+    made_in_lora = {}
+    for evt, in_lora in forward:  # the last to start with a number made its node
+        if evt.sequence_nr >= 0:
+            made_in_lora[evt.sequence_nr] = in_lora
+    gemms = [evt for evt, in_lora in forward if in_lora and evt.name in GEMM_OPS]
+    gemms += [child for node in backward if made_in_lora.get(node.sequence_nr) for child in _descendants(node)
+              if child.name in GEMM_OPS]
+    return [evt for evt in gemms if _has_rank(evt, ranks)]
+
+
+def lora_matmuls(events, ranks: set[int], cuda: bool) -> dict:
+    """The LoRA layers' matmuls of one profiled call (lora_gemm_events): their own GPU time (CPU time on a CPU) in
+    ms and their number, forward and backward."""
+    gemms = lora_gemm_events(events, ranks)
+    us = sum(evt.self_device_time_total if cuda else evt.self_cpu_time_total for evt in gemms)
+    return {"lora_matmul_ms": round(us / 1e3, 3), "lora_matmul_ops": len(gemms)}
 
 
 def time_steps(fn, n: int, warm: int, cuda: bool) -> list[float]:
@@ -205,7 +328,19 @@ def lora_step(arch, unet, sched, acc, device, tiny, bs, flat_sigma=0.0):
     return step, batch, optimizer
 
 
-def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flops, flat_sigma, op_top=0) -> dict:
+def eager_profile(fn, unet, op_top: int, cuda: bool) -> dict:
+    """One profiled eager step `fn` (run last: it sets the CUDA graph's gradient tensors to None): its LoRA
+    matmuls' time and count, and its op table when op_top > 0."""
+    with lora_ranges(unet):
+        prof = profiled(fn, cuda)
+    out = lora_matmuls(prof.events(), lora_ranks(unet), cuda)
+    if op_top:
+        out["eager_op_table"] = op_table(prof, op_top, cuda)
+    return out
+
+
+def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flops, flat_sigma, op_top=0,
+                lora_figures=False) -> dict:
     from flatlora_diffusion.graphed_step import GraphedTrainStep
 
     cuda = device.type == "cuda"
@@ -237,15 +372,83 @@ def run_variant(variant, arch, unet, sched, acc, device, tiny, bs, n, warm, flop
             times = kernel_times_us(fn)
             row["kernel_ms"] = round(sum(us for _, us in times.values()) / 1e3, 2)
             row["kernel_classes_ms"] = kernel_classes_ms(times)
-        if op_top and "compile" not in variant:  # an eager step, last: it sets the graph's gradient tensors to None
-            row["eager_op_table"] = op_table(lambda: step(batch, counter[0] + 1), op_top, cuda)
+        if (op_top or lora_figures) and "compile" not in variant:
+            row.update(eager_profile(lambda: step(batch, counter[0] + 1), unet, op_top, cuda))
     optimizer.zero_grad(set_to_none=True)
     return row
 
 
+# --- --table: a results file as markdown ----------------------------------------------------------------------
+TABLE_CLASSES = ("gemm", "attention", "convolution", "norm", "copy", "elementwise/other", "optimizer", "flat_lora")
+TABLE_HEADER = (["variant", "batch", "median ms", "MFU %", "peak GiB", "first step s"]
+                + [f"{cls} ms" for cls in TABLE_CLASSES] + ["LoRA matmuls ms (eager)"])
+
+
+def _cell(value) -> str:
+    return "" if value is None else str(value)
+
+
+def table_cells(row: dict) -> list[str]:
+    """A timed row's cells, in TABLE_HEADER's order ("" where the row has no such figure, e.g. on a CPU)."""
+    classes = row.get("kernel_classes_ms", {})
+    mfu = row.get("mfu")
+    return ([row["variant"], _cell(row["batch"]), _cell(row["median_ms"]),
+             "" if mfu is None else f"{100 * mfu:.1f}", _cell(row.get("peak_gib")), _cell(row.get("first_step_s"))]
+            + [_cell(classes.get(cls)) for cls in TABLE_CLASSES] + [_cell(row.get("lora_matmul_ms"))])
+
+
+def untimed_reason(row: dict) -> str:
+    if "skipped" in row:
+        return f"skipped ({row['skipped']})"
+    if "error" in row:
+        error = str(row["error"]).splitlines()[0] if row["error"] else ""
+        return f"error: {error[:200]}"
+    return "no timings"
+
+
+def markdown_table(records: list[tuple[str, dict]]) -> str:
+    """One markdown table of the timed rows of (name, results.json record) pairs (a first column naming the file
+    when there are several), then a list of the rows without timings and why."""
+    several = len(records) > 1
+    header = (["results"] if several else []) + TABLE_HEADER
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    untimed = []
+    for name, record in records:
+        for row in record["rows"]:
+            if "median_ms" in row:
+                lines.append("| " + " | ".join(([name] if several else []) + table_cells(row)) + " |")
+            else:
+                untimed.append(f"- {name + ': ' if several else ''}{row.get('variant')}, batch {row.get('batch')}: "
+                               f"{untimed_reason(row)}")
+    return "\n".join(lines + ([""] + untimed if untimed else []))
+
+
+def read_record(path: str) -> dict:
+    """A results.json record; ValueError with one line saying why it cannot be read as one."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        raise ValueError(f"cannot read {path}: not a mfu_candidates.py results file (no list of rows)")
+    return record
+
+
+def print_table(paths: list[str]) -> int:
+    try:
+        records = [(Path(path).stem, read_record(path)) for path in paths]
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown_table(records))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="Directory for results.json (required unless --table).")
+    ap.add_argument("--table", nargs="+", metavar="RESULTS_JSON",
+                    help="Only print these results files' timed rows as one markdown table (no model is built).")
     ap.add_argument("--arch", default="sdxl", choices=["sdxl", "sd15"])
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--variants", default=",".join(VARIANTS))
@@ -255,11 +458,20 @@ def main(argv=None) -> int:
     ap.add_argument("--flat", type=float, default=0.0, metavar="SIGMA",
                     help="Time the step with Flat-LoRA at this sigma (MFU stays relative to the LoRA step's FLOPs).")
     ap.add_argument("--op-table", type=int, default=0, metavar="N",
-                    help="Also profile one eager step per row (not the compiled variants'): its N aten ops with the most "
-                         "GPU time, by input shape.")
+                    help="Also profile one eager step per row (not the compiled variants'): its N aten ops with the "
+                         "most GPU time, by input shape (and --lora-matmuls' figures, from the same profile).")
+    ap.add_argument("--lora-matmuls", action="store_true",
+                    help="Also profile one eager step per row (not the compiled variants'): its LoRA layers' matmuls' "
+                         "GPU time and count (lora_matmul_ms, lora_matmul_ops).")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args(argv)
+    if args.table:
+        return print_table(args.table)
+    if not args.out:
+        print("error: --out DIR is required (or --table RESULTS_JSON ... to print results as a table)",
+              file=sys.stderr)
+        return 2
     variants = args.variants.split(",")
     unknown = unknown_variants(variants)
     if unknown:
@@ -295,7 +507,7 @@ def main(argv=None) -> int:
                     torch._foreach_copy_(trained, lora_start)
                 try:
                     row = run_variant(variant, args.arch, unet, sched, acc, device, args.tiny, bs, args.n, args.warm,
-                                      flops, args.flat, args.op_table)
+                                      flops, args.flat, args.op_table, args.lora_matmuls)
                 except Exception as exc:  # one failing candidate must not lose the others' figures
                     traceback.print_exc()
                     row = {"variant": variant, "batch": bs, "error": repr(exc)[:1500]}
