@@ -353,8 +353,6 @@ class TrainConfig:
             (self.cuda_graph == "on", "--cuda_graph on (the mode turns the CUDA graph off: its private memory "
                                       "pool would keep the step's peak)"),
             (self.use_dora, "--use_dora (DoRA reads the base weight outside the layer, where it is float8)"),
-            (self.flat_backend == "cuda", "--flat_backend cuda (the fused kernels do not read float8 weights; "
-                                          "use auto or reference)"),
             (self.torch_compile, "--torch_compile (compiling the float8-stored layers is not built)"),
         ]
         for conflict, what in conflicts:

@@ -16,7 +16,8 @@ parameters for backward by reference, so the recomputed block's backward would f
 Trainable parameters (peft's lora_A / lora_B) are never hooked: they stay fp32.
 
 Flat-LoRA's perturbed layers replace the base layer's forward (this hook with it) during a step and read the float8
-weight directly: W + eps is formed from W upcast to fp32 (flat/reference.py), so no bf16 copy of the clean W is made.
+weight directly: W + eps is formed from W upcast to fp32 (flat/reference.py; on a GPU the fused kernels, which widen
+W as they load it), so no bf16 copy of the clean W is made.
 """
 
 from __future__ import annotations

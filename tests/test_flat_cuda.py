@@ -281,13 +281,20 @@ unaligned = nn.Sequential(nn.Linear(300, 70), nn.Linear(70, 40), nn.Conv2d(6, 10
 aligned = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
 # two launch groups (an fp32 and a bf16 weight) whose ranks pad to 32 and 16: their A A^T slots overlap
 mixed = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16))
+# frozen weights stored in float8 (--low_memory): the kernels widen them to fp32 as they load them
+fp8_aligned, fp8_unaligned = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 16)), nn.Sequential(nn.Linear(30, 20))
 cases = ((unaligned, ["0", "1", "2"], False, 4, {}), (aligned, ["0", "1"], True, 20, {}),
-         (mixed, ["0", "1"], True, 20, {"1": 4}))
+         (mixed, ["0", "1"], True, 20, {"1": 4}), (fp8_aligned, ["0", "1"], True, 20, {}),
+         (fp8_unaligned, ["0"], False, 4, {}))
 for model, targets, expect_aligned, r, ranks in cases:
     model = inject_adapter_in_model(LoraConfig(r=r, lora_alpha=8, target_modules=targets, rank_pattern=ranks),
                                     model)
     if model is mixed:
         model[1].base_layer.to(torch.bfloat16)
+    if model is fp8_aligned or model is fp8_unaligned:
+        for t in targets:
+            model[int(t)].base_layer.to(torch.float8_e4m3fn)
+            model[int(t)].base_layer.requires_grad_(False)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
@@ -298,8 +305,8 @@ for model, targets, expect_aligned, r, ranks in cases:
         flat._fast = fused.FastFlat(flat, kernels=k)
         engines[k] = flat._fast
     for step in (5, 6):
-        if step == 6:  # a frozen weight written in place: the cached ||W_i||^2 must follow
-            with torch.no_grad():
+        if step == 6 and model[0].weight.dtype != torch.float8_e4m3fn:  # a frozen weight written in place: the
+            with torch.no_grad():                                            # cached ||W_i||^2 must follow
                 model[0].weight.mul_(1.5)
         outs = {}
         for k, eng in engines.items():
@@ -309,6 +316,8 @@ for model, targets, expect_aligned, r, ranks in cases:
         for a, b in zip(outs["torch"], outs["triton"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     eng = engines["triton"]
+    if model is fp8_aligned or model is fp8_unaligned:  # the kernels read the float8 weights themselves
+        assert {c.w_dtype for c in eng.chunks} == {g.w_dtype for g in eng._norm_groups} == {torch.float8_e4m3fn}
     assert all(c.aligned == expect_aligned for c in eng.chunks)
     assert all(g.aligned == expect_aligned for g in eng._norm_groups)
     assert sorted(g.rp for g in eng._norm_groups) == ([16, 32] if ranks else [16 if r == 4 else 32])
@@ -374,6 +383,30 @@ def test_compiled_kernels_move_w_and_w_plus_eps_with_evict_first_hints():
         # W of the noise-scale kernel: copied to shared memory (cp.async) under the L2 evict-first policy
         assert ("cp.async.cg.shared.global.L2::cache_hint" in norm) is evict_first
         assert ("createpolicy.fractional.L2::evict_first" in noise + norm) is evict_first
+
+
+def test_compiled_kernels_read_float8_weights():
+    """--low_memory's float8 (e4m3) weights, compiled for sm_90 without a GPU: the noise kernel loads 8 of them per
+    thread at once (8 bytes, still evict-first) and both kernels widen them with the hardware's exact e4m3 -> f16
+    conversion; the noise-scale kernel's W A^T stays on the tensor cores (wgmma) with W widened to bf16 (exact)."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("Triton is not installed here (the test extra installs it on Linux x86-64)")
+    import triton.language as tl
+
+    assert fused_kernels.tl_dtype(torch.float8_e4m3fn) == tl.float8e4nv
+    noise_sig = {"prog_ptr": "*i32", "meta_ptr": "*i64", "keys_ptr": "*i64", "std_ptr": "*fp32", "out_ptr": "*bf16"}
+    noise = _sm90_ptx(fused_kernels.flat_noise_kernel, noise_sig, {
+        "W_T": tl.float8e4nv, "ADD_W": True, "BM": fused_kernels.NOISE_ROWS, "T": fused_kernels.NOISE_CALLS,
+        "ROUNDS": 10, "FAST": True, "WHILE_LOOPS": False, "ALIGNED": True, "EVICT_FIRST": True})
+    norm_sig = {n: "*fp32" for n in ("scale_ptr", "sigma_ptr", "wsq_ptr", "gram_ptr", "std_ptr")}
+    norm = _sm90_ptx(fused_kernels.flat_norm_kernel, {"prog_ptr": "*i32", "meta_ptr": "*i64", **norm_sig}, {
+        "W_T": tl.float8e4nv, "AB_T": tl.float32, "BM": fused_kernels.NORM_ROWS, "BK": fused_kernels.NORM_COLS,
+        "RP": 16, "WHILE_LOOPS": False, "ALIGNED": True, "SPLIT_BF16": True, "EVICT_FIRST": True})
+    assert "ld.global.L1::evict_first.L2::cache_hint.v2.b32" in noise  # 8 float8 values per load
+    assert "cvt.rn.f16x2.e4m3x2" in noise and "cvt.rn.f16x2.e4m3x2" in norm
+    assert "wgmma.mma_async" in norm and ".bf16" in norm
 
 
 def test_backward_generates_only_layers_that_need_an_input_gradient():

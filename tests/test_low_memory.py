@@ -125,11 +125,77 @@ def test_why_not_diffusers_own_hook_it_breaks_gradient_checkpointing():
             unet(*unet_inputs()).sample.float().pow(2).mean().backward()
 
 
-def test_the_fused_path_refuses_fp8_weights_with_a_reason():
+def test_the_fused_path_reads_fp8_weights_and_refuses_others_with_a_reason():
     unet, _, _ = _fp8_unet()
-    flat = FlatLoRA(unet, sigma=0.1)
-    assert "float8_e4m3fn" in fused.unreadable_weights(flat.layers)
+    assert fused.unreadable_weights(FlatLoRA(unet, sigma=0.1).layers) is None
     assert fused.unreadable_weights(FlatLoRA(tiny_unet(), sigma=0.1).layers) is None
+    wide = tiny_unet().to(torch.float64)
+    assert "float64" in fused.unreadable_weights(FlatLoRA(wide, sigma=0.1).layers)
+
+
+def test_the_fused_engine_on_fp8_weights_forms_w_plus_eps_from_the_stored_w_in_fp32(monkeypatch):
+    """The fast engine (its torch emulation, the same algorithm the Triton kernels run; the interpreter test of
+    tests/test_flat_cuda.py compares the two on float8 weights) on a float8 UNet with gradient checkpointing: every
+    W + eps it hands out (forward, recomputation, backward) is, bit for bit, W8.float() + std * z cast to bf16,
+    with z its own generator's draw and std the noise scale of W8.float() + s B A; the LoRA gradients are those
+    of a bf16 twin that holds those W + eps as its weights; the float8 weights are untouched."""
+    from flatlora_diffusion.flat import fused
+
+    unet, twin, _ = _fp8_unet()
+    before = {n: p.detach().clone() for n, p in unet.named_parameters() if p.dtype == F8}
+    flat = FlatLoRA(unet, sigma=0.2, schedule="constant", seed=4)
+    engine = flat._fast = fused.FastFlat(flat, kernels="torch")
+    handed = []
+    original = fused.FastFlat.perturbed_weight
+
+    def perturbed_weight(self, fl, dtype, backward=False):
+        out = original(self, fl, dtype, backward)
+        handed.append((fl, dtype, out.clone()))
+        return out
+
+    monkeypatch.setattr(fused.FastFlat, "perturbed_weight", perturbed_weight)
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    inputs = unet_inputs()
+    with flat.perturb(9), torch.autocast("cpu", dtype=torch.bfloat16):
+        unet(*inputs).sample.float().pow(2).mean().backward()
+    monkeypatch.setattr(fused.FastFlat, "perturbed_weight", original)
+    assert {id(fl) for fl, _, _ in handed} == {id(fl) for fl in engine.fast_layers}
+    assert len(handed) > 2 * len(engine.fast_layers)  # forward, recomputation and backward all asked
+    expected = {}
+    for fl in engine.fast_layers:
+        layer = fl.flat_layer
+        w = layer.base.weight.detach().float()
+        merged = w + layer.lora_layer.get_delta_weight("default").detach().float()
+        std = merged.reshape(merged.shape[0], -1).norm(dim=1) * (0.2 / math.sqrt(layer.fan_in))
+        eps = flat.noise(layer, 9)  # the engine's own draw at step 9, in fp32
+        torch.testing.assert_close(eps.reshape(fl.rows, -1).std(1) / std, torch.ones_like(std), rtol=0.5, atol=0)
+        expected[id(fl)] = (w + eps).to(torch.bfloat16)
+    for fl, dtype, out in handed:
+        assert dtype == torch.bfloat16 and torch.equal(out, expected[id(fl)])
+
+    # the bf16 twin holding W + eps (and the float8 values elsewhere) trains to the same LoRA gradients
+    perturbed = {id(fl.flat_layer.base.weight): expected[id(fl)] for fl in engine.fast_layers}
+    fp8_params = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, p in twin.named_parameters():
+            source = fp8_params[name]
+            if id(source) in perturbed:
+                p.data = perturbed[id(source)].clone()
+            elif source.dtype == F8:
+                p.data = source.to(torch.bfloat16)
+            else:
+                p.data = source.detach().clone()
+    twin.enable_gradient_checkpointing()
+    twin.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        twin(*inputs).sample.float().pow(2).mean().backward()
+    twin_grads = {n: p.grad for n, p in twin.named_parameters() if p.requires_grad}
+    for name, p in unet.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, twin_grads[name], rtol=0, atol=0, msg=name)
+        if name in before:
+            assert p.dtype == F8 and torch.equal(p.view(torch.uint8), before[name].view(torch.uint8)), name
 
 
 # --- the trainer --------------------------------------------------------------------------------------------
@@ -236,7 +302,6 @@ def test_low_memory_unet_reaches_the_device_after_the_latent_cache(tiny, tmp_pat
     ({"cache_text_embeddings": False}, "--no_cache_text_embeddings"),
     ({"cuda_graph": "on"}, "--cuda_graph on"),
     ({"use_dora": True}, "--use_dora"),
-    ({"flat_backend": "cuda"}, "--flat_backend cuda"),
     ({"torch_compile": True}, "--torch_compile"),
 ])
 def test_low_memory_refuses_what_it_cannot_honour(tiny, tmp_path, over, fragment):

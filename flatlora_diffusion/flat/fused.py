@@ -12,7 +12,9 @@ against both engines, with the fast-only checks in tests/test_flat_cuda.py; on t
   graph replays with a new step;
 - exactness: the frozen weights are never written; W + eps is a temporary, regenerated from (key, std) in
   backward and in gradient-checkpoint recomputation, so they see the same eps as the forward;
-- the gradients of A and B are those of the fp32 computation with W + eps materialised.
+- the gradients of A and B are those of the fp32 computation with W + eps materialised;
+- W + eps is formed in fp32 from W as stored: bf16, fp16, fp32, or float8 e4m3 (--low_memory), which the kernels
+  widen exactly as they load it.
 
 What differs: z comes from a counter-based generator (Philox-4x32 keyed by the layer key, counter = position
 in the weight, Box-Muller), not from torch.Generator, so the draws are other numbers of the same law.
@@ -62,6 +64,7 @@ from .fused_kernels import (
     NORM_COLS,
     NORM_ROWS,
     NORM_WARPS,
+    WEIGHT_DTYPES,
     aligned,
     interpreting,
     tl_dtype,
@@ -124,6 +127,10 @@ class _FastLayer:
     @property
     def weight(self) -> torch.Tensor:
         return self.flat_layer.base.weight
+
+
+# weights whose W A^T the noise-scale kernel forms with two bf16 dots (exact in bf16; see fused_kernels._wa_tile)
+SPLIT_BF16_WEIGHTS = (torch.bfloat16, torch.float8_e4m3fn)
 
 
 class _NormGroup(NamedTuple):
@@ -194,7 +201,7 @@ class FastFlat:
         total_rows = 0
         for i, lay in enumerate(layers):
             w = lay.base.weight
-            if not w.is_contiguous() or w.dtype not in KERNEL_DTYPES:
+            if not w.is_contiguous() or w.dtype not in WEIGHT_DTYPES:
                 raise RuntimeError(f"Flat-LoRA fast path needs contiguous float weights: {lay.name}")
             fl = _FastLayer(lay, i, w.shape[0], w[0].numel(), total_rows, model=layer_model(lay.name))
             total_rows += fl.rows
@@ -333,7 +340,7 @@ class FastFlat:
                     g.programs, self._meta, self._scales, self._sigma_t, self._wsq, self._gram, self._std,
                     W_T=tl_dtype(g.w_dtype), AB_T=tl_dtype(g.ab_dtype), BM=NORM_ROWS, BK=NORM_COLS, RP=g.rp,
                     WHILE_LOOPS=interpreted, ALIGNED=g.aligned,
-                    SPLIT_BF16=g.w_dtype == torch.bfloat16 and not interpreted, num_warps=NORM_WARPS,
+                    SPLIT_BF16=g.w_dtype in SPLIT_BF16_WEIGHTS and not interpreted, num_warps=NORM_WARPS,
                     EVICT_FIRST=self.evict_first,
                 )
         for fl in self._torch_norm_layers:  # on the Triton path only the layers the kernel cannot scale
@@ -467,10 +474,10 @@ def _fast_forward(engine: FastFlat, fl: _FastLayer):
 
 
 def unreadable_weights(layers: list[FlatLayer]) -> str | None:
-    """Why the fused kernels cannot read these layers' frozen weights (None: they can). float8-stored weights
-    (--low_memory) are the case: the kernels load W as bf16/fp16/fp32; the reference path upcasts any float dtype."""
+    """Why the fused kernels cannot read these layers' frozen weights (None: they can): a dtype other than
+    bf16 / fp16 / fp32 / float8_e4m3fn (--low_memory's); the reference path upcasts any float dtype."""
     dtypes = sorted({str(lay.base.weight.dtype).removeprefix("torch.") for lay in layers
-                     if lay.base.weight.dtype not in KERNEL_DTYPES})
+                     if lay.base.weight.dtype not in WEIGHT_DTYPES})
     return f"the perturbed weights are stored in {', '.join(dtypes)}, which the fused kernels do not read" if dtypes else None
 
 

@@ -203,9 +203,9 @@ if triton is not None:
     @triton.jit
     def _wa_tile(k0, K, rows64, rmask, rr64, rmask_r, w_base, a_base, acc, BK: tl.constexpr,
                  SPLIT_BF16: tl.constexpr, EVICT_FIRST: tl.constexpr):
-        """acc += W[rows, k0:k0+BK] A[:, k0:k0+BK]^T on tensor cores. SPLIT_BF16 (W in bf16): A = A_hi + A_lo,
-        both bf16, two bf16 dots (W exact, A to ~16 bits); else one tf32 dot. EVICT_FIRST: W, read once per step,
-        is loaded under an L2 evict-first policy (see _noise_tile)."""
+        """acc += W[rows, k0:k0+BK] A[:, k0:k0+BK]^T on tensor cores. SPLIT_BF16 (W in bf16 or float8, both exact
+        in bf16): A = A_hi + A_lo, both bf16, two bf16 dots (W exact, A to ~16 bits); else one tf32 dot. EVICT_FIRST:
+        W, read once per step, is loaded under an L2 evict-first policy (see _noise_tile)."""
         cols = k0 + tl.arange(0, BK)
         cm = cols < K
         w = tl.load(w_base + rows64[:, None] * K + cols[None, :], mask=rmask[:, None] & cm[None, :], other=0.0,
@@ -213,6 +213,7 @@ if triton is not None:
         at = tl.load(a_base + rr64[None, :] * K + cols[:, None], mask=cm[:, None] & rmask_r[None, :],
                      other=0.0).to(tl.float32)
         if SPLIT_BF16:
+            w = w.to(tl.bfloat16)  # a float8 W (--low_memory) widens exactly; a bf16 one is left as it is
             hi = at.to(tl.bfloat16)
             acc = tl.dot(w, hi, acc)
             acc = tl.dot(w, (at - hi.to(tl.float32)).to(tl.bfloat16), acc)
@@ -313,14 +314,18 @@ if triton is not None:
 
 
 def tl_dtype(dtype: torch.dtype):
-    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
+            torch.float8_e4m3fn: tl.float8e4nv}[dtype]
 
 
 # program shapes, the fastest of the kernel sweep on an H200 with vectorised accesses (benchmarks/HISTORY.md)
 NOISE_ROWS, NOISE_CALLS, NOISE_WARPS = 4, 32, 4  # a noise program: 4 rows, all columns in steps of 8 x 32
 NORM_ROWS, NORM_COLS, NORM_WARPS = 64, 64, 4  # a noise-scale program: 64 rows, the fan-in in steps of 64
 GRAM_COLS, GRAM_WARPS = 128, 4  # a Gram program: one layer's A A^T, the fan-in in steps of 128
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what A, B, W + eps and W may be
+# W may also be stored in float8 (--low_memory, fp8_storage.py): the kernels widen it to fp32 (exact) as they load it,
+# so W + eps is formed in fp32 from the stored W, as on the reference path
+WEIGHT_DTYPES = KERNEL_DTYPES + (torch.float8_e4m3fn,)
 _ALIGN_ELEMENTS, _ALIGN_BYTES = 16, 16  # what _fan_in / _meta_pointer promise the compiler with ALIGNED
 
 
