@@ -292,8 +292,8 @@ def train(cfg: TrainConfig) -> RunDir:
     """Run training to completion; returns the run directory. User mistakes raise before anything is written."""
     _use_expandable_segments()
     _use_small_cublas_workspace()
-    _use_persistent_compile_cache(cfg)
     plan = preflight(cfg)
+    _use_persistent_compile_cache(cfg)  # after the checks: a refused run leaves no folder behind
     main = _is_main_process()
     run = RunDir(cfg.output_dir)
     lock = None
