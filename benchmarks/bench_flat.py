@@ -28,6 +28,7 @@ makes the exit status 1 (after the results are written) and is printed as FAIL.
 from __future__ import annotations
 
 import argparse
+import copy
 import ast
 import contextlib
 import json
@@ -215,6 +216,15 @@ def expected_std(layer, sigma_t):
     for a in lora.active_adapters:
         w = w + lora.get_delta_weight(a).detach().double()
     return w.reshape(w.shape[0], -1).norm(dim=1) * sigma_t / math.sqrt(w[0].numel())
+
+
+def fp8_twin(unet):
+    """A copy of `unet` with its frozen weights stored in float8, as --low_memory stores them (fp8_storage.py)."""
+    from flatlora_diffusion.fp8_storage import store_frozen_weights_in_fp8
+
+    twin = copy.deepcopy(unet)
+    store_frozen_weights_in_fp8(twin, torch.bfloat16)
+    return twin
 
 
 def check_engine_against_reference(tag: str, models, device, sample_layers=6):
@@ -757,6 +767,9 @@ def main(argv=None):
             try:
                 check_engine_against_reference(f"{arch} UNet", [unet], device)
                 check_engine_against_reference(f"{arch} text encoders", tes, device, sample_layers=3)
+                stored_in_fp8 = fp8_twin(unet)  # --low_memory's weights: the kernels widen them as they load them
+                check_engine_against_reference(f"{arch} UNet, weights in float8", [stored_in_fp8], device)
+                del stored_in_fp8
                 if device.type == "cuda":
                     check_graph_equals_eager(arch, unet, tes, sched, acc, device, args.tiny)
                     record["microbench"][arch] = kernel_microbench(arch, unet, device)
