@@ -268,10 +268,10 @@ def _use_persistent_compile_cache(cfg: TrainConfig) -> None:
     added 23-39 s before the first SDXL step. Read when inductor first compiles, so setting it here is in time."""
     if not cfg.torch_compile or _inductor_cache_dir_chosen():
         return
-    folder = compile_cache_dir()
     try:
+        folder = compile_cache_dir()
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError:  # no writable home folder: torch's own default under /tmp still works
+    except (OSError, RuntimeError):  # no home folder, or not writable: torch's own default under /tmp still works
         return
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 

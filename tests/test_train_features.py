@@ -588,6 +588,12 @@ def test_torch_compile_keeps_a_cache_folder_the_user_chose(monkeypatch, tmp_path
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch._dynamo writes there
     train_module._use_persistent_compile_cache(TrainConfig(torch_compile=True))
     assert train_module.os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "flatlora-diffusion" / "torchinductor")
+    # a cache folder that cannot be made leaves torch's default in place instead of failing the run
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    train_module._use_persistent_compile_cache(TrainConfig(torch_compile=True))
+    assert train_module.os.environ["TORCHINDUCTOR_CACHE_DIR"] == default_cache_dir()
 
 
 # ==========================================================================================================
