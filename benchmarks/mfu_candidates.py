@@ -194,7 +194,7 @@ def op_table(prof, top: int, cuda: bool) -> list[dict]:
 #   step runs its forward on one.
 # The rank in the GEMM's input shapes is then only a check. Flat-LoRA's perturbed forward runs inside the base
 # layer: not counted.
-GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"})  # what Linear and matmul reach
+GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm"})  # Linear, matmul, fused_lora
 LORA_RANGE, BASE_RANGE = "mfu::lora_layer", "mfu::lora_base_layer"
 BACKWARD_NODE = "autograd::engine::evaluate_function: "
 

@@ -2,8 +2,8 @@
 
 peft computes `result + lora_B(lora_A(x)) * scaling`: after the two small matmuls, an activation-sized multiply and
 an activation-sized add, and in the backward another activation-sized multiply (the scaling's gradient path). Here
-the up projection adds itself onto the base layer's output inside cuBLAS (`addmm(result, h, B^T, alpha=scaling)`,
-accumulated in fp32 and rounded once), and the backward scales only the rank-sized tensors. The base layer runs as
+the up projection adds itself onto the base layer's output inside cuBLAS (`result.addmm_(h, B^T, alpha=scaling)`, in
+place, accumulated in fp32 and rounded once), and the backward scales only the rank-sized tensors. The base layer runs as
 peft runs it (Flat-LoRA's perturbed forward included). A numerics change within one rounding of the compute dtype:
 peft rounds the up projection, the scaled product and the sum separately.
 
@@ -33,15 +33,19 @@ class _LoraSum(torch.autograd.Function):
     """result + scaling * (x A^T) B^T, the up projection and sum in one addmm; the gradients by hand."""
 
     @staticmethod
-    def forward(ctx, x, result, weight_a, weight_b, scaling: float):
+    def forward(ctx, result, x, weight_a, weight_b, scaling: float, in_place: bool):
         dtype = _compute_dtype(result)
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)
         a, b = weight_a.to(dtype), weight_b.to(dtype)
         h = x2 @ a.t()
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.t(), alpha=scaling)
         ctx.save_for_backward(x2, h, a, b)
         ctx.scaling = scaling
         ctx.meta = (x.shape, x.dtype, result.dtype, weight_a.dtype, weight_b.dtype)
+        if in_place and result.dtype == dtype:  # see _sum_target
+            result.view(-1, result.shape[-1]).addmm_(h, b.t(), alpha=scaling)
+            ctx.mark_dirty(result)
+            return result
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(dtype), h, b.t(), alpha=scaling)
         return out.view(*result.shape[:-1], out.shape[-1]).to(result.dtype)  # peft returns the base output's dtype
 
     @staticmethod
@@ -50,11 +54,29 @@ class _LoraSum(torch.autograd.Function):
         x_shape, x_dtype, result_dtype, a_dtype, b_dtype = ctx.meta
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(h.dtype)
         dh = (g @ b).mul_(ctx.scaling)  # rank-sized: the scaling costs nothing here
-        grad_x = (dh @ a).view(x_shape).to(x_dtype) if ctx.needs_input_grad[0] else None
-        grad_result = grad_out.to(result_dtype) if ctx.needs_input_grad[1] else None
+        grad_result = grad_out.to(result_dtype) if ctx.needs_input_grad[0] else None
+        grad_x = (dh @ a).view(x_shape).to(x_dtype) if ctx.needs_input_grad[1] else None
         grad_a = (dh.t() @ x2).to(a_dtype) if ctx.needs_input_grad[2] else None
         grad_b = (g.t() @ h).mul_(ctx.scaling).to(b_dtype) if ctx.needs_input_grad[3] else None
-        return grad_x, grad_result, grad_a, grad_b, None
+        return grad_result, grad_x, grad_a, grad_b, None, None
+
+
+def _sum_target(result: torch.Tensor) -> torch.Tensor | None:
+    """The tensor the LoRA sum can be added into in place, instead of addmm into a new one, which first copies its
+    addend there (an activation-sized copy per layer): the base layer's output when it is no view, else the 2-d
+    tensor it views when that is all of it (nn.Linear's output for a 3-d input with bias). In place on a view
+    itself would cost more: autograd's backward of an in-place op on a view (CopySlices) clones and copies the
+    gradient. The base layer's output is fused_forward's alone and no backward needs it. None: out of place (a
+    layout this does not cover, or under torch.compile, which fuses the sum itself)."""
+    if torch.compiler.is_compiling() or not result.is_contiguous():
+        return None
+    base = result._base
+    if base is None:
+        return result
+    if (base._base is None and base.is_contiguous() and base.data_ptr() == result.data_ptr()
+            and base.numel() == result.numel()):
+        return base
+    return None
 
 
 def _fusable(layer: nn.Module) -> bool:
@@ -81,8 +103,10 @@ def fused_forward(layer: nn.Module):
                 or list(layer.active_adapters) != [name]):
             return peft_forward(x, *args, **kwargs)
         result = layer.base_layer(x)
-        return _LoraSum.apply(x, result, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                              float(layer.scaling[name]))
+        target = _sum_target(result)
+        out = _LoraSum.apply(result if target is None else target, x, layer.lora_A[name].weight,
+                             layer.lora_B[name].weight, float(layer.scaling[name]), target is not None)
+        return out.view(result.shape)
 
     return forward
 

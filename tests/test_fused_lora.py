@@ -134,3 +134,40 @@ def test_compiles_and_trains_as_eager():
     assert cgrads.keys() == grads.keys()
     for name in grads:
         torch.testing.assert_close(cgrads[name], grads[name])
+
+
+def _activation_copies(model, autocast: bool) -> tuple[int, list[str]]:
+    """(copy_ ops of an activation-sized tensor, autograd nodes named CopySlices) in one fused forward + backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        forward_backward(model, fused=True, autocast=autocast)
+    events = prof.events()
+
+    def outside_linear(e) -> bool:  # not nn.Linear's own addmm (its bias broadcast into the output)
+        while e is not None:
+            if e.name == "aten::linear":
+                return False
+            e = e.cpu_parent
+        return True
+
+    copies = [e for e in events if e.name == "aten::copy_" and [21, 80] in e.input_shapes
+              and e.cpu_parent is not None and e.cpu_parent.name == "aten::addmm" and outside_linear(e)]
+    return len(copies), [e.name for e in events if "CopySlices" in e.name]
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_sum_lands_in_the_base_output_without_copying_it(autocast, monkeypatch):
+    """addmm into a new tensor first copies its addend there: one activation-sized copy per layer. The fused layers
+    add into the base layer's output in place, through the 2-d tensor nn.Linear's 3-d output views (to_q, with a
+    bias) or that output itself (to_k): no copy, and no CopySlices node (whose backward clones the gradient)."""
+    from flatlora_diffusion import fused_lora
+
+    model = lora_model()
+    assert _activation_copies(model, autocast) == (0, [])
+    in_place = forward_backward(model, fused=True, autocast=autocast)
+    monkeypatch.setattr(fused_lora, "_sum_target", lambda result: None)  # out of place: the copies are there
+    assert _activation_copies(model, autocast)[0] == 2
+    out_of_place = forward_backward(model, fused=True, autocast=autocast)
+    assert torch.equal(in_place[0], out_of_place[0]) and torch.equal(in_place[1], out_of_place[1])  # the same sums
+    assert all(torch.equal(in_place[2][n], out_of_place[2][n]) for n in in_place[2])
