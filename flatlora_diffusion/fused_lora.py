@@ -63,18 +63,26 @@ class _LoraSum(torch.autograd.Function):
 
 def _sum_target(result: torch.Tensor) -> torch.Tensor | None:
     """The tensor the LoRA sum can be added into in place, instead of addmm into a new one, which first copies its
-    addend there (an activation-sized copy per layer): the base layer's output when it is no view, else the 2-d
-    tensor it views when that is all of it (nn.Linear's output for a 3-d input with bias). In place on a view
-    itself would cost more: autograd's backward of an in-place op on a view (CopySlices) clones and copies the
-    gradient. The base layer's output is fused_forward's alone and no backward needs it. None: out of place (a
-    layout this does not cover, or under torch.compile, which fuses the sum itself)."""
+    addend there (an activation-sized copy per layer); None: out of place. The base layer's output is
+    fused_forward's alone and no backward needs it, so it may be overwritten when autograd sees all of it:
+    - an output that is no view (nn.Linear's without bias, Flat-LoRA's perturbed layers'): itself;
+    - nn.Linear's output for a 3-d input with bias, an autograd view of the whole 2-d addmm output: that tensor,
+      which carries the graph (in place on the view itself, autograd's CopySlices would clone and copy the
+      gradient in backward);
+    - anything else out of place, e.g. a custom autograd function's output that views a tensor of its own: that
+      tensor is outside the graph, and writing it would cut the gradient to the base layer. Under torch.compile
+      too: inductor fuses the sum itself."""
     if torch.compiler.is_compiling() or not result.is_contiguous():
         return None
-    base = result._base
-    if base is None:
+    if not result._is_view():
         return result
-    if (base._base is None and base.is_contiguous() and base.data_ptr() == result.data_ptr()
-            and base.numel() == result.numel()):
+    base = result._base
+    autograd_view_of_base = (result.grad_fn is None and base.grad_fn is None and not base.requires_grad
+                             if not torch.is_grad_enabled() or not result.requires_grad
+                             else result.grad_fn.name() == "ViewBackward0"
+                             and result.grad_fn.next_functions[0][0] is base.grad_fn is not None)
+    if (autograd_view_of_base and base._base is None and base.is_contiguous()
+            and base.data_ptr() == result.data_ptr() and base.numel() == result.numel()):
         return base
     return None
 

@@ -171,3 +171,80 @@ def test_the_sum_lands_in_the_base_output_without_copying_it(autocast, monkeypat
     out_of_place = forward_backward(model, fused=True, autocast=autocast)
     assert torch.equal(in_place[0], out_of_place[0]) and torch.equal(in_place[1], out_of_place[1])  # the same sums
     assert all(torch.equal(in_place[2][n], out_of_place[2][n]) for n in in_place[2])
+
+
+class _ShiftedWeight:
+    """A noise source for perturbed_layers.noisy_forward: W + 0.01, in the compute dtype."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def forward_seen(self, input_needs_grad):
+        pass
+
+    def weight(self, dtype, backward=False):
+        return (self.base.weight.detach().float() + 0.01).to(dtype)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_flat_lora_s_perturbed_base_layers_keep_their_gradient(autocast):
+    """Flat-LoRA's perturbed forward is a custom autograd function whose output views a tensor of its own, outside
+    the graph: the sum must not be written there (the base layer's gradient, hence the input's, would be lost).
+    With the base layers perturbed, the fused layers give peft's input gradient and LoRA gradients."""
+    from flatlora_diffusion.flat.perturbed_layers import noisy_forward
+
+    from flatlora_diffusion import fused_lora
+
+    results, targets = {}, []
+    original = fused_lora._sum_target
+
+    def sum_target(result):
+        targets.append(original(result) is result)
+        return original(result)
+
+    for fused in (False, True):
+        model = lora_model()
+        with patched_forwards() as patch, pytest.MonkeyPatch.context() as mp:
+            mp.setattr(fused_lora, "_sum_target", sum_target)
+            for layer in (model.to_q, model.to_k):
+                patch(layer.base_layer, noisy_forward(layer.base_layer, _ShiftedWeight(layer.base_layer)))
+            results[fused] = forward_backward(model, fused=fused, autocast=autocast)
+    assert targets == [True, True]  # the perturbed output is a plain tensor: the sum lands in it, in place
+    (y, gx, grads), (fy, fgx, fgrads) = results[False], results[True]
+
+    def close(a, b):  # fp32: one rounding apart; bf16: a few roundings of the largest value (the sums differ there)
+        scale = b.abs().max().item()
+        tol = 4 * 2**-8 * scale if autocast else 1e-5 * max(scale, 1.0)
+        torch.testing.assert_close(a.float(), b.float(), rtol=0, atol=tol)
+
+    close(fy, y)
+    close(fgx, gx)
+    assert fgrads.keys() == grads.keys()
+    for name in grads:
+        close(fgrads[name], grads[name])
+
+
+def test_the_sum_target_is_only_ever_a_tensor_autograd_sees_whole():
+    from flatlora_diffusion.fused_lora import _sum_target
+
+    class ViewOfItsOwn(torch.autograd.Function):  # an output viewing a tensor made inside the function
+        @staticmethod
+        def forward(ctx, x):
+            return (x.reshape(-1, x.shape[-1]) * 2).view(x.shape)
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    with_bias, without_bias = nn.Linear(48, 80), nn.Linear(48, 80, bias=False)
+    out = with_bias(x)
+    assert out._is_view() and _sum_target(out) is out._base  # the whole 2-d addmm output, which has the graph
+    out = without_bias(x)
+    assert not out._is_view() and _sum_target(out) is out
+    own = ViewOfItsOwn.apply(x)
+    assert own._is_view() and not own._base.requires_grad and _sum_target(own) is None  # outside the graph
+    assert _sum_target(with_bias(x)[:, :4]) is None  # part of a tensor
+    with torch.no_grad():
+        out = with_bias(x)
+        assert _sum_target(out) is out._base  # sampling: no graph to keep

@@ -49,7 +49,10 @@ class _NoisyLinear(torch.autograd.Function):
         out = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
         ctx.source, ctx.dtype, ctx.x_dtype = source, dtype, x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return out
+        # for a 3-d input with bias, F.linear's output views its 2-d result; returned as a plain tensor (the same
+        # memory), a caller may write it in place (--fused_lora adds its LoRA branch there), which autograd forbids
+        # on a view made inside a custom function
+        return torch.ops.aten._unsafe_view(out, out.shape) if out._is_view() else out
 
     @staticmethod
     def backward(ctx, grad_out):
