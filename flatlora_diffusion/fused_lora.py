@@ -4,8 +4,8 @@ peft computes `result + lora_B(lora_A(x)) * scaling`: after the two small matmul
 an activation-sized add, and in the backward another activation-sized multiply (the scaling's gradient path). Here
 the up projection adds itself onto the base layer's output inside cuBLAS (`result.addmm_(h, B^T, alpha=scaling)`,
 in place where autograd allows it, accumulated in fp32 and rounded once), and the backward scales only the rank-sized
-tensors. The base layer runs as peft runs it (Flat-LoRA's perturbed forward included). A numerics change within one rounding of the compute dtype:
-peft rounds the up projection, the scaled product and the sum separately.
+tensors. The base layer runs as peft runs it (Flat-LoRA's perturbed forward included). A numerics change within
+one rounding of the compute dtype: peft rounds the up projection, the scaled product and the sum separately.
 
 The trainer uses it in its training steps and its validation sampling. Only the plain case takes this path: one
 active adapter, not merged, adapters enabled, no DoRA or other variant, no dropout, an nn.Linear base layer, no
