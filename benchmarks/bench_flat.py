@@ -28,9 +28,9 @@ makes the exit status 1 (after the results are written) and is printed as FAIL.
 from __future__ import annotations
 
 import argparse
-import copy
 import ast
 import contextlib
+import copy
 import json
 import math
 import platform

@@ -77,11 +77,12 @@ def _sum_target(result: torch.Tensor) -> torch.Tensor | None:
     if not result._is_view():
         return result
     base = result._base
-    autograd_view_of_base = (result.grad_fn is None and base.grad_fn is None and not base.requires_grad
-                             if not torch.is_grad_enabled() or not result.requires_grad
-                             else result.grad_fn.name() == "ViewBackward0"
-                             and result.grad_fn.next_functions[0][0] is base.grad_fn is not None)
-    if (autograd_view_of_base and base._base is None and base.is_contiguous()
+    if result.grad_fn is None:  # no graph to keep (sampling, or nothing upstream needs a gradient)
+        sees_whole = not base.requires_grad
+    else:  # result must be autograd's plain view of base, so that the graph runs through base
+        sees_whole = (result.grad_fn.name() == "ViewBackward0" and base.grad_fn is not None
+                      and result.grad_fn.next_functions[0][0] is base.grad_fn)
+    if (sees_whole and base._base is None and base.is_contiguous()
             and base.data_ptr() == result.data_ptr() and base.numel() == result.numel()):
         return base
     return None

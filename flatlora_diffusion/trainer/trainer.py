@@ -14,10 +14,10 @@ separate objects: the parts share most of this state, and each method reads as i
 
 State (set by): plan, cfg, run_dir, cancelled (__init__); acc, weight_dtype (setup: _make_accelerator);
 components, is_sdxl, validation_norms, validation_lora, trained_models, pissa_initial (setup: _load_models);
-dataset, dataloader, num_images, num_class_images, embedding_cache, training_prompts (batches); parked, validation_embeds (parking); params, optimizer, lr_scheduler, steps_per_epoch, num_epochs
-(setup: _build_optimizer); flat (setup: _build_flat); step, global_step, first_epoch (setup:
-_prepare_accelerate; global_step moves on in the loop and is set by a resume); started, pending_loss,
-status_written (loop).
+dataset, dataloader, num_images, num_class_images, embedding_cache, training_prompts (batches); parked,
+validation_embeds (parking); params, optimizer, lr_scheduler, steps_per_epoch, num_epochs (setup:
+_build_optimizer); flat (setup: _build_flat); step, global_step, first_epoch (setup: _prepare_accelerate;
+global_step moves on in the loop and is set by a resume); started, pending_loss, status_written (loop).
 """
 
 from __future__ import annotations
