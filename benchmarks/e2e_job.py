@@ -18,7 +18,7 @@ from pathlib import Path
 
 from e2e_diffusers import diffusers_args
 from e2e_hooks import hooked_env, read_events, read_floats
-from e2e_runs import N_PICTURES, timed_run, train_args
+from e2e_runs import N_PICTURES, gpu_figures, timed_run, train_args
 
 VALIDATION_PROMPT = "a photo of sks toy on a beach"
 
@@ -45,18 +45,22 @@ def diffusers_validation_epochs(steps: int, batch: int, rounds: int) -> tuple[in
 
 def job_summary(out: Path, run: dict, times: list[float], events: list[dict]) -> dict:
     """What a job run did: its validation rounds (one pipeline object each; after_step: the optimizer steps done
-    before it), images, denoising steps, checkpoints and LoRA files, and for ours the time its rounds took."""
+    before it), images, denoising steps, checkpoints and LoRA files, for ours the time its rounds took, and on a
+    GPU the SM clock, temperature and power during each round and the whole run (GpuClocks)."""
     rounds: dict[int, dict] = {}
+    spans: dict[int, list[float]] = {}  # each round's denoising, first start to last end: its GPU clock's window
     for e in (e for e in events if e["event"] == "denoise"):
         r = rounds.setdefault(e["pipeline"], {"after_step": bisect.bisect_right(times, e["start"]), "images": 0,
                                               "denoising_steps": set(), "denoise_s": 0.0})
         r["images"] += e.get("images", 1)
         r["denoising_steps"].add(e["steps"])
         r["denoise_s"] += e["end"] - e["start"]
+        spans.setdefault(e["pipeline"], []).extend([e["start"], e["end"]])
     windows = [e for e in events if e["event"] == "validation"]  # ours: a whole round, pipeline to PNG files
     gaps = [b - a for a, b in zip(times, times[1:])]
     typical = statistics.median(gaps) if gaps else 0.0
-    for r in rounds.values():
+    for key, r in rounds.items():
+        r.update(gpu_figures(run["clocks"], min(spans[key]), max(spans[key])))
         r["denoising_steps"] = sorted(r["denoising_steps"])
         r["denoise_s"] = round(r["denoise_s"], 2)
         for e in windows:
@@ -77,7 +81,8 @@ def job_summary(out: Path, run: dict, times: list[float], events: list[dict]) ->
                "after_last_step_s": round(run["end"] - times[-1], 1) if times else None,
                # Start-up: process start to the first optimizer step (imports, loading, caches, warm-up, step 0's
                # validation round for ours: validation_s_step0 says how much of it that round was).
-               "before_first_step_s": round(times[0] - run["start"], 1) if times else None}
+               "before_first_step_s": round(times[0] - run["start"], 1) if times else None,
+               **gpu_figures(run["clocks"])}
     if windows:
         total = sum(e["end"] - e["start"] for e in windows)
         summary["validation_s"] = round(total, 1)

@@ -3,14 +3,18 @@
 build_full_size() writes a pipeline folder with the real SDXL (1024 px) or SD 1.5 (512 px) sizes and random
 weights, offline: bench_flat.py's UNet and text-encoder configs, fp16 on disk, tokenizers and scheduler from the
 project's tiny pipeline. PeakMemory samples nvidia-smi's `memory.used` of GPU 0 every 50 ms and keeps the peak.
+GpuClocks samples its SM clock, temperature and power every 100 ms, so that a slow phase can be told from a
+throttled card.
 Used by trainer_end_to_end.py and trainer_memory.py (both put benchmarks/ on sys.path, where bench_flat.py is).
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -68,6 +72,66 @@ class PeakMemory:
         for line in self._proc.stdout:
             if line.strip().isdigit():
                 self.peak = max(self.peak, int(line))
+
+    def __exit__(self, *exc):
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        self._thread.join(timeout=5)
+
+
+def parse_clock_line(line: str, perf_minus_epoch: float) -> tuple[float, float, float, float] | None:
+    """(perf_counter time, SM MHz, temperature °C, power W) of one line of GpuClocks' query; None for anything else
+    (a header, '[N/A]'). nvidia-smi stamps local wall-clock time with milliseconds."""
+    parts = [p.strip() for p in line.split(",")]
+    if len(parts) != 4:
+        return None
+    try:
+        stamp = datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        mhz, temp, watts = (float(p) for p in parts[1:])
+    except ValueError:
+        return None
+    return stamp + perf_minus_epoch, mhz, temp, watts
+
+
+def clock_summary(samples, start: float = float("-inf"), end: float = float("inf")) -> dict:
+    """GpuClocks' samples between `start` and `end` (perf_counter), summed up; {} when there are none."""
+    inside = [s for s in samples if start <= s[0] <= end]
+    if not inside:
+        return {}
+    mhz = [s[1] for s in inside]
+    return {"sm_mhz_median": statistics.median(mhz), "sm_mhz_min": min(mhz),
+            "temp_c_max": max(s[2] for s in inside), "power_w_max": max(s[3] for s in inside)}
+
+
+class GpuClocks:
+    """GPU 0's SM clock, temperature and power draw, sampled by nvidia-smi every 100 ms, timed on the perf_counter
+    clock that e2e_hooks.py times steps and validation rounds with. A process of its own beside PeakMemory's, so
+    that a query this driver refuses costs these figures alone. Why: on 2026-12-08 an SDXL job's validation rounds
+    grew from 8 to 13 s through the run with no change of code, and a power- or heat-capped clock would show here.
+    Samples carry nvidia-smi's own time stamps, so output it buffers arrives late but lands in the right window;
+    whatever it still buffers when the run ends is lost."""
+
+    QUERY = "timestamp,clocks.sm,temperature.gpu,power.draw"
+
+    def __enter__(self):
+        self.samples: list[tuple[float, float, float, float]] = []
+        if not torch.cuda.is_available():
+            self._proc = None
+            return self
+        self._perf_minus_epoch = time.perf_counter() - time.time()
+        self._proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
+                                       "-i", "0", "-lms", "100"], stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self):
+        for line in self._proc.stdout:
+            sample = parse_clock_line(line, self._perf_minus_epoch)
+            if sample is not None:
+                self.samples.append(sample)
 
     def __exit__(self, *exc):
         if self._proc is None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import RESOLUTION, PeakMemory
+from e2e_models import RESOLUTION, GpuClocks, PeakMemory, clock_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,10 +66,11 @@ def steady_ms(metrics_file: Path) -> float:
 
 
 def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
-    """One training process: its wall time from start to exit (perf_counter clock) and nvidia-smi's peak."""
+    """One training process: its wall time from start to exit (perf_counter clock), nvidia-smi's peak memory and
+    its clock samples (GpuClocks)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with PeakMemory() as mem, log.open("w") as f:
+    with PeakMemory() as mem, GpuClocks() as clocks, log.open("w") as f:
         f.write(" ".join(cmd) + "\n\n")
         f.flush()
         proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
@@ -77,7 +78,14 @@ def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
     text = log.read_text(errors="replace")
     if proc.returncode:
         print(text[-3000:], flush=True)
-    return {"rc": proc.returncode, "start": start, "end": end, "wall": end - start, "peak": mem.peak, "log": text}
+    return {"rc": proc.returncode, "start": start, "end": end, "wall": end - start, "peak": mem.peak, "log": text,
+            "clocks": clocks.samples}
+
+
+def gpu_figures(samples, start: float = float("-inf"), end: float = float("inf")) -> dict:
+    """{"gpu": GpuClocks' summary} for a results row, or nothing where no clock was sampled (a CPU run)."""
+    summary = clock_summary(samples, start, end)
+    return {"gpu": summary} if summary else {}
 
 
 def trainer_env(code: str | None = None) -> dict:
@@ -96,6 +104,6 @@ def run_trainer(args, model, images, batch, sigma, code: str | None, label: str)
     ms = steady_ms(out / "metrics.jsonl")
     row = {"label": label, "batch": batch, "sigma": sigma, "ms_per_step": round(ms, 1),
            "images_per_s": round(1000 * batch / ms, 2), "job_wall_s": round(run["wall"], 1), "peak_mib": run["peak"],
-           "cuda_graph": "CUDA graph on" in run["log"]}
+           "cuda_graph": "CUDA graph on" in run["log"], **gpu_figures(run["clocks"])}
     print(json.dumps(row), flush=True)
     return row

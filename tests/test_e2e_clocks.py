@@ -1,0 +1,53 @@
+"""The end-to-end benchmarks' GPU clock samples: parsed from nvidia-smi's lines onto the perf_counter clock, and
+summed up per validation round of a job (benchmarks/e2e_models.py, e2e_job.py)."""
+
+import sys
+from datetime import datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+from e2e_job import job_summary  # noqa: E402
+from e2e_models import clock_summary, parse_clock_line  # noqa: E402
+
+
+def test_a_clock_line_lands_on_the_perf_counter_clock_and_other_lines_are_skipped():
+    stamp = "2026/12/08 05:14:58.250"
+    epoch = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+    t, mhz, temp, watts = parse_clock_line(f"{stamp}, 1980, 61, 412.37\n", perf_minus_epoch=-epoch + 7.0)
+    assert abs(t - 7.0) < 1e-6  # 250 ms kept: the sample's time is the stamp's, moved by the offset
+    assert (mhz, temp, watts) == (1980.0, 61.0, 412.37)
+    assert parse_clock_line(f"{stamp}, 1980, 61, [N/A]", 0.0) is None
+    assert parse_clock_line("timestamp, clocks.sm [MHz], temperature.gpu, power.draw [W]", 0.0) is None
+    assert parse_clock_line("", 0.0) is None
+
+
+def test_the_summary_keeps_only_the_window_s_samples():
+    samples = [(1.0, 1980, 50, 300), (2.0, 1500, 70, 700), (3.0, 1600, 72, 690), (4.0, 1980, 55, 310)]
+    assert clock_summary(samples, 1.5, 3.5) == {"sm_mhz_median": 1550.0, "sm_mhz_min": 1500,
+                                                "temp_c_max": 72, "power_w_max": 700}
+    assert clock_summary(samples)["sm_mhz_min"] == 1500
+    assert clock_summary(samples, 10, 20) == {}
+
+
+def test_each_validation_round_of_a_job_gets_the_clock_of_its_own_denoising(tmp_path):
+    times = [10.0 + i for i in range(10)]  # ten optimizer steps, one a second
+    events = [  # two rounds (pipelines 1 and 2), after steps 2 and 7, two denoising calls each
+        {"event": "denoise", "pipeline": 1, "start": 11.2, "end": 11.4, "steps": 25, "images": 2},
+        {"event": "denoise", "pipeline": 1, "start": 11.5, "end": 11.8, "steps": 25, "images": 2},
+        {"event": "denoise", "pipeline": 2, "start": 16.2, "end": 16.9, "steps": 25, "images": 4},
+    ]
+    clocks = [(11.3, 1980, 60, 500), (11.7, 1960, 61, 520), (14.0, 1700, 65, 600), (16.5, 1410, 80, 700)]
+    run = {"wall": 12.0, "start": 9.0, "end": 21.0, "peak": 0, "clocks": clocks}
+    summary = job_summary(tmp_path, run, times, events)
+    first, second = summary["validation_rounds"]
+    assert first["gpu"] == {"sm_mhz_median": 1970.0, "sm_mhz_min": 1960, "temp_c_max": 61, "power_w_max": 520}
+    assert second["gpu"]["sm_mhz_median"] == 1410 and second["images"] == 4
+    assert summary["gpu"]["sm_mhz_min"] == 1410 and summary["gpu"]["temp_c_max"] == 80
+
+
+def test_a_run_without_clock_samples_reports_no_gpu_figures(tmp_path):
+    events = [{"event": "denoise", "pipeline": 1, "start": 1.5, "end": 1.8, "steps": 25}]
+    summary = job_summary(tmp_path, {"wall": 3.0, "start": 0.0, "end": 3.0, "peak": 0, "clocks": []}, [1.0, 2.0],
+                          events)
+    assert "gpu" not in summary and "gpu" not in summary["validation_rounds"][0]
