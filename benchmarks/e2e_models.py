@@ -108,7 +108,7 @@ class GpuClocks:
     """GPU 0's SM clock, temperature and power draw, sampled by nvidia-smi every 100 ms, timed on the perf_counter
     clock that e2e_hooks.py times steps and validation rounds with. A process of its own beside PeakMemory's, so
     that a query this driver refuses costs these figures alone. Why: on 2026-12-08 an SDXL job's validation rounds
-    grew from 8 to 13 s through the run with no change of code, and a power- or heat-capped clock would show here.
+    grew from 9.4 to 13.3 s through the run with no change of code, and a power- or heat-capped clock would show here.
     Samples carry nvidia-smi's own time stamps, so output it buffers arrives late but lands in the right window;
     whatever it still buffers when the run ends is lost."""
 
