@@ -10,6 +10,7 @@ Used by trainer_end_to_end.py and trainer_memory.py (both put benchmarks/ on sys
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 import threading
@@ -54,6 +55,16 @@ def build_full_size(arch: str, out: Path) -> Path:
     return out
 
 
+def nvidia_smi_every(query: str, interval_ms: int) -> subprocess.Popen:
+    """nvidia-smi printing `query` of GPU 0 every `interval_ms`, one CSV line a sample, its errors dropped. Line
+    buffered through coreutils' stdbuf where there is one: into a pipe its output may otherwise wait in a block
+    buffer, and what is still there when the sampler is stopped (the last seconds of a run) would be lost."""
+    cmd = ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits", "-i", "0", "-lms", str(interval_ms)]
+    if shutil.which("stdbuf"):
+        cmd = ["stdbuf", "-oL", *cmd]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+
 class PeakMemory:
     """Peak `memory.used` of GPU 0 as nvidia-smi reports it (what a user sees), sampled every 50 ms."""
 
@@ -62,8 +73,7 @@ class PeakMemory:
         if not torch.cuda.is_available():  # the --tiny smoke test on a CPU
             self._proc = None
             return self
-        self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                       "-i", "0", "-lms", "50"], stdout=subprocess.PIPE, text=True)
+        self._proc = nvidia_smi_every("memory.used", 50)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self
@@ -109,8 +119,7 @@ class GpuClocks:
     clock that e2e_hooks.py times steps and validation rounds with. A process of its own beside PeakMemory's, so
     that a query this driver refuses costs these figures alone. Why: on 2026-12-08 an SDXL job's validation rounds
     grew from 9.4 to 13.3 s through the run with no change of code, and a power- or heat-capped clock would show here.
-    Samples carry nvidia-smi's own time stamps, so output it buffers arrives late but lands in the right window;
-    whatever it still buffers when the run ends is lost."""
+    Samples carry nvidia-smi's own time stamps, so a sample read late still lands in its window."""
 
     QUERY = "timestamp,clocks.sm,temperature.gpu,power.draw"
 
@@ -120,9 +129,7 @@ class GpuClocks:
             self._proc = None
             return self
         self._perf_minus_epoch = time.perf_counter() - time.time()
-        self._proc = subprocess.Popen(["nvidia-smi", f"--query-gpu={self.QUERY}", "--format=csv,noheader,nounits",
-                                       "-i", "0", "-lms", "100"], stdout=subprocess.PIPE,
-                                      stderr=subprocess.DEVNULL, text=True)
+        self._proc = nvidia_smi_every(self.QUERY, 100)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
         return self

@@ -1,6 +1,7 @@
 """The end-to-end benchmarks' GPU clock samples: parsed from nvidia-smi's lines onto the perf_counter clock, and
 summed up per validation round of a job (benchmarks/e2e_models.py, e2e_job.py)."""
 
+import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -51,3 +52,18 @@ def test_a_run_without_clock_samples_reports_no_gpu_figures(tmp_path):
     summary = job_summary(tmp_path, {"wall": 3.0, "start": 0.0, "end": 3.0, "peak": 0, "clocks": []}, [1.0, 2.0],
                           events)
     assert "gpu" not in summary and "gpu" not in summary["validation_rounds"][0]
+
+
+def test_the_sampler_asks_nvidia_smi_for_the_query_at_the_interval(tmp_path, monkeypatch):
+    from e2e_models import nvidia_smi_every
+
+    fake = tmp_path / "nvidia-smi"  # prints its arguments, then one sample line
+    fake.write_text('#!/bin/sh\necho "$@"\necho "2026/12/08 05:14:58.250, 1980, 61, 412.37"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    proc = nvidia_smi_every("timestamp,clocks.sm", 100)
+    lines = proc.stdout.read().splitlines()
+    assert proc.wait(timeout=10) == 0
+    assert lines[0].split() == ["--query-gpu=timestamp,clocks.sm", "--format=csv,noheader,nounits", "-i", "0",
+                                "-lms", "100"]
+    assert parse_clock_line(lines[1], 0.0)[1:] == (1980.0, 61.0, 412.37)
