@@ -18,7 +18,8 @@ from pathlib import Path
 
 from e2e_diffusers import diffusers_args
 from e2e_hooks import hooked_env, read_events, read_floats
-from e2e_runs import N_PICTURES, gpu_figures, timed_run, train_args
+from e2e_models import gpu_figures
+from e2e_runs import N_PICTURES, timed_run, train_args
 
 VALIDATION_PROMPT = "a photo of sks toy on a beach"
 

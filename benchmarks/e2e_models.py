@@ -65,29 +65,50 @@ def nvidia_smi_every(query: str, interval_ms: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
 
-class PeakMemory:
-    """Peak `memory.used` of GPU 0 as nvidia-smi reports it (what a user sees), sampled every 50 ms."""
+class NvidiaSmiSampler:
+    """A context that runs nvidia_smi_every(QUERY, INTERVAL_MS) while it is open and hands each line of its output
+    to `_take`, on a thread of its own; on a machine without CUDA (the --tiny smoke tests) it samples nothing."""
+
+    QUERY: str
+    INTERVAL_MS: int
+
+    def _reset(self) -> None:
+        """The figures before the first sample."""
+
+    def _take(self, line: str) -> None:
+        """One line of nvidia-smi's output."""
 
     def __enter__(self):
-        self.peak = 0
-        if not torch.cuda.is_available():  # the --tiny smoke test on a CPU
-            self._proc = None
-            return self
-        self._proc = nvidia_smi_every("memory.used", 50)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        self._reset()
+        self._proc = None
+        if torch.cuda.is_available():
+            self._proc = nvidia_smi_every(self.QUERY, self.INTERVAL_MS)
+            self._thread = threading.Thread(target=self._read, daemon=True)
+            self._thread.start()
         return self
 
     def _read(self):
         for line in self._proc.stdout:
-            if line.strip().isdigit():
-                self.peak = max(self.peak, int(line))
+            self._take(line)
 
     def __exit__(self, *exc):
         if self._proc is None:
             return
         self._proc.terminate()
         self._thread.join(timeout=5)
+
+
+class PeakMemory(NvidiaSmiSampler):
+    """Peak `memory.used` of GPU 0 as nvidia-smi reports it (what a user sees), sampled every 50 ms."""
+
+    QUERY, INTERVAL_MS = "memory.used", 50
+
+    def _reset(self):
+        self.peak = 0
+
+    def _take(self, line):
+        if line.strip().isdigit():
+            self.peak = max(self.peak, int(line))
 
 
 def parse_clock_line(line: str, perf_minus_epoch: float) -> tuple[float, float, float, float] | None:
@@ -104,44 +125,31 @@ def parse_clock_line(line: str, perf_minus_epoch: float) -> tuple[float, float, 
     return stamp + perf_minus_epoch, mhz, temp, watts
 
 
-def clock_summary(samples, start: float = float("-inf"), end: float = float("inf")) -> dict:
-    """GpuClocks' samples between `start` and `end` (perf_counter), summed up; {} when there are none."""
+def gpu_figures(samples, start: float = float("-inf"), end: float = float("inf")) -> dict:
+    """{"gpu": ...} for a results row: GpuClocks' samples between `start` and `end` (perf_counter) summed up; {}
+    where none was taken there (a CPU run)."""
     inside = [s for s in samples if start <= s[0] <= end]
     if not inside:
         return {}
     mhz = [s[1] for s in inside]
-    return {"sm_mhz_median": statistics.median(mhz), "sm_mhz_min": min(mhz),
-            "temp_c_max": max(s[2] for s in inside), "power_w_max": max(s[3] for s in inside)}
+    return {"gpu": {"sm_mhz_median": statistics.median(mhz), "sm_mhz_min": min(mhz),
+                    "temp_c_max": max(s[2] for s in inside), "power_w_max": max(s[3] for s in inside)}}
 
 
-class GpuClocks:
+class GpuClocks(NvidiaSmiSampler):
     """GPU 0's SM clock, temperature and power draw, sampled by nvidia-smi every 100 ms, timed on the perf_counter
     clock that e2e_hooks.py times steps and validation rounds with. A process of its own beside PeakMemory's, so
     that a query this driver refuses costs these figures alone. Why: on 2026-12-08 an SDXL job's validation rounds
     grew from 9.4 to 13.3 s through the run with no change of code, and a power- or heat-capped clock would show here.
     Samples carry nvidia-smi's own time stamps, so a sample read late still lands in its window."""
 
-    QUERY = "timestamp,clocks.sm,temperature.gpu,power.draw"
+    QUERY, INTERVAL_MS = "timestamp,clocks.sm,temperature.gpu,power.draw", 100
 
-    def __enter__(self):
+    def _reset(self):
         self.samples: list[tuple[float, float, float, float]] = []
-        if not torch.cuda.is_available():
-            self._proc = None
-            return self
         self._perf_minus_epoch = time.perf_counter() - time.time()
-        self._proc = nvidia_smi_every(self.QUERY, 100)
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
-        return self
 
-    def _read(self):
-        for line in self._proc.stdout:
-            sample = parse_clock_line(line, self._perf_minus_epoch)
-            if sample is not None:
-                self.samples.append(sample)
-
-    def __exit__(self, *exc):
-        if self._proc is None:
-            return
-        self._proc.terminate()
-        self._thread.join(timeout=5)
+    def _take(self, line):
+        sample = parse_clock_line(line, self._perf_minus_epoch)
+        if sample is not None:
+            self.samples.append(sample)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from e2e_models import RESOLUTION, GpuClocks, PeakMemory, clock_summary
+from e2e_models import RESOLUTION, GpuClocks, PeakMemory, gpu_figures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,12 +80,6 @@ def timed_run(cmd: list[str], env: dict, log: Path) -> dict:
         print(text[-3000:], flush=True)
     return {"rc": proc.returncode, "start": start, "end": end, "wall": end - start, "peak": mem.peak, "log": text,
             "clocks": clocks.samples}
-
-
-def gpu_figures(samples, start: float = float("-inf"), end: float = float("inf")) -> dict:
-    """{"gpu": GpuClocks' summary} for a results row, or nothing where no clock was sampled (a CPU run)."""
-    summary = clock_summary(samples, start, end)
-    return {"gpu": summary} if summary else {}
 
 
 def trainer_env(code: str | None = None) -> dict:

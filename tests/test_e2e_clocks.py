@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 from e2e_job import job_summary  # noqa: E402
-from e2e_models import clock_summary, parse_clock_line  # noqa: E402
+from e2e_models import gpu_figures, parse_clock_line  # noqa: E402
 
 
 def test_a_clock_line_lands_on_the_perf_counter_clock_and_other_lines_are_skipped():
@@ -25,10 +25,10 @@ def test_a_clock_line_lands_on_the_perf_counter_clock_and_other_lines_are_skippe
 
 def test_the_summary_keeps_only_the_window_s_samples():
     samples = [(1.0, 1980, 50, 300), (2.0, 1500, 70, 700), (3.0, 1600, 72, 690), (4.0, 1980, 55, 310)]
-    assert clock_summary(samples, 1.5, 3.5) == {"sm_mhz_median": 1550.0, "sm_mhz_min": 1500,
-                                                "temp_c_max": 72, "power_w_max": 700}
-    assert clock_summary(samples)["sm_mhz_min"] == 1500
-    assert clock_summary(samples, 10, 20) == {}
+    assert gpu_figures(samples, 1.5, 3.5) == {"gpu": {"sm_mhz_median": 1550.0, "sm_mhz_min": 1500,
+                                                      "temp_c_max": 72, "power_w_max": 700}}
+    assert gpu_figures(samples)["gpu"]["sm_mhz_min"] == 1500
+    assert gpu_figures(samples, 10, 20) == {}
 
 
 def test_each_validation_round_of_a_job_gets_the_clock_of_its_own_denoising(tmp_path):
@@ -67,3 +67,19 @@ def test_the_sampler_asks_nvidia_smi_for_the_query_at_the_interval(tmp_path, mon
     assert lines[0].split() == ["--query-gpu=timestamp,clocks.sm", "--format=csv,noheader,nounits", "-i", "0",
                                 "-lms", "100"]
     assert parse_clock_line(lines[1], 0.0)[1:] == (1980.0, 61.0, 412.37)
+
+
+def test_both_samplers_read_every_line_of_their_nvidia_smi(tmp_path, monkeypatch):
+    import e2e_models
+
+    fake = tmp_path / "nvidia-smi"  # memory.used lines for PeakMemory, clock lines for GpuClocks
+    fake.write_text('#!/bin/sh\ncase "$1" in *memory.used*) printf "1200\\n5678\\n3000\\n";;\n'
+                    '*) echo "2026/12/08 05:14:58.250, 1410, 80, 700.5"; echo "[N/A], 1, 1, 1";; esac\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(e2e_models.torch.cuda, "is_available", lambda: True)
+    with e2e_models.PeakMemory() as mem, e2e_models.GpuClocks() as clocks:
+        mem._proc.wait(timeout=10)
+        clocks._proc.wait(timeout=10)
+    assert mem.peak == 5678
+    assert [s[1:] for s in clocks.samples] == [(1410.0, 80.0, 700.5)]
